@@ -1,0 +1,1 @@
+"""Microservice patterns on gRPC for asyncio Python."""

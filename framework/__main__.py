@@ -1,0 +1,5 @@
+"""`python -m framework ...`: see framework.cli."""
+
+from framework.cli import main
+
+raise SystemExit(main())

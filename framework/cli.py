@@ -1,0 +1,56 @@
+"""Command line: `python -m framework <command>`.
+
+Commands:
+  protos   compile protos/ into gen/ (what `make protos` runs)
+  health   print a server's standard health status and its detailed report
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _protos(args: argparse.Namespace) -> int:
+    from framework.codegen import CodegenConfig, generate
+
+    changed = generate(CodegenConfig(proto_root=Path(args.proto_root), out_dir=Path(args.out)))
+    print(f"{len(changed)} generated file(s) changed under {args.out}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from framework.health import fetch_report
+
+    report = asyncio.run(fetch_report(args.target, timeout_s=args.timeout_s))
+    print(report)
+    return 0 if report.healthy else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m framework")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("protos", help="compile .proto contracts into Python packages")
+    p.add_argument("--proto-root", default="protos")
+    p.add_argument("--out", default="gen")
+    p.set_defaults(func=_protos)
+    h = sub.add_parser("health", help="show a server's health and dependency report")
+    h.add_argument("target", help="host:port of a framework server")
+    h.add_argument("--timeout-s", type=float, default=5.0)
+    h.set_defaults(func=_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""One exception tree, and the single mapping to and from gRPC status.
+
+Domain and application code raise these (they never import grpc's status
+handling).  The server edge turns them into a status code, a message a person
+can act on, and `google.rpc` details (`ErrorInfo` always; `RetryInfo` and
+`BadRequest` where they apply) carried in `grpc-status-details-bin`.  The client
+edge rebuilds the same typed error from those details, so `except ConflictError`
+works across a hop.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DETAILS_KEY = "grpc-status-details-bin"
+RETRY_AFTER_KEY = "retry-after"
+DEFAULT_DOMAIN = "framework"
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One rejected field of a request: `field` is a dotted path."""
+
+    field: str
+    description: str
+    rule: str = ""
+
+
+class FrameworkError(Exception):
+    """Base of every error the framework maps to a gRPC status.
+
+    `reason` is stable and UPPER_SNAKE (it crosses the wire in `ErrorInfo`);
+    `message` is for a person and must say what to do; `metadata` holds
+    string facts that help (never secrets).
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.domain = domain
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
+
+
+class InvalidArgumentError(FrameworkError):
+    """The request is malformed; `violations` lists each bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        violations: Iterable[FieldViolation] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata, domain=domain)
+        self.violations: tuple[FieldViolation, ...] = tuple(violations)
+
+
+class NotFoundError(FrameworkError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExistsError(FrameworkError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class ConflictError(FrameworkError):
+    """A concurrent change won (optimistic concurrency); retry from a fresh read."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "CONFLICT"
+
+
+class FailedPreconditionError(FrameworkError):
+    """The system is not in a state that allows this operation."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class OutOfRangeError(FrameworkError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+class UnauthenticatedError(FrameworkError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(FrameworkError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class ResourceExhaustedError(FrameworkError):
+    """A capacity limit was hit; `retry_after_s` says when trying again makes sense."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        domain: str = DEFAULT_DOMAIN,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata, domain=domain)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(ResourceExhaustedError):
+    default_reason = "RATE_LIMITED"
+
+
+class BulkheadFullError(ResourceExhaustedError):
+    default_reason = "BULKHEAD_FULL"
+
+
+class UnavailableError(FrameworkError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class CircuitOpenError(UnavailableError):
+    default_reason = "CIRCUIT_OPEN"
+
+
+class DeadlineExceededError(FrameworkError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class CallCancelledError(FrameworkError):
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class UnimplementedError(FrameworkError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+class InternalError(FrameworkError):
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+class DataLossError(FrameworkError):
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
+class UnknownError(FrameworkError):
+    """A peer answered with a status that carried no framework details."""
+
+
+# ---------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True, slots=True)
+class RpcStatus:
+    """What the server edge sends: code, message and trailing metadata."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def code_of(error: BaseException | None) -> grpc.StatusCode:
+    """The status code an outcome maps to (OK for success); cheap, no allocation."""
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, FrameworkError):
+        return error.code
+    if isinstance(error, grpc.aio.AioRpcError | grpc.RpcError) and hasattr(error, "code"):
+        code = error.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status(error: FrameworkError) -> RpcStatus:
+    """Map a framework error to what the server edge sends."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=error.domain, metadata=error.metadata
+    )
+    status.details.append(_pack(info))
+    trailing: list[tuple[str, str | bytes]] = []
+    if isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        trailing.append((RETRY_AFTER_KEY, f"{error.retry_after_s:.3f}"))
+    if isinstance(error, InvalidArgumentError) and error.violations:
+        bad = error_details_pb2.BadRequest()
+        for v in error.violations:
+            bad.field_violations.add(field=v.field, description=v.description, reason=v.rule)
+        status.details.append(_pack(bad))
+    trailing.append((DETAILS_KEY, status.SerializeToString()))
+    return RpcStatus(error.code, error.message, tuple(trailing))
+
+
+def internal_status() -> RpcStatus:
+    """What an unexpected exception becomes: INTERNAL, no internals leaked."""
+    return to_status(InternalError(INTERNAL_MESSAGE))
+
+
+@functools.cache
+def _classes_by_reason() -> Mapping[str, type[FrameworkError]]:
+    table: dict[str, type[FrameworkError]] = {}
+    pending: list[type[FrameworkError]] = [FrameworkError]
+    while pending:
+        cls = pending.pop()
+        table.setdefault(cls.default_reason, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+@functools.cache
+def _classes_by_code() -> Mapping[grpc.StatusCode, type[FrameworkError]]:
+    table: dict[grpc.StatusCode, type[FrameworkError]] = {}
+    pending: list[type[FrameworkError]] = [FrameworkError]
+    while pending:
+        cls = pending.pop(0)  # breadth first: the most general class per code wins
+        table.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+def error_class(reason: str, code: grpc.StatusCode) -> type[FrameworkError]:
+    """The class a (reason, code) pair stands for; falls back on the code alone."""
+    cls = _classes_by_reason().get(reason)
+    if cls is not None and cls.code == code:
+        return cls
+    return _classes_by_code().get(code, UnknownError)
+
+
+def from_status(
+    code: grpc.StatusCode, message: str, trailing_metadata: Metadata | None
+) -> FrameworkError:
+    """Rebuild a typed error from what a client received."""
+    details: bytes | None = None
+    retry_after: float | None = None
+    for key, value in trailing_metadata or ():
+        if key == DETAILS_KEY and isinstance(value, bytes):
+            details = value
+        elif key == RETRY_AFTER_KEY and isinstance(value, str):
+            try:
+                retry_after = float(value)
+            except ValueError:
+                retry_after = None
+    reason, domain, meta = code.name, DEFAULT_DOMAIN, {}
+    violations: list[FieldViolation] = []
+    if details:
+        status = status_pb2.Status.FromString(details)
+        for item in status.details:
+            if item.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                item.Unpack(info)
+                reason, domain, meta = info.reason, info.domain, dict(info.metadata)
+            elif item.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                item.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+            elif item.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                item.Unpack(bad)
+                violations.extend(
+                    FieldViolation(v.field, v.description, v.reason) for v in bad.field_violations
+                )
+    cls = error_class(reason, code)
+    error: FrameworkError
+    if issubclass(cls, InvalidArgumentError):
+        error = cls(message, violations=violations, reason=reason, metadata=meta, domain=domain)
+    elif issubclass(cls, ResourceExhaustedError):
+        error = cls(
+            message, retry_after_s=retry_after, reason=reason, metadata=meta, domain=domain
+        )
+    else:
+        error = cls(message, reason=reason, metadata=meta, domain=domain)
+    if cls is UnknownError:
+        error.code = code  # type: ignore[misc]  # keep the code a foreign peer sent
+    return error
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> FrameworkError:
+    """Rebuild the typed error a server raised, from a grpc.aio failure."""
+    return from_status(error.code(), error.details() or "", error.trailing_metadata())
+
