@@ -1,0 +1,115 @@
+"""Event bus: consumer groups with at-least-once delivery and acknowledgement.
+
+The shape (one small protocol, several adapters):
+
+* `EventBus.publish(envelopes)` returns only once the bus has durably accepted
+  every envelope, in order; publishing the same event id again is harmless
+  (adapters de-duplicate on the event id, consumers are idempotent anyway).
+* `EventBus.subscribe(group, event_types=...)` joins a consumer group.  Every
+  group gets every event (of its types); the members of one group share them.
+* A `Delivery` is acknowledged with `ack()` once handled; `nack()` (or no
+  answer within the adapter's ack wait) makes the bus deliver it again, to
+  this member or another one.  The group's position is durable: a restarted
+  member resumes after the last acknowledged event, never before the first
+  unacknowledged one.
+
+Adapters: `StoreBus` (`framework.events.groups`, embedded default: a group is a
+durable cursor over the store's global order) and `JetStreamBus`
+(`framework.events.nats`, many processes and machines).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Collection, Sequence
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from framework.errors import InvalidArgumentError
+from gen.events.v1.envelope_pb2 import EventEnvelope
+
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EVENT_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_group(group: str) -> str:
+    """Validate a consumer group name (letters, digits, `_`, `-`; 1-64 chars)."""
+    if not _GROUP_NAME.match(group):
+        raise InvalidArgumentError(f"group must be 1-64 letters, digits, '_' or '-', got {group!r}")
+    return group
+
+
+def check_event_types(event_types: Collection[str]) -> frozenset[str]:
+    """Validate an event type filter (protobuf full names); empty means every type."""
+    for event_type in event_types:
+        if not _EVENT_TYPE.match(event_type):
+            raise InvalidArgumentError(
+                f"event_types must hold protobuf message full names such as "
+                f"'orders.v1.OrderPlaced', got {event_type!r}"
+            )
+    return frozenset(event_types)
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One event handed to one member of a group, awaiting its acknowledgement."""
+
+    @property
+    def envelope(self) -> EventEnvelope: ...
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, 2 on the first redelivery, and so on."""
+        ...
+
+    async def ack(self) -> None:
+        """The event is handled: the group will not see it again."""
+        ...
+
+    async def nack(self, delay_s: float = 0.0) -> None:
+        """The event was not handled: deliver it again after `delay_s`."""
+        ...
+
+
+class Subscription(Protocol):
+    """A member of a consumer group."""
+
+    async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
+        """Up to `max_count` deliveries; waits up to `timeout_s` for the first, [] if none."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
+
+    async def close(self) -> None:
+        """Leave the group; unacknowledged deliveries go to the other members."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class EventBus(Protocol):
+    """Publishes stored envelopes and delivers them to consumer groups."""
+
+    async def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
+        """Durably accept `envelopes` in order; raises if any was not accepted."""
+        ...
+
+    async def subscribe(self, group: str, *, event_types: Collection[str] = ()) -> Subscription:
+        """Join consumer `group`, receiving the events whose type is in `event_types`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def iterate(subscription: Subscription, timeout_s: float = 1.0) -> AsyncIterator[Delivery]:
+    """Deliveries one by one, forever (until cancelled or the subscription closes)."""
+    while True:
+        for delivery in await subscription.fetch(timeout_s=timeout_s):
+            yield delivery

@@ -1,0 +1,285 @@
+"""NATS JetStream adapter of the event bus (nats-py), for many processes and machines.
+
+* One stream per subject prefix; an event goes to
+  `<prefix>.<aggregate_type>.<event_type>` (the event type is the message full
+  name, so it spans several subject tokens; dots in the aggregate type become
+  `_` so it stays one token).  The payload is the serialized protobuf envelope.
+* `publish` sends every envelope with `Nats-Msg-Id = event id` and waits for
+  each JetStream publish acknowledgement: a re-publish after a crash, inside the
+  stream's duplicate window, is dropped by the server rather than stored twice.
+* A consumer group is a durable pull consumer named after the group, with
+  explicit acknowledgement: members bound to it share the messages, each group
+  gets all of them, a `nack` or a missing ack within `ack_wait_s` redelivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+
+from framework.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from framework.events.bus import Delivery, check_event_types, check_group
+from gen.events.v1.envelope_pb2 import EventEnvelope
+
+logger = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamConfig:
+    """Where events go on JetStream and how groups consume them."""
+
+    stream: str = "EVENTS"
+    subject_prefix: str = "events"
+    duplicate_window_s: float = 120.0
+    ack_wait_s: float = 30.0
+    max_deliver: int = -1
+    max_ack_pending: int = 1000
+    publish_timeout_s: float = 5.0
+    memory_storage: bool = False
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", self.stream):
+            raise ValueError(f"stream must be 1-64 letters, digits, '_' or '-': {self.stream!r}")
+        if not _TOKEN.match(self.subject_prefix):
+            raise ValueError(
+                f"subject_prefix must be dot-separated tokens without wildcards: "
+                f"{self.subject_prefix!r}"
+            )
+        for name in ("duplicate_window_s", "ack_wait_s", "publish_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_deliver == 0 or self.max_deliver < -1:
+            raise ValueError(f"max_deliver must be -1 (unlimited) or >= 1: {self.max_deliver}")
+        if self.max_ack_pending < 1:
+            raise ValueError(f"max_ack_pending must be >= 1, got {self.max_ack_pending}")
+
+
+def subject_for(prefix: str, envelope: EventEnvelope) -> str:
+    """`<prefix>.<aggregate_type>.<event_type>` for one envelope."""
+    aggregate = _UNSAFE.sub("_", envelope.aggregate_type) or "_"
+    return f"{prefix}.{aggregate}.{envelope.type}"
+
+
+class JetStreamDelivery:
+    """One JetStream message carrying an envelope."""
+
+    __slots__ = ("_envelope", "_msg")
+
+    def __init__(self, msg: Msg, envelope: EventEnvelope) -> None:
+        self._msg = msg
+        self._envelope = envelope
+
+    @property
+    def envelope(self) -> EventEnvelope:
+        return self._envelope
+
+    @property
+    def attempt(self) -> int:
+        return int(self._msg.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def nack(self, delay_s: float = 0.0) -> None:
+        await self._msg.nak(delay=delay_s if delay_s > 0 else None)
+
+
+class JetStreamSubscription:
+    """A member of a group: a binding to the group's durable pull consumer."""
+
+    def __init__(
+        self,
+        sub: nats.js.JetStreamContext.PullSubscription,
+        event_types: frozenset[str],
+    ) -> None:
+        self._sub = sub
+        self._event_types = event_types
+        self._closed = False
+
+    async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
+        if self._closed:
+            raise FailedPreconditionError("the subscription is closed; subscribe again")
+        try:
+            msgs = await self._sub.fetch(max_count, timeout=timeout_s)
+        except nats.errors.TimeoutError:
+            return []
+        out: list[Delivery] = []
+        for msg in msgs:
+            try:
+                envelope = EventEnvelope.FromString(msg.data)
+            except DecodeError:
+                logger.error("dropping undecodable message on %s (not an envelope)", msg.subject)
+                await msg.term()
+                continue
+            if self._event_types and envelope.type not in self._event_types:
+                await msg.ack()  # not for this group's filter
+                continue
+            out.append(JetStreamDelivery(msg, envelope))
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[Delivery]:
+        while not self._closed:
+            for delivery in await self.fetch():
+                yield delivery
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._sub.unsubscribe()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class JetStreamBus:
+    """`EventBus` on NATS JetStream; `await JetStreamBus.connect(url, config)`."""
+
+    def __init__(self, nc: NatsClient, config: JetStreamConfig, *, owns: bool = False) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._config = config
+        self._owns = owns
+
+    @classmethod
+    async def connect(cls, url: str, config: JetStreamConfig | None = None) -> JetStreamBus:
+        """Connect to `url`, make sure the stream exists, and own the connection."""
+        try:
+            nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=5)
+        except (OSError, nats.errors.NoServersError) as error:
+            raise UnavailableError(f"cannot reach NATS at {url}: {error}") from error
+        bus = cls(nc, config or JetStreamConfig(), owns=True)
+        try:
+            await bus.ensure_stream()
+        except BaseException:
+            await nc.close()
+            raise
+        return bus
+
+    @property
+    def config(self) -> JetStreamConfig:
+        return self._config
+
+    async def ensure_stream(self) -> None:
+        """Create the stream for `<prefix>.>` if it does not exist yet."""
+        config = self._config
+        try:
+            await self._js.stream_info(config.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        await self._js.add_stream(
+            name=config.stream,
+            subjects=[f"{config.subject_prefix}.>"],
+            duplicate_window=config.duplicate_window_s,
+            storage=api.StorageType.MEMORY if config.memory_storage else api.StorageType.FILE,
+        )
+
+    async def delete_stream(self) -> None:
+        """Remove the stream and its consumers (tests, teardown)."""
+        try:
+            await self._js.delete_stream(self._config.stream)
+        except nats.js.errors.NotFoundError:
+            pass
+
+    async def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
+        """Send in order, then wait for every publish acknowledgement."""
+        if not envelopes:
+            return
+        futures: list[asyncio.Future[api.PubAck]] = []
+        try:
+            for envelope in envelopes:
+                if not envelope.event_id:
+                    raise InvalidArgumentError("envelope.event_id is empty; publish stored events")
+                futures.append(
+                    await self._js.publish_async(
+                        subject_for(self._config.subject_prefix, envelope),
+                        envelope.SerializeToString(),
+                        stream=self._config.stream,
+                        headers={MSG_ID_HEADER: envelope.event_id},
+                    )
+                )
+            async with asyncio.timeout(self._config.publish_timeout_s):
+                await asyncio.gather(*futures)
+        except TimeoutError as error:
+            raise UnavailableError(
+                f"JetStream did not acknowledge {len(envelopes)} publishes within "
+                f"{self._config.publish_timeout_s}s; nothing is lost, publish again"
+            ) from error
+        except nats.js.errors.APIError as error:
+            raise UnavailableError(f"JetStream refused a publish: {error}") from error
+        finally:
+            for future in futures:
+                future.cancel()
+
+    async def subscribe(
+        self, group: str, *, event_types: Collection[str] = ()
+    ) -> JetStreamSubscription:
+        """Bind to the durable consumer `group`, creating it on first use."""
+        check_group(group)
+        types = check_event_types(event_types)
+        prefix = self._config.subject_prefix
+        # NATS < 2.10 has one filter per consumer: filter on the server for one type,
+        # otherwise on the client (acknowledging what the group does not want).
+        wanted = f"{prefix}.*.{next(iter(types))}" if len(types) == 1 else f"{prefix}.>"
+        stream = self._config.stream
+        try:
+            info = await self._js.consumer_info(stream, group)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and info.config.filter_subject not in (wanted, None):
+            raise FailedPreconditionError(
+                f"group {group!r} already consumes {info.config.filter_subject!r}, not "
+                f"{wanted!r}; use another group name for another event type filter"
+            )
+        if info is None:
+            try:
+                await self._js.add_consumer(
+                    stream,
+                    config=api.ConsumerConfig(
+                        durable_name=group,
+                        name=group,
+                        ack_policy=api.AckPolicy.EXPLICIT,
+                        deliver_policy=api.DeliverPolicy.ALL,
+                        ack_wait=self._config.ack_wait_s,
+                        max_deliver=self._config.max_deliver,
+                        max_ack_pending=self._config.max_ack_pending,
+                        filter_subject=wanted,
+                    ),
+                )
+            except nats.js.errors.BadRequestError:
+                pass  # another member created it first
+        sub = await self._js.pull_subscribe_bind(durable=group, stream=stream)
+        return JetStreamSubscription(sub, types if len(types) > 1 else frozenset())
+
+    async def close(self) -> None:
+        if self._owns and not self._nc.is_closed:
+            await self._nc.drain()
