@@ -319,9 +319,7 @@ def from_status(
     if issubclass(cls, InvalidArgumentError):
         error = cls(message, violations=violations, reason=reason, metadata=meta, domain=domain)
     elif issubclass(cls, ResourceExhaustedError):
-        error = cls(
-            message, retry_after_s=retry_after, reason=reason, metadata=meta, domain=domain
-        )
+        error = cls(message, retry_after_s=retry_after, reason=reason, metadata=meta, domain=domain)
     else:
         error = cls(message, reason=reason, metadata=meta, domain=domain)
     if cls is UnknownError:
@@ -332,4 +330,3 @@ def from_status(
 def from_rpc_error(error: grpc.aio.AioRpcError) -> FrameworkError:
     """Rebuild the typed error a server raised, from a grpc.aio failure."""
     return from_status(error.code(), error.details() or "", error.trailing_metadata())
-

@@ -78,7 +78,7 @@ _EMPTY_METHOD_POLICY = options_pb2.MethodPolicy()
 _EMPTY_SERVICE_POLICY = options_pb2.ServicePolicy()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Method:
     """Everything known about a method before any call: names, arity, contract options."""
 
@@ -86,8 +86,8 @@ class Method:
     service: str  # "echo.v1.EchoService"
     name: str  # "Echo"
     arity: Arity
-    policy: options_pb2.MethodPolicy = field(default=_EMPTY_METHOD_POLICY)
-    service_policy: options_pb2.ServicePolicy = field(default=_EMPTY_SERVICE_POLICY)
+    policy: options_pb2.MethodPolicy = field(default_factory=lambda: _EMPTY_METHOD_POLICY)
+    service_policy: options_pb2.ServicePolicy = field(default_factory=lambda: _EMPTY_SERVICE_POLICY)
     descriptor: MethodDescriptor | None = None
 
     @classmethod
@@ -344,9 +344,7 @@ def _is_async(enter: Callable[..., Any]) -> bool:
 class Chain:
     """Policies in declared order (first = outermost), bound per method and cached."""
 
-    def __init__(
-        self, policies: Iterable[Policy], side: Side, *, allow_async: bool = True
-    ) -> None:
+    def __init__(self, policies: Iterable[Policy], side: Side, *, allow_async: bool = True) -> None:
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.side = side
         self.allow_async = allow_async

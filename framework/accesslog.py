@@ -1,0 +1,73 @@
+"""Structured request logging: one record per RPC with service, method, code, duration, peer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from framework.errors import code_of
+from framework.policy import BasePolicy, Call, Enter, Exit, Method, Side
+
+_SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
+DEFAULT_QUIET = ("grpc.health.v1.*", "grpc.reflection.*")
+
+
+class AccessLogPolicy(BasePolicy):
+    """Logs every call once it ends, on either side.
+
+    Successful calls log at `level` (INFO), client errors at the same level,
+    server faults (INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED) at WARNING. Health
+    checks and reflection are skipped unless `quiet` says otherwise.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger | None = None,
+        *,
+        level: int = logging.INFO,
+        quiet: Sequence[str] = DEFAULT_QUIET,
+    ) -> None:
+        self.logger = logger or logging.getLogger("framework.access")
+        self.level = level
+        self.quiet = tuple(quiet)
+
+    def bind(self, method: Method) -> Enter | None:
+        if any(method.matches(p) for p in self.quiet):
+            return None
+        logger, level = self.logger, self.level
+        base = {"service": method.service, "method": method.name, "rpc": method.full_name}
+
+        def enter(call: Call) -> Exit | None:
+            if not logger.isEnabledFor(level):
+                return None
+            side = call.side.value
+
+            def exit_(error: BaseException | None) -> None:
+                code = code_of(error).name
+                duration_ms = (time.perf_counter() - call.started) * 1000
+                peer = call.peer
+                lvl = logging.WARNING if code in _SERVER_FAULTS else level
+                logger.log(
+                    lvl,
+                    "%s %s %s %.2fms peer=%s",
+                    side,
+                    method.full_name,
+                    code,
+                    duration_ms,
+                    peer,
+                    extra={
+                        **base,
+                        "side": side,
+                        "code": code,
+                        "duration_ms": round(duration_ms, 3),
+                        "peer": peer,
+                    },
+                )
+
+            return exit_
+
+        return enter
+
+
+__all__ = ["AccessLogPolicy", "Side"]

@@ -1,0 +1,73 @@
+"""The server's error mapping, as a policy the server pins outermost.
+
+Its exit decides what status an outcome becomes and records it on the call;
+the server adapter then sends it.  Typed framework errors keep their code,
+reason and message; anything unexpected becomes INTERNAL with a generic message
+while the traceback goes to the log with the method and trace id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from framework.errors import (
+    DeadlineExceededError,
+    FrameworkError,
+    UnimplementedError,
+    internal_status,
+    to_status,
+)
+from framework.policy import BasePolicy, Call, Exit, Side
+
+logger = logging.getLogger(__name__)
+
+
+def current_trace_id() -> str:
+    """Hex trace id of the active OpenTelemetry span, or "" when none."""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+class ErrorMappingPolicy(BasePolicy):
+    """Maps what a handler raised to a status; never lets internals reach the caller."""
+
+    sides = frozenset({Side.SERVER})
+
+    def enter(self, call: Call) -> Exit:
+        def exit_(error: BaseException | None) -> None:
+            if error is None or isinstance(error, asyncio.CancelledError | GeneratorExit):
+                return
+            if _is_abort(error):
+                return  # the handler called context.abort(): its status stands
+            if isinstance(error, FrameworkError):
+                call.status = to_status(error)
+            elif isinstance(error, NotImplementedError):
+                call.status = to_status(
+                    UnimplementedError(f"{call.method.full_name} is not implemented by this server")
+                )
+            elif isinstance(error, TimeoutError):
+                call.status = to_status(
+                    DeadlineExceededError(
+                        f"{call.method.full_name} timed out waiting on a dependency; retry later"
+                    )
+                )
+            else:
+                logger.error(
+                    "unexpected error in %s (trace_id=%s)",
+                    call.method.full_name,
+                    current_trace_id() or "-",
+                    exc_info=error,
+                    extra={"method": call.method.full_name, "code": "INTERNAL"},
+                )
+                call.status = internal_status()
+
+        return exit_
+
+
+def _is_abort(error: BaseException) -> bool:
+    import grpc.aio
+
+    return isinstance(error, grpc.aio.AbortError)

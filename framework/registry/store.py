@@ -1,0 +1,135 @@
+"""The registry's storage interface, and what every backend shares.
+
+A store keeps instances (keyed by lease id, unique per service and address),
+per-service version weights, and one registry-wide revision counter that every
+change increments.  Each service remembers the revision of its last change, so
+a watcher can tell whether its view is stale and resume from a revision.
+
+Backends: `SqliteStore` (default, one registry process per file) and
+`PostgresStore` (several registry replicas share one view).  Both pass the
+contract suite in tests/registry/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from framework.registry.model import Health, Instance, ServiceView
+
+
+class RegistryStore(Protocol):
+    """Durable registry state. Every mutating call that changes something bumps the revision."""
+
+    async def open(self) -> None:
+        """Create the schema if needed and connect."""
+
+    async def close(self) -> None: ...
+
+    async def put(self, instance: Instance) -> int:
+        """Insert, or replace the instance with the same service and address; the revision."""
+
+    async def get(self, lease_id: str) -> Instance | None: ...
+
+    async def renew(self, lease_id: str, expires_at: float) -> Instance | None:
+        """Move a lease's expiry; None when the lease is unknown. Not a view change."""
+
+    async def delete(self, lease_id: str) -> Instance | None:
+        """Remove an instance; the removed instance, or None when the lease is unknown."""
+
+    async def set_health(self, lease_id: str, health: Health) -> bool:
+        """Record a health state; True when it changed (and the revision moved)."""
+
+    async def expire(self, now: float) -> list[Instance]:
+        """Remove every instance whose lease ended at or before `now`; the removed ones."""
+
+    async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int: ...
+
+    async def view(self, service: str) -> ServiceView:
+        """Every instance of `service` (healthy or not) and its weights, with its revision."""
+
+    async def views(self) -> list[ServiceView]:
+        """Every known service's view, sorted by name."""
+
+    async def instances(self) -> list[Instance]:
+        """Every instance of every service (for the health checker)."""
+
+    async def revision(self) -> int: ...
+
+    async def wait_for_change(self, after: int, timeout_s: float) -> int:
+        """Return the revision once it is above `after`, or after `timeout_s` at most."""
+
+
+class RevisionSignal:
+    """The newest revision this process knows, and a wake-up for those waiting on it."""
+
+    __slots__ = ("_event", "revision")
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self._event = asyncio.Event()
+
+    def publish(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            event, self._event = self._event, asyncio.Event()
+            event.set()
+
+    async def wait(self, after: int, timeout_s: float) -> int:
+        if self.revision > after:
+            return self.revision
+        event = self._event
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return self.revision
+
+
+# ------------------------------------------------------------ row conversion
+
+INSTANCE_COLUMNS = (
+    "lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s"
+)
+
+
+def instance_row(i: Instance) -> tuple[Any, ...]:
+    """Values in INSTANCE_COLUMNS order."""
+    return (
+        i.lease_id,
+        i.service,
+        i.address,
+        i.version,
+        i.zone,
+        i.weight,
+        json.dumps(dict(i.metadata), sort_keys=True),
+        i.health.value,
+        i.expires_at,
+        i.ttl_s,
+    )
+
+
+def instance_from_row(row: Sequence[Any]) -> Instance:
+    lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s = row
+    return Instance(
+        service=service,
+        address=address,
+        lease_id=lease_id,
+        expires_at=float(expires_at),
+        ttl_s=float(ttl_s),
+        version=version,
+        zone=zone,
+        weight=int(weight),
+        metadata=json.loads(metadata),
+        health=Health(int(health)),
+    )
+
+
+def weights_from_json(text: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in json.loads(text).items()}
+
+
+def weights_to_json(weights: Mapping[str, int]) -> str:
+    return json.dumps(dict(weights), sort_keys=True)

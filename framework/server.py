@@ -1,0 +1,413 @@
+"""Server builder and the server-side adapter of the policy chain.
+
+`Server` builds a `grpc.aio` server from servicers and policies: it binds (port 0
+gives back the real port), registers the standard `grpc.health.v1` service, the
+operator health report and server reflection, and shuts down gracefully
+(hooks' `on_draining`, health NOT_SERVING, new calls refused, in-flight calls
+given `grace_s` to finish).
+
+The chain is applied by wrapping each method handler when a servicer is
+registered, so the chain is bound once per method and a call pays only for the
+enters and exits that apply to it.  Both of grpc's lookup paths (registered and
+generic handlers) get the wrapped handlers, so no call bypasses the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from framework.config import ServerConfig
+from framework.error_mapping import ErrorMappingPolicy
+from framework.errors import CallCancelledError
+from framework.health import HealthCheck, HealthMonitor
+from framework.policy import (
+    Arity,
+    BoundChain,
+    Call,
+    Chain,
+    Method,
+    Policy,
+    Side,
+    run_exits,
+    set_current_call,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Server", "ServerConfig", "ServerHook"]
+
+_Handler = Callable[..., Any]
+
+
+class ServerHook(Protocol):
+    """Lifecycle callbacks; any subset may be defined (e.g. registry self-registration)."""
+
+    async def on_started(self, server: Server) -> None: ...
+
+    async def on_draining(self, server: Server) -> None: ...
+
+    async def on_stopped(self, server: Server) -> None: ...
+
+
+class Server:
+    """A grpc.aio server with the framework's policy chain, health and reflection."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        policies: Sequence[Policy] = (),
+        health_checks: Sequence[HealthCheck] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        hooks: Sequence[object] = (),
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.chain = Chain([ErrorMappingPolicy(), *policies], Side.SERVER)
+        self.credentials = credentials
+        self._grpc = grpc.aio.server(
+            options=list(self.config.grpc_options),
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+        )
+        self._services: list[str] = []
+        self._hooks: list[object] = list(hooks)
+        self._port: int | None = None
+        self._stopping: asyncio.Event | None = None
+        self._stopped = False
+        self.health = HealthMonitor(health_checks)
+        if self.config.health:
+            self.add(self.health.servicer)
+            self.add(self.health.report_servicer)
+
+    # ------------------------------------------------------------ registration
+    def add(self, servicer: object, register: Callable[[Any, Any], None] | None = None) -> None:
+        """Register a servicer; `register` defaults to its generated `add_..._to_server`."""
+        if self._port is not None:
+            raise RuntimeError("add servicers before start(): grpc cannot add them later")
+        register = register or _find_register(servicer)
+        registrar = _Registrar(self.chain)
+        register(servicer, registrar)
+        for service, handlers in registrar.registered.items():
+            self._grpc.add_registered_method_handlers(service, handlers)
+            self._grpc.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, handlers),)
+            )
+            self._services.append(service)
+        for handler in registrar.generic:
+            self._grpc.add_generic_rpc_handlers((handler,))
+
+    def add_hook(self, hook: object) -> None:
+        """Add an object with any of `on_started`, `on_draining`, `on_stopped` (async)."""
+        self._hooks.append(hook)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(self._services)
+
+    # ---------------------------------------------------------------- running
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start, mark every service SERVING; returns the bound port."""
+        if self._port is not None:
+            return self._port
+        if self.config.reflection:
+            names = [*self._services, reflection.SERVICE_NAME]
+            registrar = _Registrar(self.chain)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(names), registrar
+            )
+            for service, handlers in registrar.registered.items():
+                self._grpc.add_registered_method_handlers(service, handlers)
+                self._grpc.add_generic_rpc_handlers(
+                    (grpc.method_handlers_generic_handler(service, handlers),)
+                )
+        bind = f"{self.config.host}:{self.config.port}"
+        if self.credentials is not None:
+            port = self._grpc.add_secure_port(bind, self.credentials)
+        else:
+            if not _is_loopback(self.config.host):
+                logger.warning(
+                    "serving PLAINTEXT on %s: any host on the network can read and forge calls; "
+                    "pass credentials= (framework.tls) outside local development",
+                    bind,
+                )
+            port = self._grpc.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"could not bind {bind}: the address is in use or not available")
+        for policy in self.chain.policies:
+            start = getattr(policy, "start", None)
+            if start is not None:
+                await start()
+        await self._grpc.start()
+        self._port = port
+        await self.health.start([s for s in self._services if not s.startswith("grpc.")])
+        for hook in self._hooks:
+            await _call_hook(hook, "on_started", self)
+        logger.info(
+            "%s serving on %s (%s)",
+            self.config.name,
+            self.address,
+            ", ".join(self._services),
+            extra={"service": self.config.name},
+        )
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop: hooks, NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        if self._stopped or self._port is None:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        for hook in self._hooks:
+            await _call_hook(hook, "on_draining", self)
+        await self.health.drain()
+        if self.config.drain_delay_s > 0:
+            await asyncio.sleep(self.config.drain_delay_s)
+        await self._grpc.stop(grace)
+        await self.health.close()
+        for policy in self.chain.policies:
+            close = getattr(policy, "close", None)
+            if close is not None:
+                await close()
+        for hook in self._hooks:
+            await _call_hook(hook, "on_stopped", self)
+        if self._stopping is not None:
+            self._stopping.set()
+        logger.info("%s stopped", self.config.name, extra={"service": self.config.name})
+
+    async def serve(self) -> None:
+        """Start, then run until SIGTERM/SIGINT (or `stop()`), then drain and stop."""
+        self._stopping = asyncio.Event()
+        await self.start()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        stop_task: asyncio.Task[None] | None = None
+
+        def on_signal() -> None:
+            nonlocal stop_task
+            if stop_task is None:
+                logger.info("%s: signal received, draining", self.config.name)
+                stop_task = loop.create_task(self.stop())
+
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError):  # not on Windows
+                loop.add_signal_handler(sig, on_signal)
+        try:
+            await self._stopping.wait()
+            if stop_task is not None:
+                await stop_task
+        finally:
+            for sig in signals:
+                with contextlib.suppress(NotImplementedError):
+                    loop.remove_signal_handler(sig)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _call_hook(hook: object, name: str, server: Server) -> None:
+    method = getattr(hook, name, None)
+    if method is not None:
+        await method(server)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _find_register(servicer: object) -> Callable[[Any, Any], None]:
+    for cls in type(servicer).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is None or not cls.__module__.endswith("_pb2_grpc"):
+            continue
+        register = getattr(module, f"add_{cls.__name__}_to_server", None)
+        if register is not None:
+            return register  # type: ignore[no-any-return]
+    raise TypeError(
+        f"{type(servicer).__name__} does not derive from a generated *Servicer class; "
+        "pass register=add_<Name>Servicer_to_server"
+    )
+
+
+# ------------------------------------------------------------------ adapter
+
+
+class _Registrar:
+    """Stands in for the grpc server while generated code registers a servicer."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        self.generic: list[grpc.GenericRpcHandler] = []
+        self._raw_generic: list[grpc.GenericRpcHandler] = []
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.registered[service] = {
+            name: wrap_handler(handler, self.chain, f"/{service}/{name}")
+            for name, handler in handlers.items()
+        }
+        # generated code also passes a generic handler for the same methods: drop it
+        self.generic = [g for g in self.generic if _generic_service(g) != service]
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        for handler in handlers:
+            if _generic_service(handler) in self.registered:
+                continue
+            self.generic.append(_WrappedGeneric(handler, self.chain))
+
+
+def _generic_service(handler: grpc.GenericRpcHandler) -> str | None:
+    name = getattr(handler, "service_name", None)
+    return name() if callable(name) else None
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler from older generated code: wrap each method on first lookup."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, chain: Chain) -> None:
+        self._inner = inner
+        self._chain = chain
+        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        if method not in self._cache:
+            handler = self._inner.service(handler_call_details)
+            self._cache[method] = (
+                None if handler is None else wrap_handler(handler, self._chain, method)
+            )
+        return self._cache[method]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, chain: Chain, full_name: str) -> Any:
+    """Return `handler` with the chain bound for its method around the servicer code."""
+    arity = Arity.of(handler.request_streaming, handler.response_streaming)
+    bound = chain.bind(Method.resolve(full_name, arity))
+    if arity is Arity.UNARY_UNARY:
+        return handler._replace(unary_unary=_unary_response(bound, handler.unary_unary, True))
+    if arity is Arity.STREAM_UNARY:
+        return handler._replace(stream_unary=_unary_response(bound, handler.stream_unary, False))
+    if arity is Arity.UNARY_STREAM:
+        return handler._replace(unary_stream=_stream_response(bound, handler.unary_stream, True))
+    return handler._replace(stream_stream=_stream_response(bound, handler.stream_stream, False))
+
+
+def _observed(error: BaseException) -> BaseException:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return CallCancelledError("the call was cancelled before it finished")
+    return error
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], call: Call) -> None:
+    status = call.status
+    if status is not None:
+        await context.abort(status.code, status.message, status.trailing_metadata)  # type: ignore[attr-defined]
+
+
+async def _enter(bound: BoundChain, call: Call, context: Any) -> list[Any]:
+    """Run the enters; a rejection has already been seen by the exits, so send its status."""
+    try:
+        return await bound.aenter(call) if bound.is_async else bound.enter(call)
+    except BaseException:
+        await _fail(context, call)
+        raise
+
+
+def _unary_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> _Handler:
+    method = bound.method
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = Call(
+            method, Side.SERVER, context=context, request=request if unary_request else None
+        )
+        set_current_call(call)
+        exits = await _enter(bound, call, context)
+        try:
+            response = inner(request, context)
+            if inspect.isawaitable(response):
+                response = await response
+        except BaseException as error:
+            run_exits(exits, _observed(error))
+            await _fail(context, call)
+            raise
+        run_exits(exits, None)
+        return response
+
+    return handle
+
+
+def _stream_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> _Handler:
+    method = bound.method
+
+    if inspect.isasyncgenfunction(inner):
+
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            call = Call(
+                method, Side.SERVER, context=context, request=request if unary_request else None
+            )
+            set_current_call(call)
+            exits = await _enter(bound, call, context)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except BaseException as error:
+                run_exits(exits, _observed(error))
+                await _fail(context, call)
+                raise
+            run_exits(exits, None)
+
+        return stream
+
+    async def write_based(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        call = Call(
+            method, Side.SERVER, context=context, request=request if unary_request else None
+        )
+        set_current_call(call)
+        exits = await _enter(bound, call, context)
+        try:
+            result = inner(request, context)
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as error:
+            run_exits(exits, _observed(error))
+            await _fail(context, call)
+            raise
+        run_exits(exits, None)
+
+    return write_based
