@@ -13,7 +13,7 @@ The shape (one small protocol, several adapters):
   member resumes after the last acknowledged event, never before the first
   unacknowledged one.
 
-Adapters: `StoreBus` (`framework.events.groups`, embedded default: a group is a
+Adapters: `StoreBus` (`framework.events.consumer_group`, embedded default: a group is a
 durable cursor over the store's global order) and `JetStreamBus`
 (`framework.events.nats`, many processes and machines).
 """

@@ -1,0 +1,364 @@
+"""The embedded event store: stdlib sqlite3 in WAL mode on one dedicated thread.
+
+Every database call runs on a single-thread executor, so the event loop never
+blocks on disk.  An append is one `BEGIN IMMEDIATE ... COMMIT` transaction
+(all or nothing, also across a kill -9: WAL recovery drops the uncommitted
+tail); `UNIQUE(stream_id, version)` is enforced by the database and the global
+position is `INTEGER PRIMARY KEY AUTOINCREMENT`, assigned under SQLite's single
+writer lock, so positions commit in increasing order and are never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from framework.errors import ConflictError, InvalidArgumentError, UnavailableError
+from framework.events.envelope import Codec, EventRow, StoredRow, from_micros, to_micros
+from framework.events.store import (
+    DEFAULT_PAGE_SIZE,
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+    Snapshot,
+    check_non_negative,
+    check_stream_id,
+)
+from framework.events.typeregistry import EventTypeRegistry
+from framework.events.upcast import Upcasters
+
+T = TypeVar("T")
+
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    schema_version INTEGER NOT NULL,
+    metadata BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    state BLOB NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "position, stream_id, aggregate_type, version, event_id, type, schema_version,"
+    " metadata, payload, recorded_at"
+)
+_INSERT = (
+    "INSERT INTO events (stream_id, version, aggregate_type, event_id, type,"
+    " schema_version, metadata, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_VERSION = "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?"
+_SAVE_SNAPSHOT = (
+    "INSERT INTO snapshots (stream_id, version, type, state, recorded_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, type = excluded.type,"
+    " state = excluded.state, recorded_at = excluded.recorded_at"
+    " WHERE excluded.version >= snapshots.version"
+)
+_SAVE_CHECKPOINT = (
+    "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteConfig:
+    """Where the database lives and how hard each commit is synced.
+
+    `synchronous="FULL"` syncs the WAL on every commit (durable across power
+    loss); "NORMAL" is durable across a process crash only.
+    """
+
+    path: str
+    synchronous: str = "FULL"
+    busy_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path must name a database file (or ':memory:')")
+        if self.synchronous not in _SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {self.synchronous!r}")
+        if self.busy_timeout_s < 0:
+            raise ValueError(f"busy_timeout_s must be >= 0, got {self.busy_timeout_s}")
+
+
+def conflict(stream_id: str, expected: int | None, actual: int) -> ConflictError:
+    """The error for a stale expected version, naming the stream and both versions."""
+    return ConflictError(
+        f"stream {stream_id!r} is at version {actual}, not the expected {expected}:"
+        " another writer appended first; reload the stream and retry",
+        metadata={
+            "stream_id": stream_id,
+            "expected_version": str(expected),
+            "actual_version": str(actual),
+        },
+    )
+
+
+class SqliteTransaction:
+    """An open transaction on the store's connection, for projections sharing the database.
+
+    Calls run on the store's thread; nothing else uses the connection until
+    the transaction ends.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SqliteEventStore) -> None:
+        self._store = store
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        return await self._store._run(lambda c: c.execute(sql, params).rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        await self._store._run(lambda c: c.executemany(sql, rows))
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        return await self._store._run(lambda c: c.execute(sql, params).fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
+        return await self._store._run(lambda c: c.execute(sql, params).fetchone())
+
+
+class SqliteEventStore:
+    """EventStore on SQLite; create with `await SqliteEventStore.open(config, types)`."""
+
+    def __init__(
+        self,
+        config: SqliteConfig,
+        types: EventTypeRegistry,
+        upcasters: Upcasters | None = None,
+    ) -> None:
+        self.config = config
+        self.codec = Codec(types, upcasters or Upcasters())
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-events")
+        self._conn: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._appended = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls, config: SqliteConfig, types: EventTypeRegistry, upcasters: Upcasters | None = None
+    ) -> SqliteEventStore:
+        store = cls(config, types, upcasters)
+        await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
+        return store
+
+    # ------------------------------------------------------------ plumbing
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(
+            self.config.path,
+            timeout=self.config.busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.config.synchronous}")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise UnavailableError("the SQLite event store is closed (or was never opened)")
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the store's thread (caller holds the lock)."""
+
+        def call() -> T:
+            try:
+                return fn(self._connection())
+            except sqlite3.OperationalError as exc:
+                raise UnavailableError(f"SQLite event store: {exc}; retry later") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._lock:
+            return await self._run(fn)
+
+    # ------------------------------------------------------------ writes
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+        *,
+        aggregate_type: str = "",
+    ) -> AppendResult:
+        rows = self.codec.rows(stream_id, events, expected_version)
+        now = to_micros(datetime.now(UTC))
+        first, version = await self._call(
+            lambda c: _append(c, stream_id, aggregate_type, rows, expected_version, now)
+        )
+        self._appended.set()
+        self._appended = asyncio.Event()
+        return AppendResult(tuple(range(first, first + len(rows))), version)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        check_stream_id(snapshot.stream_id)
+        check_non_negative("snapshot.version", snapshot.version)
+        at = to_micros(snapshot.recorded_at or datetime.now(UTC))
+        row = (snapshot.stream_id, snapshot.version, snapshot.type, snapshot.state, at)
+        await self._call(lambda c: c.execute(_SAVE_SNAPSHOT, row))
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        check_non_negative("position", position)
+        await self._call(lambda c: c.execute(_SAVE_CHECKPOINT, (name, position)))
+
+    # ------------------------------------------------------------ reads
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, limit: int = DEFAULT_PAGE_SIZE
+    ) -> list[RecordedEvent]:
+        check_stream_id(stream_id)
+        check_non_negative("from_version", from_version)
+        _check_limit(limit)
+        sql = (
+            f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ?"
+            " ORDER BY version LIMIT ?"
+        )
+        rows: list[StoredRow] = await self._call(
+            lambda c: c.execute(sql, (stream_id, from_version, limit)).fetchall()
+        )
+        return [self.codec.recorded(r) for r in rows]
+
+    async def read_all(
+        self, after_position: int = 0, limit: int = DEFAULT_PAGE_SIZE
+    ) -> list[RecordedEvent]:
+        check_non_negative("after_position", after_position)
+        _check_limit(limit)
+        sql = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+        rows: list[StoredRow] = await self._call(
+            lambda c: c.execute(sql, (after_position, limit)).fetchall()
+        )
+        return [self.codec.recorded(r) for r in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        check_stream_id(stream_id)
+        version: int = await self._call(lambda c: c.execute(_VERSION, (stream_id,)).fetchone()[0])
+        return version
+
+    async def head_position(self) -> int:
+        sql = "SELECT COALESCE(MAX(position), 0) FROM events"
+        head: int = await self._call(lambda c: c.execute(sql).fetchone()[0])
+        return head
+
+    async def wait_for_events(self, after_position: int, timeout_s: float) -> bool:
+        appended = self._appended
+        if await self.head_position() > after_position:
+            return True
+        try:
+            await asyncio.wait_for(appended.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        return await self.head_position() > after_position
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        check_stream_id(stream_id)
+        sql = "SELECT stream_id, version, type, state, recorded_at FROM snapshots WHERE stream_id=?"
+        row = await self._call(lambda c: c.execute(sql, (stream_id,)).fetchone())
+        if row is None:
+            return None
+        return Snapshot(row[0], row[1], row[2], row[3], from_micros(row[4]))
+
+    async def load_checkpoint(self, name: str) -> int:
+        sql = "SELECT position FROM checkpoints WHERE name = ?"
+        row = await self._call(lambda c: c.execute(sql, (name,)).fetchone())
+        return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------ projections
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteTransaction]:
+        """A transaction on the events database (commit on success, rollback on error)."""
+        async with self._lock:
+            await self._run(lambda c: c.execute("BEGIN IMMEDIATE"))
+            try:
+                yield SqliteTransaction(self)
+            except BaseException:
+                await asyncio.shield(self._run(lambda c: c.execute("ROLLBACK")))
+                raise
+            await self._run(lambda c: c.execute("COMMIT"))
+
+    async def checkpoint_in(self, tx: SqliteTransaction, name: str) -> int:
+        row = await tx.fetchone("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return int(row[0]) if row else 0
+
+    async def set_checkpoint_in(self, tx: SqliteTransaction, name: str, position: int) -> None:
+        await tx.execute(_SAVE_CHECKPOINT, (name, position))
+
+    async def close(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            async with self._lock:
+                await self._run(lambda c: c.close())
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise InvalidArgumentError(f"limit must be >= 1, got {limit}")
+
+
+def _append(
+    conn: sqlite3.Connection,
+    stream_id: str,
+    aggregate_type: str,
+    rows: list[EventRow],
+    expected: int | None,
+    now_us: int,
+) -> tuple[int, int]:
+    """One transaction: check the version, insert the batch; (first position, new version)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        actual: int = conn.execute(_VERSION, (stream_id,)).fetchone()[0]
+        if expected is not None and actual != expected:
+            raise conflict(stream_id, expected, actual)
+        conn.executemany(
+            _INSERT,
+            [
+                (stream_id, actual + i, aggregate_type, *row, now_us)
+                for i, row in enumerate(rows, start=1)
+            ],
+        )
+        last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        conn.execute("COMMIT")
+    except sqlite3.IntegrityError as exc:
+        conn.execute("ROLLBACK")
+        raise conflict(
+            stream_id, expected, conn.execute(_VERSION, (stream_id,)).fetchone()[0]
+        ) from exc
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return last - len(rows) + 1, actual + len(rows)
