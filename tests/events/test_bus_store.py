@@ -1,0 +1,200 @@
+"""The embedded event bus: consumer groups as durable cursors over the SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from framework.errors import FailedPreconditionError, InvalidArgumentError
+from framework.events.bus import Delivery
+from framework.events.consumer import IdempotentHandler, consume
+from framework.events.consumer_group import StoreBus, StoreBusConfig, StoreSubscription
+from framework.events.sqlite import SqliteConfig, SqliteEventStore, SqliteTransaction
+from framework.events.store import NewEvent
+from framework.events.typeregistry import EventTypeRegistry
+from gen.events.v1 import testing_pb2
+from gen.events.v1.envelope_pb2 import EventEnvelope
+from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
+
+DEPOSITED = AmountDeposited.DESCRIPTOR.full_name
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    """A SQLite event store in this test's own directory."""
+    store = await SqliteEventStore.open(
+        SqliteConfig(path=str(tmp_path / "events.db"), synchronous="NORMAL"),
+        EventTypeRegistry.from_modules(testing_pb2),
+    )
+    yield store
+    await store.close()
+
+
+async def _append(store: SqliteEventStore, stream: str, deposits: int) -> None:
+    events = [NewEvent.of(AccountOpened(owner=stream))]
+    events += [NewEvent.of(AmountDeposited(amount=i)) for i in range(1, deposits + 1)]
+    await store.append(stream, events, 0, aggregate_type="Account")
+
+
+async def _take(sub: StoreSubscription, want: int, ack: bool = True) -> list[Delivery]:
+    """Fetch until `want` deliveries arrived (bounded), acking them if asked."""
+    got: list[Delivery] = []
+    for _ in range(100):
+        if len(got) >= want:
+            break
+        batch = await sub.fetch(max_count=want - len(got), timeout_s=0.2)
+        for delivery in batch:
+            if ack:
+                await delivery.ack()
+        got += batch
+    return got
+
+
+async def test_every_group_gets_every_event_in_store_order(store: SqliteEventStore) -> None:
+    """Two groups each receive all events, in global position order."""
+    await _append(store, "a", 3)
+    await _append(store, "b", 2)
+    bus = StoreBus(store)
+    one = await bus.subscribe("one")
+    two = await bus.subscribe("two")
+    got_one = await _take(one, 7)
+    got_two = await _take(two, 7)
+    await bus.close()
+    assert [d.envelope.position for d in got_one] == list(range(1, 8))
+    assert [d.envelope.position for d in got_two] == list(range(1, 8))
+    assert got_one[0].envelope.type == AccountOpened.DESCRIPTOR.full_name
+
+
+async def test_members_share_and_position_is_durable(store: SqliteEventStore) -> None:
+    """Members of one group split the events; a new bus resumes after the acked position."""
+    await _append(store, "a", 9)
+    bus = StoreBus(store)
+    m1 = await bus.subscribe("g")
+    m2 = await bus.subscribe("g")
+    first = await m1.fetch(max_count=4, timeout_s=1.0)
+    second = await m2.fetch(max_count=4, timeout_s=1.0)
+    for delivery in first + second:
+        await delivery.ack()
+    await bus.close()
+    assert {d.envelope.position for d in first}.isdisjoint(d.envelope.position for d in second)
+    assert len(first) == len(second) == 4
+    assert await store.load_checkpoint("group:g") == 8
+
+    again = StoreBus(store)
+    rest = await _take(await again.subscribe("g"), 2)
+    await again.close()
+    assert [d.envelope.position for d in rest] == [9, 10]
+
+
+async def test_position_waits_for_the_first_unacked_event(store: SqliteEventStore) -> None:
+    """Acks past an unacked event do not move the checkpoint over it; a restart redelivers it."""
+    await _append(store, "a", 4)
+    bus = StoreBus(store)
+    sub = await bus.subscribe("g")
+    got = await _take(sub, 5, ack=False)
+    for delivery in got[1:]:
+        await delivery.ack()
+    assert bus.position("g") == 0
+    await got[0].ack()
+    assert bus.position("g") == 5
+    assert await store.load_checkpoint("group:g") == 5
+    await bus.close()
+
+
+async def test_nack_and_ack_timeout_redeliver(store: SqliteEventStore) -> None:
+    """A nacked event and an event left unacked past ack_wait both come back."""
+    await _append(store, "a", 1)
+    bus = StoreBus(store, StoreBusConfig(ack_wait_s=0.2))
+    sub = await bus.subscribe("g")
+    first, _ = await _take(sub, 2, ack=False)
+    await first.nack()
+    again = await _take(sub, 2, ack=False)  # the nacked one at once, the other after 0.2 s
+    await bus.close()
+    assert [d.envelope.position for d in again] == [1, 2]
+    assert [d.attempt for d in again] == [2, 2]
+
+
+async def test_leaving_member_hands_its_events_back(store: SqliteEventStore) -> None:
+    """Deliveries a member took but never acked go to the other member when it leaves."""
+    await _append(store, "a", 2)
+    bus = StoreBus(store)
+    quitter = await bus.subscribe("g")
+    stayer = await bus.subscribe("g")
+    taken = await _take(quitter, 3, ack=False)
+    await quitter.close()
+    got = await _take(stayer, 3)
+    await bus.close()
+    assert [d.envelope.event_id for d in got] == [d.envelope.event_id for d in taken]
+
+
+async def test_catch_up_then_live(store: SqliteEventStore) -> None:
+    """A group reads the backlog, then receives events appended after it subscribed."""
+    await _append(store, "a", 1)
+    bus = StoreBus(store, StoreBusConfig(poll_interval_s=0.05))
+    sub = await bus.subscribe("g")
+    backlog = await _take(sub, 2)
+    await _append(store, "b", 1)
+    live = await _take(sub, 2)
+    await bus.close()
+    assert [d.envelope.stream_id for d in backlog + live] == ["a", "a", "b", "b"]
+
+
+async def test_type_filter_and_bad_names(store: SqliteEventStore) -> None:
+    """A filtered group only sees its types and still moves its checkpoint; bad input is refused."""
+    await _append(store, "a", 2)
+    bus = StoreBus(store)
+    sub = await bus.subscribe("deposits", event_types=[DEPOSITED])
+    got = await _take(sub, 2)
+    assert [d.envelope.type for d in got] == [DEPOSITED, DEPOSITED]
+    assert await store.load_checkpoint("group:deposits") == 3
+    with pytest.raises(FailedPreconditionError):
+        await bus.subscribe("deposits")
+    with pytest.raises(InvalidArgumentError):
+        await bus.subscribe("bad name")
+    with pytest.raises(InvalidArgumentError):
+        await bus.subscribe("g", event_types=["not a type"])
+    await bus.close()
+
+
+async def test_idempotent_handler_applies_each_event_once(store: SqliteEventStore) -> None:
+    """Redelivered events (handler crashed before ack) change the read model only once."""
+    await _append(store, "a", 5)
+    async with store.transaction() as tx:
+        await tx.execute("CREATE TABLE balance (stream_id TEXT PRIMARY KEY, total INTEGER)")
+
+    async def apply(tx: SqliteTransaction, envelope: EventEnvelope) -> None:
+        if envelope.type == DEPOSITED:
+            amount = AmountDeposited.FromString(envelope.payload).amount
+            await tx.execute(
+                "INSERT INTO balance VALUES (?, ?) ON CONFLICT (stream_id)"
+                " DO UPDATE SET total = total + excluded.total",
+                (envelope.stream_id, amount),
+            )
+
+    handler = IdempotentHandler(store, "balance", apply)
+    await handler.setup()
+    bus = StoreBus(store, StoreBusConfig(ack_wait_s=0.1))
+    sub = await bus.subscribe("balance")
+    applied = [await handler(d.envelope) for d in await _take(sub, 6, ack=False)]  # no acks
+    redelivered: list[bool] = []
+
+    async def counting(envelope: EventEnvelope) -> None:
+        redelivered.append(await handler(envelope))
+
+    task = asyncio.create_task(consume(sub, counting, fetch_timeout_s=0.1))
+    for _ in range(100):
+        if bus.position("balance") == 6:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await bus.close()
+    async with store.transaction() as tx:
+        total = await tx.fetchone("SELECT total FROM balance WHERE stream_id = 'a'")
+    assert applied == [True] * 6
+    assert redelivered == [False] * 6  # every event came again, none applied twice
+    assert await store.load_checkpoint("group:balance") == 6
+    assert total[0] == 1 + 2 + 3 + 4 + 5
