@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from framework.errors import ConflictError, InvalidArgumentError, UnavailableError
+from framework.errors import UnavailableError
 from framework.events.envelope import Codec, EventRow, StoredRow, from_micros, to_micros
 from framework.events.store import (
     DEFAULT_PAGE_SIZE,
@@ -27,8 +27,10 @@ from framework.events.store import (
     NewEvent,
     RecordedEvent,
     Snapshot,
+    check_limit,
     check_non_negative,
     check_stream_id,
+    conflict,
 )
 from framework.events.typeregistry import EventTypeRegistry
 from framework.events.upcast import Upcasters
@@ -104,19 +106,6 @@ class SqliteConfig:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {self.synchronous!r}")
         if self.busy_timeout_s < 0:
             raise ValueError(f"busy_timeout_s must be >= 0, got {self.busy_timeout_s}")
-
-
-def conflict(stream_id: str, expected: int | None, actual: int) -> ConflictError:
-    """The error for a stale expected version, naming the stream and both versions."""
-    return ConflictError(
-        f"stream {stream_id!r} is at version {actual}, not the expected {expected}:"
-        " another writer appended first; reload the stream and retry",
-        metadata={
-            "stream_id": stream_id,
-            "expected_version": str(expected),
-            "actual_version": str(actual),
-        },
-    )
 
 
 class SqliteTransaction:
@@ -240,7 +229,7 @@ class SqliteEventStore:
     ) -> list[RecordedEvent]:
         check_stream_id(stream_id)
         check_non_negative("from_version", from_version)
-        _check_limit(limit)
+        check_limit(limit)
         sql = (
             f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ?"
             " ORDER BY version LIMIT ?"
@@ -254,7 +243,7 @@ class SqliteEventStore:
         self, after_position: int = 0, limit: int = DEFAULT_PAGE_SIZE
     ) -> list[RecordedEvent]:
         check_non_negative("after_position", after_position)
-        _check_limit(limit)
+        check_limit(limit)
         sql = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
         rows: list[StoredRow] = await self._call(
             lambda c: c.execute(sql, (after_position, limit)).fetchall()
@@ -322,11 +311,6 @@ class SqliteEventStore:
                 await self._run(lambda c: c.close())
             self._conn = None
         self._executor.shutdown(wait=True)
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 1:
-        raise InvalidArgumentError(f"limit must be >= 1, got {limit}")
 
 
 def _append(

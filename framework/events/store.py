@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from google.protobuf.message import Message
 
-from framework.errors import InvalidArgumentError
+from framework.errors import ConflictError, InvalidArgumentError
 
 DEFAULT_PAGE_SIZE = 1000
 
@@ -205,3 +205,21 @@ def check_expected_version(expected_version: int | None) -> None:
 def check_non_negative(name: str, value: int) -> None:
     if value < 0:
         raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise InvalidArgumentError(f"limit must be >= 1, got {limit}")
+
+
+def conflict(stream_id: str, expected: int | None, actual: int) -> ConflictError:
+    """The error for a stale expected version, naming the stream and both versions."""
+    return ConflictError(
+        f"stream {stream_id!r} is at version {actual}, not the expected {expected}:"
+        " another writer appended first; reload the stream and retry",
+        metadata={
+            "stream_id": stream_id,
+            "expected_version": str(expected),
+            "actual_version": str(actual),
+        },
+    )
