@@ -203,6 +203,11 @@ class JetStreamBus:
             storage=api.StorageType.MEMORY if config.memory_storage else api.StorageType.FILE,
         )
 
+    async def stream_messages(self) -> int:
+        """How many messages the stream holds (de-duplicated publishes count once)."""
+        info = await self._js.stream_info(self._config.stream)
+        return int(info.state.messages)
+
     async def delete_stream(self) -> None:
         """Remove the stream and its consumers (tests, teardown)."""
         try:
