@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -116,7 +115,7 @@ def _mtime(path: str | None) -> int:
     if path is None:
         return 0
     try:
-        stat = os.stat(path)
+        stat = Path(path).stat()
     except FileNotFoundError:
         return -1
     return stat.st_mtime_ns ^ (stat.st_ino << 1) ^ (stat.st_size << 32)
