@@ -23,16 +23,33 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
+from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payment/v1/payment.proto\x12\npayment.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.payment.v1.PaymentStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x14\x43hargePaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\"=\n\x15\x43hargePaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\":\n\x14RefundPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"O\n\x15RefundPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\x12\x10\n\x08refunded\x18\x02 \x01(\x08\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\":\n\x12GetPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment*\x83\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_CHARGED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x32\xce\x03\n\x0ePaymentService\x12\x95\x01\n\rChargePayment\x12 .payment.v1.ChargePaymentRequest\x1a!.payment.v1.ChargePaymentResponse\"?\x92\x82\x19;\x12\x0epayments:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\n\rRefundPayment\x12\x88\x01\n\rRefundPayment\x12 .payment.v1.RefundPaymentRequest\x1a!.payment.v1.RefundPaymentResponse\"2\x92\x82\x19.\x12\x0epayments:write!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\x12\rChargePayment\x12k\n\nGetPayment\x12\x1d.payment.v1.GetPaymentRequest\x1a\x1e.payment.v1.GetPaymentResponse\"\x1e\x92\x82\x19\x1a\x12\rpayments:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x1a,\x92\x82\x19(\n\x08payments\x12\x13user.v1.UserService\x1a\x07Paymentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payment/v1/payment.proto\x12\npayment.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.payment.v1.PaymentStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43hargePaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x1a\n\x08order_id\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x19\n\x07user_id\x18\x03 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12,\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x42\x16\x9a\x82\x19\x12\x39\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x84\xd7\x97\x41\x12\"\n\x08\x63urrency\x18\x05 \x01(\tB\x10\x9a\x82\x19\x0c\x08\x01\"\x08[A-Z]{3}\"=\n\x15\x43hargePaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\"M\n\x14RefundPaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xf4\x03\"O\n\x15RefundPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\x12\x10\n\x08refunded\x18\x02 \x01(\x08\"1\n\x11GetPaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\":\n\x12GetPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment*\x83\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_CHARGED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x32\xce\x03\n\x0ePaymentService\x12\x95\x01\n\rChargePayment\x12 .payment.v1.ChargePaymentRequest\x1a!.payment.v1.ChargePaymentResponse\"?\x92\x82\x19;\x12\x0epayments:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\n\rRefundPayment\x12\x88\x01\n\rRefundPayment\x12 .payment.v1.RefundPaymentRequest\x1a!.payment.v1.RefundPaymentResponse\"2\x92\x82\x19.\x12\x0epayments:write!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\x12\rChargePayment\x12k\n\nGetPayment\x12\x1d.payment.v1.GetPaymentRequest\x1a\x1e.payment.v1.GetPaymentResponse\"\x1e\x92\x82\x19\x1a\x12\rpayments:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x1a,\x92\x82\x19(\n\x08payments\x12\x13user.v1.UserService\x1a\x07Paymentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'payment.v1.payment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['amount_minor']._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['amount_minor']._serialized_options = b'\232\202\031\0229\000\000\000\000\000\000\000\000Q\000\000\000\000\204\327\227A'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['currency']._loaded_options = None
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['currency']._serialized_options = b'\232\202\031\014\010\001\"\010[A-Z]{3}'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\364\003'
+  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
   _globals['_PAYMENTSERVICE']._loaded_options = None
   _globals['_PAYMENTSERVICE']._serialized_options = b'\222\202\031(\n\010payments\022\023user.v1.UserService\032\007Payment'
   _globals['_PAYMENTSERVICE'].methods_by_name['ChargePayment']._loaded_options = None
@@ -41,22 +58,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSERVICE'].methods_by_name['RefundPayment']._serialized_options = b'\222\202\031.\022\016payments:write!\000\000\000\000\000\000$@(\0010\001:\017\022\rChargePayment'
   _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._serialized_options = b'\222\202\031\032\022\rpayments:read!\000\000\000\000\000\000\000@(\001'
-  _globals['_PAYMENTSTATUS']._serialized_start=788
-  _globals['_PAYMENTSTATUS']._serialized_end=919
-  _globals['_PAYMENT']._serialized_start=102
-  _globals['_PAYMENT']._serialized_end=361
-  _globals['_CHARGEPAYMENTREQUEST']._serialized_start=363
-  _globals['_CHARGEPAYMENTREQUEST']._serialized_end=480
-  _globals['_CHARGEPAYMENTRESPONSE']._serialized_start=482
-  _globals['_CHARGEPAYMENTRESPONSE']._serialized_end=543
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=545
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=603
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=605
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=684
-  _globals['_GETPAYMENTREQUEST']._serialized_start=686
-  _globals['_GETPAYMENTREQUEST']._serialized_end=725
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=727
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=785
-  _globals['_PAYMENTSERVICE']._serialized_start=922
-  _globals['_PAYMENTSERVICE']._serialized_end=1384
+  _globals['_PAYMENTSTATUS']._serialized_start=919
+  _globals['_PAYMENTSTATUS']._serialized_end=1050
+  _globals['_PAYMENT']._serialized_start=131
+  _globals['_PAYMENT']._serialized_end=390
+  _globals['_CHARGEPAYMENTREQUEST']._serialized_start=393
+  _globals['_CHARGEPAYMENTREQUEST']._serialized_end=582
+  _globals['_CHARGEPAYMENTRESPONSE']._serialized_start=584
+  _globals['_CHARGEPAYMENTRESPONSE']._serialized_end=645
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=647
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=724
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=726
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=805
+  _globals['_GETPAYMENTREQUEST']._serialized_start=807
+  _globals['_GETPAYMENTREQUEST']._serialized_end=856
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=858
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=916
+  _globals['_PAYMENTSERVICE']._serialized_start=1053
+  _globals['_PAYMENTSERVICE']._serialized_end=1515
 # @@protoc_insertion_point(module_scope)

@@ -23,32 +23,39 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
+from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x13RegisterUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"3\n\x14RegisterUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\".\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User2\xf8\x01\n\x0bUserService\x12x\n\x0cRegisterUser\x12\x1c.user.v1.RegisterUserRequest\x1a\x1d.user.v1.RegisterUserResponse\"+\x92\x82\x19\'\x12\x0busers:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x12Y\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"\x1b\x92\x82\x19\x17\x12\nusers:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x1a\x14\x92\x82\x19\x10\n\x08identity\x1a\x04Userb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x13RegisterUserRequest\x12\x17\n\x05\x65mail\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x30\x01\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x10\x02\x18\x64\"3\n\x14RegisterUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"+\n\x0eGetUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\".\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User2\xf8\x01\n\x0bUserService\x12x\n\x0cRegisterUser\x12\x1c.user.v1.RegisterUserRequest\x1a\x1d.user.v1.RegisterUserResponse\"+\x92\x82\x19\'\x12\x0busers:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x12Y\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"\x1b\x92\x82\x19\x17\x12\nusers:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x1a\x14\x92\x82\x19\x10\n\x08identity\x1a\x04Userb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'user.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['email']._serialized_options = b'\232\202\031\004\010\0010\001'
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['display_name']._loaded_options = None
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\232\202\031\004\020\002\030d'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
   _globals['_USERSERVICE']._loaded_options = None
   _globals['_USERSERVICE']._serialized_options = b'\222\202\031\020\n\010identity\032\004User'
   _globals['_USERSERVICE'].methods_by_name['RegisterUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['RegisterUser']._serialized_options = b'\222\202\031\'\022\013users:write\032\013\t\000\000\000\000\000\000\024@\020\n!\000\000\000\000\000\000\024@(\0010\001'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\222\202\031\027\022\nusers:read!\000\000\000\000\000\000\000@(\001'
-  _globals['_USER']._serialized_start=92
-  _globals['_USER']._serialized_end=203
-  _globals['_REGISTERUSERREQUEST']._serialized_start=205
-  _globals['_REGISTERUSERREQUEST']._serialized_end=263
-  _globals['_REGISTERUSERRESPONSE']._serialized_start=265
-  _globals['_REGISTERUSERRESPONSE']._serialized_end=316
-  _globals['_GETUSERREQUEST']._serialized_start=318
-  _globals['_GETUSERREQUEST']._serialized_end=351
-  _globals['_GETUSERRESPONSE']._serialized_start=353
-  _globals['_GETUSERRESPONSE']._serialized_end=399
-  _globals['_USERSERVICE']._serialized_start=402
-  _globals['_USERSERVICE']._serialized_end=650
+  _globals['_USER']._serialized_start=121
+  _globals['_USER']._serialized_end=232
+  _globals['_REGISTERUSERREQUEST']._serialized_start=234
+  _globals['_REGISTERUSERREQUEST']._serialized_end=312
+  _globals['_REGISTERUSERRESPONSE']._serialized_start=314
+  _globals['_REGISTERUSERRESPONSE']._serialized_end=365
+  _globals['_GETUSERREQUEST']._serialized_start=367
+  _globals['_GETUSERREQUEST']._serialized_end=410
+  _globals['_GETUSERRESPONSE']._serialized_start=412
+  _globals['_GETUSERRESPONSE']._serialized_end=458
+  _globals['_USERSERVICE']._serialized_start=461
+  _globals['_USERSERVICE']._serialized_end=709
 # @@protoc_insertion_point(module_scope)
