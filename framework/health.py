@@ -13,15 +13,16 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from framework.errors import NotFoundError
 from gen.framework.v1 import health_pb2 as report_pb2
 from gen.framework.v1 import health_pb2_grpc as report_pb2_grpc
 
@@ -102,10 +103,10 @@ class MemoryCheck:
 
     async def probe(self) -> None:
         fields: dict[str, int] = {}
-        with open(self.meminfo_path) as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                fields[key] = int(rest.split()[0])
+        text = await asyncio.to_thread(Path(self.meminfo_path).read_text)
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0])
         available = fields.get("MemAvailable", 0) / max(1, fields.get("MemTotal", 1))
         if available < self.min_available_fraction:
             raise UnhealthyError(
@@ -122,7 +123,6 @@ class _CheckState:
     last_error: str = ""
     checked_at: datetime | None = None
     consecutive_failures: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class HealthMonitor:
@@ -132,13 +132,14 @@ class HealthMonitor:
         names = [c.name for c in checks]
         if len(set(names)) != len(names):
             raise ValueError(f"health check names must be unique, got {names}")
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = _HealthServicer(self)
+        self._changed = asyncio.Condition()
         self.report_servicer = _ReportServicer(self)
         self._states = [_CheckState(c) for c in checks]
         self._services: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
-        self._status: dict[str, int] = {}
+        self._status: dict[str, int] = {"": SERVING}
 
     @property
     def draining(self) -> bool:
@@ -159,9 +160,10 @@ class HealthMonitor:
     async def drain(self) -> None:
         """Every service NOT_SERVING from now on (graceful shutdown)."""
         self._draining = True
-        for service in ["", *self._services]:
-            self._status[service] = NOT_SERVING
-        await self.servicer.enter_graceful_shutdown()
+        async with self._changed:
+            for service in ["", *self._services]:
+                self._status[service] = NOT_SERVING
+            self._changed.notify_all()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -193,7 +195,7 @@ class HealthMonitor:
             self._record(state, started, f"timed out after {check.timeout_s}s")
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # a probe's failure is data: recorded and reported
+        except Exception as error:  # noqa: BLE001 - a probe's failure is data: recorded, reported
             self._record(state, started, f"{type(error).__name__}: {error}")
         else:
             self._record(state, started, None)
@@ -223,9 +225,10 @@ class HealthMonitor:
     def _gated(self, service: str) -> bool:
         for state in self._states:
             check = state.check
-            if check.required and not state.healthy:
-                if not check.services or service in check.services:
-                    return True
+            if (check.required and not state.healthy) and (
+                not check.services or service in check.services
+            ):
+                return True
         return False
 
     async def _publish(self) -> None:
@@ -238,8 +241,9 @@ class HealthMonitor:
                 down = self._gated(service)
             status = NOT_SERVING if down else SERVING
             if self._status.get(service) != status:
-                self._status[service] = status
-                await self.servicer.set(service, status)
+                async with self._changed:
+                    self._status[service] = status
+                    self._changed.notify_all()
 
     def report(self) -> report_pb2.GetHealthReportResponse:
         response = report_pb2.GetHealthReportResponse(draining=self._draining)
@@ -261,6 +265,44 @@ class HealthMonitor:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(self.status(service))  # type: ignore[arg-type]
             response.services.add(service=service, status=name)
         return response
+
+
+class _HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 over the monitor's statuses.
+
+    Unlike grpcio-health-checking's servicer, Watch streams end once draining has
+    been announced, so open watches do not hold a graceful shutdown for its whole
+    grace period.
+    """
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self._monitor = monitor
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._monitor._status.get(request.service)
+        if status is None:
+            raise NotFoundError(
+                f"unknown service {request.service!r}; ask for one this server runs"
+            )
+        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        monitor, last = self._monitor, None
+        while True:
+            async with monitor._changed:
+                status = monitor.status(request.service)
+                while status == last and not monitor.draining:
+                    await monitor._changed.wait()
+                    status = monitor.status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+                last = status
+            if monitor.draining:
+                return
 
 
 class _ReportServicer(report_pb2_grpc.HealthReportServiceServicer):

@@ -332,9 +332,12 @@ def _observed(error: BaseException) -> BaseException:
     return error
 
 
-async def _fail(context: grpc.aio.ServicerContext[Any, Any], call: Call) -> None:
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], call: Call, error: BaseException | None = None
+) -> None:
+    """Send the status the error mapping chose; a cancelled call has no one to tell."""
     status = call.status
-    if status is not None:
+    if status is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit):
         await context.abort(status.code, status.message, status.trailing_metadata)  # type: ignore[attr-defined]
 
 
@@ -342,8 +345,8 @@ async def _enter(bound: BoundChain, call: Call, context: Any) -> list[Any]:
     """Run the enters; a rejection has already been seen by the exits, so send its status."""
     try:
         return await bound.aenter(call) if bound.is_async else bound.enter(call)
-    except BaseException:
-        await _fail(context, call)
+    except BaseException as error:
+        await _fail(context, call, error)
         raise
 
 
@@ -362,7 +365,7 @@ def _unary_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> 
                 response = await response
         except BaseException as error:
             run_exits(exits, _observed(error))
-            await _fail(context, call)
+            await _fail(context, call, error)
             raise
         run_exits(exits, None)
         return response
@@ -388,7 +391,7 @@ def _stream_response(bound: BoundChain, inner: _Handler, unary_request: bool) ->
                     yield item
             except BaseException as error:
                 run_exits(exits, _observed(error))
-                await _fail(context, call)
+                await _fail(context, call, error)
                 raise
             run_exits(exits, None)
 
@@ -406,7 +409,7 @@ def _stream_response(bound: BoundChain, inner: _Handler, unary_request: bool) ->
                 await result
         except BaseException as error:
             run_exits(exits, _observed(error))
-            await _fail(context, call)
+            await _fail(context, call, error)
             raise
         run_exits(exits, None)
 

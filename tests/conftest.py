@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import socket
 
+# grpc core logs connection teardown at INFO; keep test output readable (set before import)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import pytest
 
 POSTGRES_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -108,8 +108,6 @@ def pin_to_cpu(cpu: int) -> None:
 
 def bench_line(name: str, ratio: float, value: float, unit: str, baseline: str) -> str:
     """Print and return the one summary line the conventions define."""
-    line = (
-        f"BENCH name={name} ratio={ratio:.3f} value={value:.1f} unit={unit} baseline={baseline}"
-    )
+    line = f"BENCH name={name} ratio={ratio:.3f} value={value:.1f} unit={unit} baseline={baseline}"
     print(line, flush=True)
     return line
