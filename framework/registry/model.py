@@ -10,15 +10,12 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from framework.errors import FieldViolation, InvalidArgumentError
 
 DEFAULT_WEIGHT = 100
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9\-.]{0,251}[A-Za-z0-9])?$")
-_EMPTY: Mapping[str, str] = MappingProxyType({})
-_EMPTY_WEIGHTS: Mapping[str, int] = MappingProxyType({})
 
 
 class Health(enum.Enum):
@@ -46,7 +43,7 @@ class Instance:
     version: str = ""
     zone: str = ""
     weight: int = DEFAULT_WEIGHT
-    metadata: Mapping[str, str] = field(default=_EMPTY)
+    metadata: Mapping[str, str] = field(default_factory=dict)
     health: Health = Health.UNKNOWN
 
 
@@ -56,7 +53,7 @@ class Selector:
 
     version: str = ""
     zone: str = ""
-    metadata: Mapping[str, str] = field(default=_EMPTY)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def matches(self, instance: Instance) -> bool:
         if self.version and instance.version != self.version:
@@ -76,7 +73,7 @@ class ServiceView:
     service: str
     revision: int
     instances: tuple[Instance, ...] = ()
-    version_weights: Mapping[str, int] = field(default=_EMPTY_WEIGHTS)
+    version_weights: Mapping[str, int] = field(default_factory=dict)
 
     def select(self, selector: Selector, *, include_unhealthy: bool = False) -> ServiceView:
         """The same view keeping only matching (and, by default, eligible) instances."""

@@ -1,0 +1,198 @@
+"""Self-registration: a server hook that keeps its server in the registry.
+
+    server.add_hook(RegistrationAgent("127.0.0.1:50051", "echo.v1.EchoService", version="v2"))
+
+* `on_started`: registers the server's bound address and starts renewing the
+  lease every `ttl_s * renew_fraction` seconds;
+* a renewal answered NOT_FOUND (the lease expired, or the registry lost it)
+  registers again; an unreachable registry is retried on the next period;
+* `on_draining` (before the server drains): stops renewing and deregisters, so
+  clients stop picking this instance while its calls in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from framework.clock import Clock, SystemClock
+from framework.errors import FrameworkError, code_of
+from framework.policy import Policy
+from framework.registry.model import check_service_name, check_weight
+from gen.registry.v1 import registry_pb2 as pb
+from gen.registry.v1 import registry_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """What to register and how often to renew."""
+
+    version: str = ""
+    zone: str = ""
+    weight: int = 100
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    ttl_s: float = 10.0
+    # Renew after this fraction of the TTL has passed.
+    renew_fraction: float = 1 / 3
+    # Address to register instead of the server's bound one (e.g. behind NAT).
+    advertise_address: str = ""
+    call_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_weight(self.weight)
+        if self.ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+        if not 0 < self.renew_fraction < 1:
+            raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
+        if self.call_timeout_s <= 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
+
+
+class RegistrationAgent:
+    """Registers a server under `service` while it runs (a `Server` hook)."""
+
+    def __init__(
+        self,
+        registry: str | grpc.aio.Channel,
+        service: str,
+        config: AgentConfig | None = None,
+        *,
+        policies: Sequence[Policy] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.service = check_service_name(service)
+        self.config = config or AgentConfig()
+        self.clock = clock or SystemClock()
+        self._registry = registry
+        self._policies = tuple(policies)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.address = ""
+        self.lease_id = ""
+        self.ttl_s = self.config.ttl_s
+
+    # ------------------------------------------------------------- hooks
+    async def on_started(self, server: Any) -> None:
+        await self.start(self.config.advertise_address or str(server.address))
+
+    async def on_draining(self, server: Any) -> None:
+        await self.stop()
+
+    async def on_stopped(self, server: Any) -> None:
+        await self.stop()
+
+    # --------------------------------------------------------- lifecycle
+    async def start(self, address: str) -> None:
+        """Register `address` and keep its lease alive until `stop()`."""
+        if self._channel is None:
+            if isinstance(self._registry, str):
+                from framework.client import connect
+
+                self._channel = connect(
+                    self._registry, policies=self._policies, credentials=self._credentials
+                )
+            else:
+                self._channel = self._registry
+            self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        self.address = address
+        try:
+            await self.register()
+        except (grpc.aio.AioRpcError, FrameworkError) as error:
+            logger.warning(
+                "could not register %s at %s (%s); retrying every %.1fs",
+                self.service,
+                address,
+                error,
+                self.ttl_s * self.config.renew_fraction,
+            )
+        self._task = asyncio.create_task(self._renew_loop(), name=f"registry-agent-{address}")
+
+    async def stop(self) -> None:
+        """Stop renewing and deregister (once); the registry being down is logged, not raised."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        lease, self.lease_id = self.lease_id, ""
+        if lease and self._stub is not None:
+            try:
+                await self._stub.Deregister(
+                    pb.DeregisterRequest(lease_id=lease), timeout=self.config.call_timeout_s
+                )
+                logger.info("deregistered %s at %s", self.service, self.address)
+            except (grpc.aio.AioRpcError, FrameworkError) as error:
+                logger.warning(
+                    "could not deregister %s at %s (%s); its lease will expire",
+                    self.service,
+                    self.address,
+                    error,
+                )
+        if isinstance(self._registry, str) and self._channel is not None:
+            await self._channel.close()
+        self._channel, self._stub = None, None
+
+    async def register(self) -> None:
+        cfg = self.config
+        reply = await self._stub.Register(
+            pb.RegisterRequest(
+                service=self.service,
+                address=self.address,
+                version=cfg.version,
+                zone=cfg.zone,
+                weight=cfg.weight,
+                metadata=dict(cfg.metadata),
+                ttl_s=cfg.ttl_s,
+            ),
+            timeout=cfg.call_timeout_s,
+        )
+        self.lease_id, self.ttl_s = reply.lease_id, reply.ttl_s
+        logger.info(
+            "registered %s at %s (lease %s, ttl %.1fs)",
+            self.service,
+            self.address,
+            self.lease_id,
+            self.ttl_s,
+        )
+
+    async def renew(self) -> None:
+        """One heartbeat; registers again when the registry no longer knows the lease."""
+        try:
+            await self._stub.Renew(
+                pb.RenewRequest(lease_id=self.lease_id), timeout=self.config.call_timeout_s
+            )
+        except (grpc.aio.AioRpcError, FrameworkError) as error:
+            if code_of(error) is not grpc.StatusCode.NOT_FOUND:
+                raise
+            logger.warning(
+                "lease of %s at %s was lost; registering again", self.service, self.address
+            )
+            await self.register()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.ttl_s * self.config.renew_fraction)
+            try:
+                if self.lease_id:
+                    await self.renew()
+                else:
+                    await self.register()
+            except (grpc.aio.AioRpcError, FrameworkError) as error:
+                logger.warning(
+                    "registry heartbeat of %s at %s failed (%s); retrying next period",
+                    self.service,
+                    self.address,
+                    error,
+                )

@@ -1,0 +1,298 @@
+"""PostgreSQL registry store (asyncpg): several registry replicas share one view.
+
+Every change bumps a revision row and sends `NOTIFY` with the new revision in
+the same transaction, so a replica's watchers wake as soon as another replica
+commits.  If the listening connection is lost, `wait_for_change` still polls
+the revision row once per wait, so watchers are never stuck longer than their
+poll bound.  All tables live in one schema (`schema=`), created on `open()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import asyncpg
+
+from framework.registry.model import Health, Instance, ServiceView
+from framework.registry.store import (
+    INSTANCE_COLUMNS,
+    RevisionSignal,
+    instance_from_row,
+    instance_row,
+    weights_from_json,
+    weights_to_json,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.registry_revision (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    value BIGINT NOT NULL
+);
+INSERT INTO {s}.registry_revision (id, value) VALUES (1, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS {s}.registry_services (
+    name TEXT PRIMARY KEY,
+    revision BIGINT NOT NULL,
+    version_weights TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE IF NOT EXISTS {s}.registry_instances (
+    lease_id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    address TEXT NOT NULL,
+    version TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    weight INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    health INTEGER NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    ttl_s DOUBLE PRECISION NOT NULL,
+    UNIQUE (service, address)
+);
+CREATE INDEX IF NOT EXISTS registry_instances_expiry ON {s}.registry_instances (expires_at);
+"""
+
+
+class PostgresStore:
+    """Registry state in PostgreSQL schema `schema`, shared by every replica using it."""
+
+    def __init__(self, dsn: str, *, schema: str = "registry", pool_size: int = 4) -> None:
+        if not _IDENT.match(schema):
+            raise ValueError(
+                f"schema must be a lower-case SQL identifier (letters, digits, _), got {schema!r}"
+            )
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        self.dsn = dsn
+        self.schema = schema
+        self.channel = f"registry_{schema}"[:63]
+        self._pool_size = pool_size
+        self._pool: Any = None
+        self._listener: Any = None
+        self._signal = RevisionSignal()
+
+    # ----------------------------------------------------------- plumbing
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self._pool_size)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.schema)
+            await conn.execute(_SCHEMA.format(s=self.schema))
+        self._listener = await asyncpg.connect(self.dsn)
+        await self._listener.add_listener(self.channel, self._on_notify)
+        self._signal.publish(await self.revision())
+
+    async def close(self) -> None:
+        listener, pool = self._listener, self._pool
+        self._listener, self._pool = None, None
+        if listener is not None:
+            await listener.close()
+        if pool is not None:
+            await pool.close()
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            self._signal.publish(int(payload))
+        except ValueError:
+            logger.warning("ignoring registry notification with payload %r", payload)
+
+    def _require_pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore is not open: call `await store.open()` first")
+        return self._pool
+
+    async def _tx(self, body: Callable[[Any], Awaitable[T]]) -> T:
+        async with self._require_pool().acquire() as conn, conn.transaction():
+            return await body(conn)
+
+    async def _bump(self, conn: Any, service: str) -> int:
+        s = self.schema
+        revision = int(
+            await conn.fetchval(
+                f"UPDATE {s}.registry_revision SET value = value + 1 WHERE id = 1 RETURNING value"
+            )
+        )
+        await conn.execute(
+            f"INSERT INTO {s}.registry_services (name, revision) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET revision = excluded.revision",
+            service,
+            revision,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, str(revision))
+        return revision
+
+    # ------------------------------------------------------------- writes
+    async def put(self, instance: Instance) -> int:
+        s = self.schema
+
+        async def body(conn: Any) -> int:
+            await conn.execute(
+                f"DELETE FROM {s}.registry_instances WHERE service = $1 AND address = $2",
+                instance.service,
+                instance.address,
+            )
+            await conn.execute(
+                f"INSERT INTO {s}.registry_instances ({INSTANCE_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                *instance_row(instance),
+            )
+            return await self._bump(conn, instance.service)
+
+        revision = await self._tx(body)
+        self._signal.publish(revision)
+        return revision
+
+    async def renew(self, lease_id: str, expires_at: float) -> Instance | None:
+        row = await self._require_pool().fetchrow(
+            f"UPDATE {self.schema}.registry_instances SET expires_at = $1 WHERE lease_id = $2 "
+            f"RETURNING {INSTANCE_COLUMNS}",
+            expires_at,
+            lease_id,
+        )
+        return None if row is None else instance_from_row(tuple(row))
+
+    async def delete(self, lease_id: str) -> Instance | None:
+        async def body(conn: Any) -> tuple[Instance | None, int | None]:
+            row = await conn.fetchrow(
+                f"DELETE FROM {self.schema}.registry_instances WHERE lease_id = $1 "
+                f"RETURNING {INSTANCE_COLUMNS}",
+                lease_id,
+            )
+            if row is None:
+                return None, None
+            removed = instance_from_row(tuple(row))
+            return removed, await self._bump(conn, removed.service)
+
+        removed, revision = await self._tx(body)
+        if revision is not None:
+            self._signal.publish(revision)
+        return removed
+
+    async def set_health(self, lease_id: str, health: Health) -> bool:
+        async def body(conn: Any) -> int | None:
+            service = await conn.fetchval(
+                f"UPDATE {self.schema}.registry_instances SET health = $1 "
+                "WHERE lease_id = $2 AND health != $1 RETURNING service",
+                health.value,
+                lease_id,
+            )
+            return None if service is None else await self._bump(conn, service)
+
+        revision = await self._tx(body)
+        if revision is not None:
+            self._signal.publish(revision)
+        return revision is not None
+
+    async def expire(self, now: float) -> list[Instance]:
+        async def body(conn: Any) -> tuple[list[Instance], int | None]:
+            rows = await conn.fetch(
+                f"DELETE FROM {self.schema}.registry_instances WHERE expires_at <= $1 "
+                f"RETURNING {INSTANCE_COLUMNS}",
+                now,
+            )
+            removed = [instance_from_row(tuple(r)) for r in rows]
+            revision = None
+            for service in sorted({i.service for i in removed}):
+                revision = await self._bump(conn, service)
+            return removed, revision
+
+        removed, revision = await self._tx(body)
+        if revision is not None:
+            self._signal.publish(revision)
+        return removed
+
+    async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int:
+        async def body(conn: Any) -> int:
+            revision = await self._bump(conn, service)
+            await conn.execute(
+                f"UPDATE {self.schema}.registry_services SET version_weights = $1 WHERE name = $2",
+                weights_to_json(weights),
+                service,
+            )
+            return revision
+
+        revision = await self._tx(body)
+        self._signal.publish(revision)
+        return revision
+
+    # -------------------------------------------------------------- reads
+    async def get(self, lease_id: str) -> Instance | None:
+        row = await self._require_pool().fetchrow(
+            f"SELECT {INSTANCE_COLUMNS} FROM {self.schema}.registry_instances WHERE lease_id = $1",
+            lease_id,
+        )
+        return None if row is None else instance_from_row(tuple(row))
+
+    async def _read_view(self, conn: Any, service: str) -> ServiceView:
+        s = self.schema
+        head = await conn.fetchrow(
+            f"SELECT revision, version_weights FROM {s}.registry_services WHERE name = $1",
+            service,
+        )
+        if head is None:
+            return ServiceView(service, 0)
+        rows = await conn.fetch(
+            f"SELECT {INSTANCE_COLUMNS} FROM {s}.registry_instances WHERE service = $1 "
+            "ORDER BY address",
+            service,
+        )
+        return ServiceView(
+            service,
+            int(head[0]),
+            tuple(instance_from_row(tuple(r)) for r in rows),
+            weights_from_json(head[1]),
+        )
+
+    async def view(self, service: str) -> ServiceView:
+        async def body(conn: Any) -> ServiceView:
+            return await self._read_view(conn, service)
+
+        return await self._read_only(body)
+
+    async def views(self) -> list[ServiceView]:
+        async def body(conn: Any) -> list[ServiceView]:
+            names = await conn.fetch(
+                f"SELECT name FROM {self.schema}.registry_services ORDER BY name"
+            )
+            return [await self._read_view(conn, r[0]) for r in names]
+
+        return await self._read_only(body)
+
+    async def _read_only(self, body: Callable[[Any], Awaitable[T]]) -> T:
+        """One consistent snapshot (REPEATABLE READ) for multi-statement reads."""
+        pool = self._require_pool()
+        async with (
+            pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            return await body(conn)
+
+    async def instances(self) -> list[Instance]:
+        rows = await self._require_pool().fetch(
+            f"SELECT {INSTANCE_COLUMNS} FROM {self.schema}.registry_instances "
+            "ORDER BY service, address"
+        )
+        return [instance_from_row(tuple(r)) for r in rows]
+
+    async def revision(self) -> int:
+        value = await self._require_pool().fetchval(
+            f"SELECT value FROM {self.schema}.registry_revision WHERE id = 1"
+        )
+        return int(value)
+
+    async def wait_for_change(self, after: int, timeout_s: float) -> int:
+        revision = await self._signal.wait(after, timeout_s)
+        if revision <= after:  # no notification: poll, in case the listener was lost
+            self._signal.publish(await self.revision())
+        return self._signal.revision
+
+    async def drop(self) -> None:
+        """Remove the schema and everything in it (tests, decommissioning)."""
+        await self._require_pool().execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")

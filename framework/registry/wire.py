@@ -1,0 +1,63 @@
+"""The model in its wire form: registry.v1 messages to and from model objects."""
+
+from __future__ import annotations
+
+from framework.registry.model import Health, Instance, Selector, ServiceView
+from gen.registry.v1 import registry_pb2 as pb
+
+
+def selector_from_proto(message: pb.Selector) -> Selector:
+    return Selector(message.version, message.zone, dict(message.metadata))
+
+
+def selector_to_proto(selector: Selector) -> pb.Selector:
+    return pb.Selector(
+        version=selector.version, zone=selector.zone, metadata=dict(selector.metadata)
+    )
+
+
+def instance_to_proto(instance: Instance, now: float) -> pb.Instance:
+    return pb.Instance(
+        service=instance.service,
+        address=instance.address,
+        version=instance.version,
+        zone=instance.zone,
+        weight=instance.weight,
+        metadata=dict(instance.metadata),
+        lease_id=instance.lease_id,
+        health=pb.Health.ValueType(instance.health.value),
+        lease_remaining_s=max(0.0, instance.expires_at - now),
+    )
+
+
+def instance_from_proto(message: pb.Instance, now: float) -> Instance:
+    return Instance(
+        service=message.service,
+        address=message.address,
+        lease_id=message.lease_id,
+        expires_at=now + message.lease_remaining_s,
+        ttl_s=message.lease_remaining_s,
+        version=message.version,
+        zone=message.zone,
+        weight=message.weight,
+        metadata=dict(message.metadata),
+        health=Health(int(message.health)),
+    )
+
+
+def view_to_proto(view: ServiceView, now: float) -> pb.ServiceView:
+    return pb.ServiceView(
+        service=view.service,
+        revision=view.revision,
+        instances=[instance_to_proto(i, now) for i in view.instances],
+        version_weights=dict(view.version_weights),
+    )
+
+
+def view_from_proto(message: pb.ServiceView, now: float) -> ServiceView:
+    return ServiceView(
+        service=message.service,
+        revision=message.revision,
+        instances=tuple(instance_from_proto(i, now) for i in message.instances),
+        version_weights=dict(message.version_weights),
+    )

@@ -1,0 +1,33 @@
+"""Registry fixtures: a store per backend (SQLite file, PostgreSQL schema), each test its own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from framework.registry.sqlite import SqliteStore
+from framework.registry.store import RegistryStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RegistryStore]:
+    """An open, empty store of each backend; PostgreSQL gets a schema of its own."""
+    if request.param == "sqlite":
+        sqlite = SqliteStore(tmp_path / "registry.sqlite")
+        await sqlite.open()
+        yield sqlite
+        await sqlite.close()
+        return
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    from framework.registry.postgres import PostgresStore
+
+    pg = PostgresStore(dsn, schema=f"reg_{uuid.uuid4().hex[:12]}")
+    await pg.open()
+    try:
+        yield pg
+    finally:
+        await pg.drop()
+        await pg.close()

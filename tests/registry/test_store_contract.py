@@ -1,0 +1,135 @@
+"""One contract every registry store passes (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from framework.registry.model import Health, Instance
+from framework.registry.store import RegistryStore
+
+
+def _instance(
+    address: str,
+    lease: str,
+    *,
+    service: str = "orders",
+    expires_at: float = 100.0,
+    version: str = "v1",
+) -> Instance:
+    return Instance(
+        service=service,
+        address=address,
+        lease_id=lease,
+        expires_at=expires_at,
+        ttl_s=10.0,
+        version=version,
+        zone="z1",
+        weight=50,
+        metadata={"team": "a"},
+    )
+
+
+async def test_put_then_view_round_trips_every_field(store: RegistryStore) -> None:
+    """What is stored comes back field for field, with the service's revision."""
+    revision = await store.put(_instance("10.0.0.1:5000", "l1"))
+    view = await store.view("orders")
+    assert view.revision == revision > 0
+    assert view.instances == (_instance("10.0.0.1:5000", "l1"),)
+    assert await store.get("l1") == _instance("10.0.0.1:5000", "l1")
+
+
+async def test_unknown_service_has_an_empty_view_at_revision_zero(store: RegistryStore) -> None:
+    """A service nobody registered is empty, not an error."""
+    view = await store.view("nobody")
+    assert (view.revision, view.instances, dict(view.version_weights)) == (0, (), {})
+
+
+async def test_same_address_replaces_the_old_registration(store: RegistryStore) -> None:
+    """Registering the same service and address again keeps one instance, the new lease."""
+    await store.put(_instance("10.0.0.1:5000", "old"))
+    await store.put(_instance("10.0.0.1:5000", "new"))
+    view = await store.view("orders")
+    assert [i.lease_id for i in view.instances] == ["new"]
+    assert await store.get("old") is None
+
+
+async def test_every_change_bumps_the_revision(store: RegistryStore) -> None:
+    """put, delete, health and weights each move the revision forward."""
+    r1 = await store.put(_instance("10.0.0.1:5000", "l1"))
+    assert await store.set_health("l1", Health.NOT_SERVING)
+    r2 = (await store.view("orders")).revision
+    r3 = await store.set_version_weights("orders", {"v1": 90, "v2": 10})
+    await store.delete("l1")
+    r4 = (await store.view("orders")).revision
+    assert r1 < r2 < r3 < r4 == await store.revision()
+
+
+async def test_unchanged_health_is_not_a_change(store: RegistryStore) -> None:
+    """Writing the same health twice changes nothing the second time."""
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    assert await store.set_health("l1", Health.SERVING)
+    before = await store.revision()
+    assert not await store.set_health("l1", Health.SERVING)
+    assert await store.revision() == before
+
+
+async def test_renew_moves_expiry_without_a_view_change(store: RegistryStore) -> None:
+    """A heartbeat extends the lease but is not a view change."""
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    before = await store.revision()
+    renewed = await store.renew("l1", 500.0)
+    assert renewed is not None and renewed.expires_at == 500.0
+    assert await store.revision() == before
+    assert await store.renew("missing", 500.0) is None
+
+
+async def test_expire_removes_only_ended_leases(store: RegistryStore) -> None:
+    """Leases ending at or before `now` go; the others stay."""
+    await store.put(_instance("10.0.0.1:5000", "old", expires_at=100.0))
+    await store.put(_instance("10.0.0.2:5000", "young", expires_at=200.0))
+    removed = await store.expire(150.0)
+    assert [i.lease_id for i in removed] == ["old"]
+    assert [i.lease_id for i in (await store.view("orders")).instances] == ["young"]
+    assert await store.expire(150.0) == []
+
+
+async def test_delete_unknown_lease_changes_nothing(store: RegistryStore) -> None:
+    """Deleting a lease that does not exist returns None and keeps the revision."""
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    before = await store.revision()
+    assert await store.delete("nope") is None
+    assert await store.revision() == before
+
+
+async def test_version_weights_are_kept_per_service(store: RegistryStore) -> None:
+    """Weights set on one service show in its view only, and can be cleared."""
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    await store.put(_instance("10.0.0.9:5000", "l9", service="billing"))
+    await store.set_version_weights("orders", {"v1": 90, "v2": 10})
+    assert dict((await store.view("orders")).version_weights) == {"v1": 90, "v2": 10}
+    assert dict((await store.view("billing")).version_weights) == {}
+    await store.set_version_weights("orders", {})
+    assert dict((await store.view("orders")).version_weights) == {}
+
+
+async def test_views_and_instances_list_every_service(store: RegistryStore) -> None:
+    """views() lists services by name; instances() every instance."""
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    await store.put(_instance("10.0.0.9:5000", "l9", service="billing"))
+    assert [v.service for v in await store.views()] == ["billing", "orders"]
+    assert sorted(i.lease_id for i in await store.instances()) == ["l1", "l9"]
+
+
+async def test_wait_for_change_wakes_on_a_write(store: RegistryStore) -> None:
+    """A waiter returns as soon as a change commits, well before its timeout."""
+    start = await store.revision()
+    waiter = asyncio.create_task(store.wait_for_change(start, timeout_s=10.0))
+    await asyncio.sleep(0)
+    await store.put(_instance("10.0.0.1:5000", "l1"))
+    assert await asyncio.wait_for(waiter, 5.0) > start
+
+
+async def test_wait_for_change_returns_after_its_timeout(store: RegistryStore) -> None:
+    """With no change, the wait is bounded and returns the same revision."""
+    start = await store.revision()
+    assert await store.wait_for_change(start, timeout_s=0.05) == start
