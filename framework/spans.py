@@ -1,0 +1,234 @@
+"""A lean span path onto the OpenTelemetry SDK pipeline, for the per-RPC spans.
+
+`SpanFactory.start()` makes the spans the tracing policy needs.  On an SDK
+`TracerProvider` it builds `LeanSpan`s: a real, recording `opentelemetry.trace.Span`
+(handlers can `set_attribute`, `add_event`, `record_exception` on the current span)
+that is also the SDK `ReadableSpan` handed to the provider's span processors, so
+every exporter (OTLP, console, in-memory) receives it unchanged.
+
+What it skips, and why that is safe here:
+- per-attribute validation and `BoundedAttributes` copies: the RPC attributes are
+  strings and ints built by the framework; attributes set by user code are checked
+  with the SDK's own cleaner (`set_attribute`), only when called;
+- the second `ReadableSpan` copy `_Span.end()` makes for the processors;
+- the sampler call when the sampler is the default `parentbased_always_on` or
+  `always_on` (decided from its public description once): the decision is then
+  "follow the parent's sampled flag, sample roots", computed inline.
+Other samplers are called as the SDK calls them.  Any other provider (the API's
+no-op one, a vendor SDK) gets the ordinary `tracer.start_span()` path.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.util import types
+
+SCOPE_NAME = "framework"
+_UNSET = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_RANDOM = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
+_DEFAULT_DESCRIPTIONS = frozenset(
+    {
+        "AlwaysOnSampler",
+        "ParentBased{root:AlwaysOnSampler,remoteParentSampled:AlwaysOnSampler,"
+        "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+        "localParentNotSampled:AlwaysOffSampler}",
+    }
+)
+
+
+class LeanSpan(trace_api.Span, ReadableSpan):
+    """A recording span that is its own `ReadableSpan`; ended once, exported once."""
+
+    def __init__(
+        self,
+        factory: SpanFactory,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        start_ns: int,
+    ) -> None:
+        # ReadableSpan.__init__ is skipped on purpose: it would build a Resource per span.
+        self._name = name
+        self._context = context
+        self._span_context = context
+        self._parent = parent
+        self._kind = kind
+        self._attributes = attributes
+        self._attrs = attributes  # the same dict, typed for updates
+        self._events: Sequence[Event] = ()
+        self._links: Sequence[Link] = ()
+        self._resource = factory.resource
+        self._status = _UNSET
+        self._start_time = start_ns
+        self._end_time: int | None = None
+        self._instrumentation_info = None
+        self._instrumentation_scope = factory.scope
+        self._processor = factory.processor
+
+    # ----- opentelemetry.trace.Span
+    def get_span_context(self) -> SpanContext:
+        return self._span_context
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end_time is None:
+            cleaned = BoundedAttributes(attributes={key: value}, immutable=False)
+            self._attrs.update(cleaned)
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if self._end_time is None:
+            self._attrs.update(BoundedAttributes(attributes=attributes, immutable=False))
+
+    def add_event(
+        self,
+        name: str,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+    ) -> None:
+        if self._end_time is not None:
+            return
+        event = Event(name, attributes, timestamp or time.time_ns())
+        if isinstance(self._events, list):
+            self._events.append(event)
+        else:
+            self._events = [event]
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if self._end_time is None and context.is_valid:
+            self._links = [*self._links, Link(context, attributes)]
+
+    def update_name(self, name: str) -> None:
+        if self._end_time is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
+            return  # OK is final, as in the SDK
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        stacktrace = "".join(
+            traceback.format_exception(type(exception), exception, exception.__traceback__)
+        )
+        fields: dict[str, Any] = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": stacktrace,
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            fields.update(attributes)
+        self.add_event("exception", fields, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            return
+        self._end_time = end_time or time.time_ns()
+        self._processor.on_end(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        if exc_val is not None and self.is_recording():
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        self.end()
+
+
+class SpanFactory:
+    """Starts spans for one tracer provider: lean on the SDK, ordinary elsewhere."""
+
+    def __init__(self, tracer_provider: trace_api.TracerProvider, version: str = "") -> None:
+        self.tracer = tracer_provider.get_tracer(SCOPE_NAME, version or None)
+        self.lean = isinstance(self.tracer, sdk_trace.Tracer)
+        if isinstance(self.tracer, sdk_trace.Tracer):
+            tracer = self.tracer
+            self.resource = tracer.resource
+            self.scope = tracer._instrumentation_scope
+            self.processor = tracer.span_processor
+            self.ids = tracer.id_generator
+            self.sampler = tracer.sampler
+            self.random_ids = self.ids.is_trace_id_random()
+            self.default_sampling = self.sampler.get_description() in _DEFAULT_DESCRIPTIONS
+
+    def start(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent_context: Context | None,
+        attributes: dict[str, Any],
+        links: Sequence[Link] = (),
+    ) -> trace_api.Span:
+        """A started span; `attributes` is owned by the span from now on."""
+        if not self.lean:
+            return self.tracer.start_span(
+                name, parent_context, kind=kind, attributes=attributes, links=links
+            )
+        parent: SpanContext | None = trace_api.get_current_span(parent_context).get_span_context()
+        trace_state: TraceState | None
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            flag_random = parent.trace_flags & _RANDOM
+        else:
+            parent = None
+            trace_id = self.ids.generate_trace_id()
+            flag_random = _RANDOM if self.random_ids else 0
+        if self.default_sampling:
+            if parent is None:
+                sampled, trace_state = True, None
+            else:
+                sampled, trace_state = parent.trace_flags.sampled, parent.trace_state
+        else:
+            result = self.sampler.should_sample(
+                parent_context, trace_id, name, kind, attributes, links
+            )
+            sampled, trace_state = result.decision.is_sampled(), result.trace_state  # type: ignore[no-untyped-call]
+            if result.attributes:
+                attributes = dict(result.attributes)
+        flags = _SAMPLED if sampled else _NOT_SAMPLED
+        if flag_random:
+            flags = TraceFlags(flags | flag_random)
+        span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
+        if not sampled:
+            return trace_api.NonRecordingSpan(span_context)
+        span = LeanSpan(self, name, span_context, parent, kind, attributes, time.time_ns())
+        if links:
+            span._links = list(links)
+        self.processor.on_start(span, parent_context)  # type: ignore[arg-type]
+        return span
