@@ -1,0 +1,126 @@
+"""gRPC streaming `EventStoreService.Subscribe`: a consumer group over the wire.
+
+The client opens the stream with `SubscribeRequest.start` (group, types,
+where a new group starts), then sends `SubscribeRequest.ack(position)` for each
+event it has handled.  The server streams envelopes: the stored backlog after
+the group's durable position first (catch-up), then new appends as they commit
+(live).  Flow control: at most `window` envelopes are unacknowledged on one
+stream; the server stops reading the store until acks come back (gRPC's own
+HTTP/2 flow control then bounds what is buffered).  Cancellation is clean:
+when the client cancels, disconnects or half-closes, the member leaves its
+group and its unacknowledged events go back to the group for redelivery.
+
+Servicers get the method from `SubscribeMixin` (set `self.bus` to a
+`StoreBus`), or call `serve_subscribe()` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from framework.errors import InvalidArgumentError
+from framework.events.bus import Delivery, Subscription
+from gen.events.v1.envelope_pb2 import EventEnvelope
+from gen.events.v1.store_pb2 import SubscribeRequest
+
+logger = logging.getLogger(__name__)
+
+
+class GroupBus(Protocol):
+    """A bus whose new groups can start after a given position (`StoreBus`)."""
+
+    async def subscribe(
+        self, group: str, *, event_types: Collection[str] = (), start_after: int = 0
+    ) -> Subscription: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeConfig:
+    """Per-stream flow control."""
+
+    window: int = 256
+    fetch_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.fetch_timeout_s <= 0:
+            raise ValueError(f"fetch_timeout_s must be > 0, got {self.fetch_timeout_s}")
+
+
+async def _start(requests: AsyncIterator[SubscribeRequest]) -> SubscribeRequest.Start:
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("kind") != "start":
+        raise InvalidArgumentError(
+            "the first SubscribeRequest must be `start` (group, types, after_position); "
+            "acks come after it"
+        )
+    if first.start.after_position < 0:
+        raise InvalidArgumentError(
+            f"start.after_position must be >= 0, got {first.start.after_position}"
+        )
+    return first.start
+
+
+async def serve_subscribe(
+    bus: GroupBus,
+    requests: AsyncIterator[SubscribeRequest],
+    config: SubscribeConfig | None = None,
+) -> AsyncIterator[EventEnvelope]:
+    """The response stream of one Subscribe call (see the module docstring)."""
+    config = config or SubscribeConfig()
+    start = await _start(requests)
+    subscription = await bus.subscribe(
+        start.group, event_types=list(start.types), start_after=start.after_position
+    )
+    pending: dict[int, Delivery] = {}
+    room = asyncio.Event()
+
+    async def read_acks() -> None:
+        async for request in requests:
+            if request.WhichOneof("kind") != "ack":
+                raise InvalidArgumentError("send `start` once, then only `ack` messages")
+            delivery = pending.pop(request.ack.position, None)
+            if delivery is None:
+                logger.debug("ack for position %s not pending here", request.ack.position)
+                continue
+            await delivery.ack()
+            room.set()
+
+    reader = asyncio.create_task(read_acks(), name=f"subscribe-acks-{start.group}")
+    try:
+        while not reader.done():
+            space = config.window - len(pending)
+            if space <= 0:
+                room.clear()
+                try:
+                    async with asyncio.timeout(config.fetch_timeout_s):
+                        await room.wait()
+                except TimeoutError:
+                    pass
+                continue
+            for delivery in await subscription.fetch(space, config.fetch_timeout_s):
+                pending[delivery.envelope.position] = delivery
+                yield delivery.envelope
+        reader.result()  # a bad request ends the stream with its error; half-close ends it OK
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await subscription.close()
+
+
+class SubscribeMixin:
+    """`Subscribe` for an `EventStoreServiceServicer`; needs `self.bus` (a `StoreBus`)."""
+
+    bus: GroupBus
+    subscribe_config: SubscribeConfig = SubscribeConfig()
+
+    async def Subscribe(  # noqa: N802  (the generated servicer's method name)
+        self, request_iterator: AsyncIterator[SubscribeRequest], context: Any
+    ) -> AsyncIterator[EventEnvelope]:
+        async for envelope in serve_subscribe(self.bus, request_iterator, self.subscribe_config):
+            yield envelope
