@@ -312,6 +312,10 @@ class PostgresEventStore:
             yield conn
 
     async def checkpoint_in(self, tx: Any, name: str) -> int:
+        # One runner per checkpoint at a time: the lock lasts until `tx` ends.
+        await tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", self.config.schema, name
+        )
         value = await tx.fetchval(self._load_checkpoint_sql, name)
         return int(value) if value is not None else 0
 

@@ -1,0 +1,141 @@
+"""Projections (the CQRS read side): feed stored events to a read model from a checkpoint.
+
+The runner reads `read_all(after=checkpoint)` in batches and, for each batch,
+opens one transaction on the store's own database in which the projection
+updates its read model *and* the checkpoint moves, so a crash leaves both
+before or both after the batch.  Events at or below the checkpoint are
+skipped (re-read inside the transaction), which makes a replay idempotent.
+`catch_up()` runs to the head, `run(stop)` then follows live appends (woken
+at once by appends through the same store, otherwise by bounded polling), and
+`rebuild()` resets the read model and replays from position 0.
+
+A projection is written for one backend's transaction type: the SQLite store
+hands it a `SqliteTransaction`, the PostgreSQL store an asyncpg connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from framework.events.store import RecordedEvent
+
+logger = logging.getLogger(__name__)
+
+TxT = TypeVar("TxT")
+TxC = TypeVar("TxC", contravariant=True)
+
+
+class Projection(Protocol[TxC]):
+    """A read model fed by events; `name` keys its checkpoint."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def apply(self, tx: TxC, event: RecordedEvent) -> None:
+        """Update the read model for one event, inside the runner's transaction."""
+        ...
+
+    async def reset(self, tx: TxC) -> None:
+        """Empty the read model (for a rebuild), inside the runner's transaction."""
+        ...
+
+
+class ProjectionHost(Protocol[TxT]):
+    """What a store offers projections sharing its database (both backends implement it)."""
+
+    def transaction(self) -> AbstractAsyncContextManager[TxT]: ...
+
+    async def checkpoint_in(self, tx: TxT, name: str) -> int: ...
+
+    async def set_checkpoint_in(self, tx: TxT, name: str, position: int) -> None: ...
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]: ...
+
+    async def head_position(self) -> int: ...
+
+    async def wait_for_events(self, after_position: int, timeout_s: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionConfig:
+    """`batch_size` events per transaction; live mode polls at least every `idle_wait_s`."""
+
+    batch_size: int = 500
+    idle_wait_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.idle_wait_s <= 0:
+            raise ValueError(f"idle_wait_s must be > 0, got {self.idle_wait_s}")
+
+
+class ProjectionRunner(Generic[TxT]):
+    """Feeds one projection from its checkpoint; see the module docstring."""
+
+    def __init__(
+        self,
+        host: ProjectionHost[TxT],
+        projection: Projection[TxT],
+        config: ProjectionConfig | None = None,
+    ) -> None:
+        self.host = host
+        self.projection = projection
+        self.config = config or ProjectionConfig()
+        self.position = 0
+
+    async def step(self) -> int:
+        """Apply the next batch after the checkpoint in one transaction; events applied."""
+        events = await self.host.read_all(self.position, self.config.batch_size)
+        if not events:
+            return 0
+        name = self.projection.name
+        applied = 0
+        async with self.host.transaction() as tx:
+            checkpoint = await self.host.checkpoint_in(tx, name)
+            for event in events:
+                if event.position > checkpoint:
+                    await self.projection.apply(tx, event)
+                    applied += 1
+            last = max(checkpoint, events[-1].position)
+            await self.host.set_checkpoint_in(tx, name, last)
+        self.position = last
+        return applied
+
+    async def load_position(self) -> int:
+        """Refresh the in-memory position from the stored checkpoint."""
+        async with self.host.transaction() as tx:
+            self.position = await self.host.checkpoint_in(tx, self.projection.name)
+        return self.position
+
+    async def catch_up(self) -> int:
+        """Apply everything up to the head as it was when called; events applied."""
+        await self.load_position()
+        head = await self.host.head_position()
+        total = 0
+        while self.position < head:
+            before = self.position
+            total += await self.step()
+            if self.position == before:  # nothing readable below head (holes): done
+                break
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Catch up, then follow new events until `stop` is set."""
+        await self.catch_up()
+        while not stop.is_set():
+            if await self.host.wait_for_events(self.position, self.config.idle_wait_s):
+                await self.step()
+
+    async def rebuild(self) -> int:
+        """Reset the read model and its checkpoint together, then replay from zero."""
+        async with self.host.transaction() as tx:
+            await self.projection.reset(tx)
+            await self.host.set_checkpoint_in(tx, self.projection.name, 0)
+        self.position = 0
+        logger.info("projection %s reset; replaying from position 0", self.projection.name)
+        return await self.catch_up()
