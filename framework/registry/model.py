@@ -148,7 +148,7 @@ def check_version_weights(weights: Mapping[str, int]) -> dict[str, int]:
     if out and not any(out.values()):
         raise _bad(
             "version_weights",
-            "every version weight is 0, which would send no traffic at all; "
+            "version_weights are all 0, which would send no traffic at all; "
             "give at least one version a positive weight, or an empty map to clear routing",
         )
     return out

@@ -295,4 +295,8 @@ class PostgresStore:
 
     async def drop(self) -> None:
         """Remove the schema and everything in it (tests, decommissioning)."""
-        await self._require_pool().execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        finally:
+            await conn.close()

@@ -1,0 +1,129 @@
+"""In-process registries and echo instances for the registry tests and benchmark."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from framework.clock import Clock, SystemClock
+from framework.config import ServerConfig
+from framework.registry.agent import AgentConfig, RegistrationAgent
+from framework.registry.health_probe import ProbeConfig
+from framework.registry.registry import Registry, RegistryConfig
+from framework.registry.service import RegistryServicer
+from framework.registry.store import RegistryStore
+from framework.server import Server
+from framework.testing.echo import EchoServicer
+
+ECHO = "echo.v1.EchoService"
+NO_PROBE = ProbeConfig(interval_s=0)
+
+
+@dataclass
+class RegistryNode:
+    """A running registry: the use cases and the gRPC server serving them."""
+
+    registry: Registry
+    server: Server
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def stop(self) -> None:
+        await self.server.stop(grace_s=0)
+        await self.registry.close()
+
+
+async def start_registry(
+    store: RegistryStore,
+    *,
+    clock: Clock | None = None,
+    probe: ProbeConfig = NO_PROBE,
+    sweep_interval_s: float = 1.0,
+    port: int = 0,
+) -> RegistryNode:
+    registry = Registry(
+        store,
+        RegistryConfig(sweep_interval_s=sweep_interval_s, watch_poll_s=0.5, probe=probe),
+        clock=clock,
+        probe_clock=SystemClock(),
+    )
+    await registry.start()
+    server = Server(ServerConfig(name="registry", port=port, grace_s=0, reflection=False))
+    server.add(RegistryServicer(registry))
+    await server.start()
+    return RegistryNode(registry, server)
+
+
+@asynccontextmanager
+async def registry_node(store: RegistryStore, **kwargs: object) -> AsyncIterator[RegistryNode]:
+    node = await start_registry(store, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+@dataclass
+class EchoInstance:
+    """An echo server, self-registered through its agent unless `agent` is None."""
+
+    server: Server
+    servicer: EchoServicer
+    agent: RegistrationAgent | None
+    version: str = ""
+    stopped: bool = field(default=False)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def calls(self) -> int:
+        return self.servicer.calls.get("Echo", 0)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.server.stop(grace_s)
+
+
+async def start_echo(
+    registry_address: str | None,
+    *,
+    version: str = "v1",
+    ttl_s: float = 10.0,
+    weight: int = 100,
+    grace_s: float = 2.0,
+    drain_delay_s: float = 0.0,
+) -> EchoInstance:
+    """An echo server; with a registry address it registers itself (agent hook)."""
+    servicer = EchoServicer()
+    server = Server(
+        ServerConfig(
+            name=f"echo-{version}", grace_s=grace_s, drain_delay_s=drain_delay_s, reflection=False
+        )
+    )
+    server.add(servicer)
+    agent = None
+    if registry_address is not None:
+        agent = RegistrationAgent(
+            registry_address, ECHO, AgentConfig(version=version, ttl_s=ttl_s, weight=weight)
+        )
+        server.add_hook(agent)
+    await server.start()
+    return EchoInstance(server, servicer, agent, version)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll `predicate` every few ms; fail the test when it stays false for `timeout_s`."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.01)
