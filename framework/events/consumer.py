@@ -7,10 +7,9 @@ when the handler's changes live in a database: in one transaction it records
 a redelivered event finds its row and is skipped, and a crash before the
 commit leaves neither the row nor the change.
 
-`db` is anything with `transaction()` yielding an object with
-`async execute(sql, params) -> rows changed`: the event stores' own
-transactions (`SqliteEventStore.transaction()`, `PostgresEventStore.transaction()`)
-so the read model, the ledger and the store share one database.
+`db` is anything with `transaction()`: the event stores' own transactions
+(`SqliteEventStore.transaction()`, `PostgresEventStore.transaction()`), so the
+read model, the ledger and the store can share one database.
 """
 
 from __future__ import annotations
@@ -20,27 +19,22 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from framework.events.bus import Subscription
 from gen.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
 
-
-class Executes(Protocol):
-    """The part of a database transaction the ledger needs."""
-
-    async def execute(self, sql: str, params: Sequence[object] = ()) -> int: ...
-
-
-TxT = TypeVar("TxT", bound=Executes)
-TxT_co = TypeVar("TxT_co", bound=Executes, covariant=True)
+TxT = TypeVar("TxT")
+TxT_co = TypeVar("TxT_co", covariant=True)
 
 
 class Transactional(Protocol[TxT_co]):
+    """A database that opens transactions (`store.transaction()`)."""
+
     def transaction(self) -> AbstractAsyncContextManager[TxT_co]: ...
 
 
@@ -49,8 +43,11 @@ class IdempotentHandler(Generic[TxT]):
 
     `apply(tx, envelope)` makes the handler's changes through `tx`;
     `await handler(envelope)` returns True if it applied the event, False if the
-    event was already processed.  `paramstyle` is "qmark" for SQLite (`?`) and
-    "numeric" for PostgreSQL (`$1`).
+    event was already processed.  `paramstyle="qmark"` is for SQLite
+    transactions (`SqliteTransaction.execute(sql, params) -> rows changed`),
+    `"asyncpg"` for PostgreSQL (an asyncpg connection, `$1` placeholders).
+    `table` may be schema-qualified (`schema.processed_events`).  Do not append
+    to the same SQLite store from inside `apply` (its transaction holds the store).
     """
 
     def __init__(
@@ -60,37 +57,46 @@ class IdempotentHandler(Generic[TxT]):
         apply: Callable[[TxT, EventEnvelope], Awaitable[None]],
         *,
         table: str = "processed_events",
-        paramstyle: Literal["qmark", "numeric"] = "qmark",
+        paramstyle: Literal["qmark", "asyncpg"] = "qmark",
     ) -> None:
         if not consumer:
             raise ValueError("consumer must name the consumer (e.g. the group name)")
-        if not _IDENT.match(table):
-            raise ValueError(f"table must be a plain SQL identifier, got {table!r}")
+        if not _TABLE.match(table):
+            raise ValueError(f"table must be a plain SQL identifier (or schema.name): {table!r}")
         self._db = db
         self._consumer = consumer
         self._apply = apply
         self._table = table
-        marks = ("?", "?", "?") if paramstyle == "qmark" else ("$1", "$2", "$3")
+        self._asyncpg = paramstyle == "asyncpg"
+        marks = "$1, $2, $3" if self._asyncpg else "?, ?, ?"
         self._claim = (
-            f"INSERT INTO {table} (consumer, event_id, position) VALUES ({', '.join(marks)})"
+            f"INSERT INTO {table} (consumer, event_id, position) VALUES ({marks})"
             " ON CONFLICT (consumer, event_id) DO NOTHING"
         )
+
+    async def _execute(self, tx: TxT, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+        conn: Any = tx
+        if self._asyncpg:
+            status: str = await conn.execute(sql, *params)
+            last = status.rsplit(" ", 1)[-1]
+            return int(last) if last.isdigit() else 0
+        return int(await conn.execute(sql, params))
 
     async def setup(self) -> None:
         """Create the ledger table if it does not exist."""
         async with self._db.transaction() as tx:
-            await tx.execute(
+            await self._execute(
+                tx,
                 f"CREATE TABLE IF NOT EXISTS {self._table} (consumer TEXT NOT NULL,"
                 " event_id TEXT NOT NULL, position BIGINT NOT NULL,"
-                " PRIMARY KEY (consumer, event_id))"
+                " PRIMARY KEY (consumer, event_id))",
             )
 
     async def __call__(self, envelope: EventEnvelope) -> bool:
         async with self._db.transaction() as tx:
-            claimed = await tx.execute(
-                self._claim, (self._consumer, envelope.event_id, envelope.position)
-            )
-            if claimed == 0:
+            params = (self._consumer, envelope.event_id, envelope.position)
+            if await self._execute(tx, self._claim, params) == 0:
                 logger.debug("%s: event %s already applied", self._consumer, envelope.event_id)
                 return False
             await self._apply(tx, envelope)

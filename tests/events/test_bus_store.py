@@ -1,10 +1,9 @@
-"""The embedded event bus: consumer groups as durable cursors over the SQLite store."""
+"""The embedded event bus: consumer groups as durable cursors over the store (both backends)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,28 +11,15 @@ from framework.errors import FailedPreconditionError, InvalidArgumentError
 from framework.events.bus import Delivery
 from framework.events.consumer import IdempotentHandler, consume
 from framework.events.consumer_group import StoreBus, StoreBusConfig, StoreSubscription
-from framework.events.sqlite import SqliteConfig, SqliteEventStore, SqliteTransaction
 from framework.events.store import NewEvent
-from framework.events.typeregistry import EventTypeRegistry
-from gen.events.v1 import testing_pb2
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
+from tests.events.conftest import Backend
 
 DEPOSITED = AmountDeposited.DESCRIPTOR.full_name
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
-    """A SQLite event store in this test's own directory."""
-    store = await SqliteEventStore.open(
-        SqliteConfig(path=str(tmp_path / "events.db"), synchronous="NORMAL"),
-        EventTypeRegistry.from_modules(testing_pb2),
-    )
-    yield store
-    await store.close()
-
-
-async def _append(store: SqliteEventStore, stream: str, deposits: int) -> None:
+async def _append(store: Any, stream: str, deposits: int) -> None:
     events = [NewEvent.of(AccountOpened(owner=stream))]
     events += [NewEvent.of(AmountDeposited(amount=i)) for i in range(1, deposits + 1)]
     await store.append(stream, events, 0, aggregate_type="Account")
@@ -53,7 +39,7 @@ async def _take(sub: StoreSubscription, want: int, ack: bool = True) -> list[Del
     return got
 
 
-async def test_every_group_gets_every_event_in_store_order(store: SqliteEventStore) -> None:
+async def test_every_group_gets_every_event_in_store_order(store: Any) -> None:
     """Two groups each receive all events, in global position order."""
     await _append(store, "a", 3)
     await _append(store, "b", 2)
@@ -68,7 +54,7 @@ async def test_every_group_gets_every_event_in_store_order(store: SqliteEventSto
     assert got_one[0].envelope.type == AccountOpened.DESCRIPTOR.full_name
 
 
-async def test_members_share_and_position_is_durable(store: SqliteEventStore) -> None:
+async def test_members_share_and_position_is_durable(store: Any) -> None:
     """Members of one group split the events; a new bus resumes after the acked position."""
     await _append(store, "a", 9)
     bus = StoreBus(store)
@@ -89,7 +75,7 @@ async def test_members_share_and_position_is_durable(store: SqliteEventStore) ->
     assert [d.envelope.position for d in rest] == [9, 10]
 
 
-async def test_position_waits_for_the_first_unacked_event(store: SqliteEventStore) -> None:
+async def test_position_waits_for_the_first_unacked_event(store: Any) -> None:
     """Acks past an unacked event do not move the checkpoint over it; a restart redelivers it."""
     await _append(store, "a", 4)
     bus = StoreBus(store)
@@ -104,7 +90,7 @@ async def test_position_waits_for_the_first_unacked_event(store: SqliteEventStor
     await bus.close()
 
 
-async def test_nack_and_ack_timeout_redeliver(store: SqliteEventStore) -> None:
+async def test_nack_and_ack_timeout_redeliver(store: Any) -> None:
     """A nacked event and an event left unacked past ack_wait both come back."""
     await _append(store, "a", 1)
     bus = StoreBus(store, StoreBusConfig(ack_wait_s=0.2))
@@ -117,7 +103,7 @@ async def test_nack_and_ack_timeout_redeliver(store: SqliteEventStore) -> None:
     assert [d.attempt for d in again] == [2, 2]
 
 
-async def test_leaving_member_hands_its_events_back(store: SqliteEventStore) -> None:
+async def test_leaving_member_hands_its_events_back(store: Any) -> None:
     """Deliveries a member took but never acked go to the other member when it leaves."""
     await _append(store, "a", 2)
     bus = StoreBus(store)
@@ -130,7 +116,7 @@ async def test_leaving_member_hands_its_events_back(store: SqliteEventStore) -> 
     assert [d.envelope.event_id for d in got] == [d.envelope.event_id for d in taken]
 
 
-async def test_catch_up_then_live(store: SqliteEventStore) -> None:
+async def test_catch_up_then_live(store: Any) -> None:
     """A group reads the backlog, then receives events appended after it subscribed."""
     await _append(store, "a", 1)
     bus = StoreBus(store, StoreBusConfig(poll_interval_s=0.05))
@@ -142,7 +128,7 @@ async def test_catch_up_then_live(store: SqliteEventStore) -> None:
     assert [d.envelope.stream_id for d in backlog + live] == ["a", "a", "b", "b"]
 
 
-async def test_type_filter_and_bad_names(store: SqliteEventStore) -> None:
+async def test_type_filter_and_bad_names(store: Any) -> None:
     """A filtered group only sees its types and still moves its checkpoint; bad input is refused."""
     await _append(store, "a", 2)
     bus = StoreBus(store)
@@ -159,22 +145,33 @@ async def test_type_filter_and_bad_names(store: SqliteEventStore) -> None:
     await bus.close()
 
 
-async def test_idempotent_handler_applies_each_event_once(store: SqliteEventStore) -> None:
+async def test_idempotent_handler_applies_each_event_once(backend: Backend, store: Any) -> None:
     """Redelivered events (handler crashed before ack) change the read model only once."""
     await _append(store, "a", 5)
+    pg = backend.name == "postgres"
+    balance = f"{backend.schema}.balance" if pg else "balance"
+    upsert = (
+        f"INSERT INTO {balance} VALUES ({'$1, $2' if pg else '?, ?'}) ON CONFLICT (stream_id)"
+        " DO UPDATE SET total = balance.total + excluded.total"
+    )
     async with store.transaction() as tx:
-        await tx.execute("CREATE TABLE balance (stream_id TEXT PRIMARY KEY, total INTEGER)")
+        await tx.execute(f"CREATE TABLE {balance} (stream_id TEXT PRIMARY KEY, total BIGINT)")
 
-    async def apply(tx: SqliteTransaction, envelope: EventEnvelope) -> None:
+    async def apply(tx: Any, envelope: EventEnvelope) -> None:
         if envelope.type == DEPOSITED:
             amount = AmountDeposited.FromString(envelope.payload).amount
-            await tx.execute(
-                "INSERT INTO balance VALUES (?, ?) ON CONFLICT (stream_id)"
-                " DO UPDATE SET total = total + excluded.total",
-                (envelope.stream_id, amount),
-            )
+            if pg:
+                await tx.execute(upsert, envelope.stream_id, amount)
+            else:
+                await tx.execute(upsert, (envelope.stream_id, amount))
 
-    handler = IdempotentHandler(store, "balance", apply)
+    handler = IdempotentHandler(
+        store,
+        "balance",
+        apply,
+        table=f"{backend.schema}.processed_events" if pg else "processed_events",
+        paramstyle="asyncpg" if pg else "qmark",
+    )
     await handler.setup()
     bus = StoreBus(store, StoreBusConfig(ack_wait_s=0.1))
     sub = await bus.subscribe("balance")
@@ -193,8 +190,9 @@ async def test_idempotent_handler_applies_each_event_once(store: SqliteEventStor
     await asyncio.gather(task, return_exceptions=True)
     await bus.close()
     async with store.transaction() as tx:
-        total = await tx.fetchone("SELECT total FROM balance WHERE stream_id = 'a'")
+        select = f"SELECT total FROM {balance} WHERE stream_id = 'a'"
+        total = await (tx.fetchval(select) if pg else tx.fetchone(select))
     assert applied == [True] * 6
     assert redelivered == [False] * 6  # every event came again, none applied twice
     assert await store.load_checkpoint("group:balance") == 6
-    assert total[0] == 1 + 2 + 3 + 4 + 5
+    assert (total if pg else total[0]) == 1 + 2 + 3 + 4 + 5
