@@ -237,9 +237,36 @@ def inject_trace_context(
     return metadata
 
 
+def trace_fields(*, propagator: TextMapPropagator | None = None) -> dict[str, Any]:
+    """Keyword arguments for `framework.events.store.EventMetadata(...)`: the current
+    `traceparent` and `tracestate`, and baggage (if any) under `extra["baggage"]`."""
+    carrier = inject_trace_context({}, propagator=propagator)
+    fields: dict[str, Any] = {
+        "traceparent": carrier.get("traceparent", ""),
+        "tracestate": carrier.get("tracestate", ""),
+    }
+    if carrier.get("baggage"):
+        fields["extra"] = {"baggage": carrier["baggage"]}
+    return fields
+
+
+def _carrier(metadata: Any) -> Mapping[str, str]:
+    """A plain mapping, an `EventMetadata` or an `events.v1.EventMetadata` proto."""
+    if isinstance(metadata, Mapping):
+        return metadata
+    carrier = {
+        "traceparent": getattr(metadata, "traceparent", ""),
+        "tracestate": getattr(metadata, "tracestate", ""),
+    }
+    baggage = (getattr(metadata, "extra", None) or {}).get("baggage")
+    if baggage:
+        carrier["baggage"] = baggage
+    return {k: v for k, v in carrier.items() if v}
+
+
 @contextmanager
 def continue_trace(
-    metadata: Mapping[str, str],
+    metadata: Mapping[str, str] | Any,
     name: str,
     *,
     tracer_provider: trace_api.TracerProvider | None = None,
@@ -248,6 +275,9 @@ def continue_trace(
     propagator: TextMapPropagator | None = None,
 ) -> Iterator[trace_api.Span]:
     """A CONSUMER span for handling one event, made current for the block.
+
+    `metadata` is what `inject_trace_context` / `trace_fields` wrote: a mapping,
+    or an event's `EventMetadata` (dataclass or proto).
 
     By default the span is a *child* of the context the producer injected, and
     also *links* to it: an event handler, projection or saga step that reacts to
@@ -262,7 +292,7 @@ def continue_trace(
     """
     provider = tracer_provider or trace_api.get_tracer_provider()
     tracer = provider.get_tracer("framework.events")
-    extracted = (propagator or propagate.get_global_textmap()).extract(metadata)
+    extracted = (propagator or propagate.get_global_textmap()).extract(_carrier(metadata))
     producer = trace_api.get_current_span(extracted).get_span_context()
     links = [Link(producer)] if producer.is_valid else []
     parent = Context() if link_only else extracted
