@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import get_default_algorithms
 
 from framework.clock import Clock, SystemClock
 
@@ -67,8 +68,27 @@ class VerificationKey:
     kid: str
     algorithm: str
     key: Any  # bytes for HMAC, a cryptography public key otherwise
+    _prepared: Any = field(default=None, init=False, repr=False, compare=False)
+    _verifier: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """Whether `signature` over `signing_input` verifies with this key and its algorithm."""
+        return bool(self._verifier.verify(signing_input, self._prepared, signature))
 
     def __post_init__(self) -> None:
+        self._check()
+        # prepared once here: pyjwt's per-call key preparation costs more than the HMAC itself
+        algorithm = get_default_algorithms()[self.algorithm]
+        try:
+            prepared = algorithm.prepare_key(self.key)
+        except (jwt.InvalidKeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"key {self.kid!r} cannot be used for {self.algorithm}: {error}"
+            ) from error
+        object.__setattr__(self, "_verifier", algorithm)
+        object.__setattr__(self, "_prepared", prepared)
+
+    def _check(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"algorithm {self.algorithm!r} of key {self.kid!r} is not supported; "
