@@ -122,7 +122,7 @@ class JetStreamSubscription:
             raise FailedPreconditionError("the subscription is closed; subscribe again")
         try:
             msgs = await self._sub.fetch(max_count, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError or asyncio's: nothing came
             return []
         out: list[Delivery] = []
         for msg in msgs:

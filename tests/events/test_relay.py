@@ -167,7 +167,7 @@ async def test_group_applies_each_relayed_event_once(
 
     member = await bus.subscribe("balance")
     task = asyncio.create_task(consume(member, counting, fetch_timeout_s=0.2))
-    for _ in range(100):
+    for _ in range(300):  # bounded: at most ~15 s
         if len(seen) >= 6:
             break
         await asyncio.sleep(0.05)
