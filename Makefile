@@ -4,8 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH ?=
+# buf CLI (lint, breaking) from the npm registry, installed under .tools/ (git-ignored).
+BUF_VERSION ?= 1.75.0
+BUF := .tools/buf/node_modules/.bin/buf
+# What `buf breaking` compares the contracts with: main's committed protos
+# (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
+BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run bench clean check-protos
+.PHONY: venv protos test lint run bench clean check-protos buf docs check-docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,10 +33,23 @@ check-protos: protos
 test: protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: venv
+lint: venv $(BUF)
 	$(BIN)/ruff check framework services tests
 	$(BIN)/ruff format --check framework services tests
 	$(BIN)/mypy
+	$(BUF) lint protos
+	$(BUF) breaking protos --against '$(BUF_AGAINST)'
+
+$(BUF):
+	npm install --prefix .tools/buf --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+
+buf: $(BUF)
+
+docs: protos
+	$(BIN)/python -m framework reference
+
+check-docs: docs
+	@git diff --exit-code --stat -- docs/reference.md || (echo "docs/reference.md is stale: run 'make docs' and commit" && exit 1)
 
 run: protos
 	$(BIN)/python -m services.demo
