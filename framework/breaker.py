@@ -157,17 +157,27 @@ class CircuitBreaker:
 
     def after(self, error: BaseException | None, started: float, probe: bool) -> None:
         """Record one outcome. `started` is the clock's monotonic time at `before`."""
-        if isinstance(error, asyncio.CancelledError):
+        if error is None:
+            failed = False
+        elif isinstance(error, asyncio.CancelledError):
             if probe and self.state is BreakerState.HALF_OPEN:
                 self._probes_left += 1  # the probe told us nothing; let another one try
             return
-        failed = code_of(error) in self.config.failure_codes
+        else:
+            failed = code_of(error) in self.config.failure_codes
         slow = self.config.slow_call_s
         if not failed and slow is not None and self._clock.monotonic() - started > slow:
             failed = True
-        if self.state is BreakerState.HALF_OPEN:
-            if not probe:
-                return  # a call admitted before the circuit opened; stale evidence
+        state = self.state
+        if state is BreakerState.CLOSED:
+            self._record(failed)
+            if (
+                self._failures
+                and self._recorded >= self.config.min_calls
+                and self._failures >= self.config.failure_rate_threshold * self._recorded
+            ):
+                self._open()
+        elif state is BreakerState.HALF_OPEN and probe:  # not a probe: stale evidence
             if failed:
                 self._open()
             else:
@@ -175,15 +185,6 @@ class CircuitBreaker:
                 if self._probes_ok >= self.config.half_open_probes:
                     self._reset_window()
                     self._move(BreakerState.CLOSED)
-            return
-        if self.state is BreakerState.OPEN:
-            return
-        self._record(failed)
-        if (
-            self._recorded >= self.config.min_calls
-            and self._failures >= self.config.failure_rate_threshold * self._recorded
-        ):
-            self._open()
 
     # ----------------------------------------------------------- internals
     def _record(self, failed: bool) -> None:
@@ -265,13 +266,14 @@ class CircuitBreakerPolicy:
         name = method.full_name
         per_target: dict[str, CircuitBreaker] = {}
         monotonic = self.clock.monotonic
+        slow = self.config.slow_call_s is not None
 
         def enter(call: Call) -> Exit | None:
             breaker = per_target.get(call.target)
             if breaker is None:
                 breaker = per_target[call.target] = self.breaker(call.target, name)
             probe = breaker.before()
-            started = monotonic()
+            started = monotonic() if slow else 0.0
 
             def exit_(error: BaseException | None) -> None:
                 breaker.after(error, started, probe)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -105,9 +106,11 @@ class AsyncBuckets(Protocol):
 class MemoryBuckets:
     """Token buckets in one process: O(1) per take, bounded memory, no locks (one loop).
 
-    Each entry is `[tokens, last_refill, refill_s]`.  A take moves its key to the young end
-    of the dict; the oldest entry is dropped when it has been idle long enough to
-    be full again (forgetting it changes nothing) or when `max_keys` is exceeded.
+    Each entry is `[tokens, last_refill, refill_s]`.  A take moves its key to the
+    young end of an `OrderedDict` (O(1), and so is finding the oldest, unlike a
+    plain dict whose iteration skips the holes moved keys leave); the oldest entry
+    is dropped when it has been idle long enough to be full again (forgetting it
+    changes nothing) or when `max_keys` is exceeded.
     """
 
     __slots__ = ("_buckets", "_clock", "max_keys")
@@ -117,7 +120,7 @@ class MemoryBuckets:
             raise ValueError(f"max_keys must be >= 1, got {max_keys!r}")
         self.max_keys = max_keys
         self._clock = clock or SystemClock()
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -125,14 +128,14 @@ class MemoryBuckets:
     def take(self, key: str, limit: Limit) -> float:
         now = self._clock.monotonic()
         buckets = self._buckets
-        bucket = buckets.pop(key, None)
+        bucket = buckets.get(key)
         if bucket is None:
-            bucket = [float(limit.burst), now, limit.refill_s]
+            bucket = buckets[key] = [float(limit.burst), now, limit.refill_s]
         else:
             tokens = bucket[0] + (now - bucket[1]) * limit.rate_per_s
             bucket[0] = tokens if tokens < limit.burst else float(limit.burst)
             bucket[1] = now
-        buckets[key] = bucket  # re-inserted: now the youngest
+            buckets.move_to_end(key)  # now the youngest
         self._evict(now)
         if bucket[0] >= 1.0:
             bucket[0] -= 1.0

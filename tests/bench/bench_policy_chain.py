@@ -1,0 +1,251 @@
+"""Full policy chain vs bare grpc.aio, unary Echo, 32 calls in flight.
+
+Server process (pinned to core 0) runs two servers on 127.0.0.1 with the same
+`EchoServicer`: a bare `grpc.aio` server, and a framework `Server` with the
+server chain (error mapping (pinned) -> access log -> auth HS256 -> rate limit
+in-memory -> bulkhead).  The client process (this one, pinned to core 1) calls
+the bare server through a bare channel, and the framework server through
+`connect()` with the client chain (breaker -> retry (service config) -> bearer
+token -> deadline (pinned)).  Rounds are interleaved; medians are reported.
+Server CPU per call is read from /proc/<pid>/stat around each round.
+
+Access log records are really formatted and written (to /dev/null), as in
+production; the JWT is the same on every call, as a real client's would be
+until it refreshes, so the verifier's token cache is exercised.
+
+Diagnosis knobs: `PROFILE=1` runs cProfile in the server process (one profile
+per variant, over every round) and prints the top functions by own time;
+`SKIP=accesslog,auth,ratelimit,bulkhead,breaker,retry,bearer` leaves those
+policies out, to price each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import jwt
+
+from tests.bench.harness import (
+    Sample,
+    bench_line,
+    closed_loop,
+    interleave,
+    latency_us,
+    median_cpu_us,
+    median_rate,
+    pin_to_cpu,
+)
+
+CONCURRENCY = 32
+CALLS_PER_ROUND = 4000
+ROUNDS = 7
+WARMUP_CALLS = 1500
+SECRET = b"bench-secret-bench-secret-bench-secret!!"
+ISSUER, AUDIENCE = "https://id.bench.local", "echo"
+
+
+def _token() -> str:
+    claims = {
+        "sub": "bench-client",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "scope": "echo:read",
+        "exp": int(time.time()) + 3600,
+    }
+    return jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "k1"})
+
+
+SKIP = frozenset(filter(None, os.environ.get("SKIP", "").split(",")))
+
+
+def _server_chain() -> tuple[list[Any], str]:
+    """The server policies, and a note saying what is in the chain."""
+    from framework.accesslog import AccessLogPolicy
+    from framework.bulkhead import BulkheadConfig, BulkheadPolicy
+    from framework.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
+
+    access = logging.getLogger("bench.access")
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    handler = logging.FileHandler(os.devnull)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    access.addHandler(handler)
+    policies: list[Any] = [] if "accesslog" in SKIP else [AccessLogPolicy(access)]
+    try:
+        from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
+        from framework.keyset import KeySet, StaticKeys, VerificationKey
+    except ImportError:
+        note = "auth=absent"
+    else:
+        note = "auth=hs256"
+    if "auth" in SKIP:
+        note = "auth=skipped"
+    elif note == "auth=hs256":
+        keys = KeySet(StaticKeys([VerificationKey.hmac("k1", SECRET)]))
+        policies.append(AuthPolicy(JwtVerifier(keys, JwtConfig(issuer=ISSUER, audience=AUDIENCE))))
+    if "ratelimit" not in SKIP:
+        limit = Limit(rate_per_s=1e9, burst=1_000_000_000)
+        policies.append(RateLimitPolicy(RateLimitConfig(default=limit)))
+    if "bulkhead" not in SKIP:
+        policies.append(BulkheadPolicy(BulkheadConfig(max_concurrency=10_000)))
+    if SKIP:
+        note += ",skipped=" + "+".join(sorted(SKIP))
+    return policies, note
+
+
+async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> None:
+    from framework.config import ServerConfig
+    from framework.server import Server
+    from framework.testing.echo import EchoServicer
+    from gen.echo.v1 import echo_pb2_grpc
+
+    bare = grpc.aio.server()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), bare)
+    bare_port = bare.add_insecure_port("127.0.0.1:0")
+    await bare.start()
+    policies, note = _server_chain()
+    server = Server(
+        ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5), policies=policies
+    )
+    server.add(EchoServicer())
+    chain_port = await server.start()
+    conn.send((bare_port, chain_port, note))
+    loop = asyncio.get_running_loop()
+    profilers: dict[str, Any] = {}
+    while True:
+        command, _, name = (await loop.run_in_executor(None, conn.recv)).partition(":")
+        if command == "profile-on" and profile:
+            import cProfile
+
+            profilers.setdefault(name, cProfile.Profile()).enable()
+        elif command == "profile-off" and name in profilers:
+            profilers[name].disable()
+        elif command == "stop":
+            break
+        conn.send("ok")
+    await server.stop(grace_s=0)
+    await bare.stop(0)
+    for name, profiler in profilers.items():
+        import pstats
+
+        print(f"---- server profile: {name}", flush=True)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    conn.send("stopped")
+
+
+def _server_main(conn: multiprocessing.connection.Connection, profile: bool) -> None:
+    pin_to_cpu(0)
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_serve(conn, profile))
+
+
+def _process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+async def _run(profile: bool) -> None:
+    from framework.breaker import BreakerConfig, CircuitBreakerPolicy
+    from framework.client import connect
+    from framework.retry import RetryConfig, RetryPolicy
+    from gen.echo.v1.echo_pb2 import EchoRequest
+    from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_server_main, args=(child, profile), daemon=True)
+    process.start()
+    try:
+        bare_port, chain_port, note = parent.recv()
+        assert process.pid is not None
+        pid = process.pid
+        pin_to_cpu(1)
+
+        client_policies: list[Any] = []
+        if "breaker" not in SKIP:
+            client_policies.append(CircuitBreakerPolicy(BreakerConfig()))
+        if "retry" not in SKIP:
+            client_policies.append(RetryPolicy(RetryConfig(services=["echo.v1.EchoService"])))
+        try:
+            from framework.bearer import BearerToken
+        except ImportError:
+            note += ",bearer=absent"
+        else:
+            if "bearer" not in SKIP:
+                client_policies.append(BearerToken(_token()))
+        bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}")
+        chain_channel = connect(f"127.0.0.1:{chain_port}", policies=client_policies)
+        request = EchoRequest(text="hello")
+        bare_stub, chain_stub = EchoServiceStub(bare_channel), EchoServiceStub(chain_channel)
+        # Both variants get a deadline, as every production call should.
+        timeout_s = 30.0
+
+        async def bare_call() -> object:
+            return await bare_stub.Echo(request, timeout=timeout_s)
+
+        async def chain_call() -> object:
+            return await chain_stub.Echo(request)
+
+        server_cpu: dict[str, list[float]] = {"bare": [], "chain": []}
+
+        def variant(name: str, call: Callable[[], Awaitable[object]]) -> Callable[[], Any]:
+            async def run() -> Sample:
+                parent.send(f"profile-on:{name}")
+                parent.recv()
+                cpu0 = _process_cpu_s(pid)
+                sample = await closed_loop(call, concurrency=CONCURRENCY, total=CALLS_PER_ROUND)
+                server_cpu[name].append((_process_cpu_s(pid) - cpu0) / sample.ops * 1e6)
+                parent.send(f"profile-off:{name}")
+                parent.recv()
+                return sample
+
+            return run
+
+        for call in (bare_call, chain_call):  # warm up connections, caches, JIT-free paths
+            await closed_loop(call, concurrency=CONCURRENCY, total=WARMUP_CALLS)
+        results = await interleave(
+            ROUNDS, bare=variant("bare", bare_call), chain=variant("chain", chain_call)
+        )
+        await bare_channel.close()
+        await chain_channel.close()
+    finally:
+        parent.send("stop")
+        while True:  # the profile (if any) prints before "stopped"
+            if parent.recv() == "stopped":
+                break
+        process.join(timeout=10)
+
+    bare, chain = results["bare"], results["chain"]
+    ratio = median_rate(chain) / median_rate(bare)
+    p50_added = latency_us(chain, 0.5) - latency_us(bare, 0.5)
+    for name, samples in results.items():
+        print(
+            f"{name:5s} calls/s={median_rate(samples):8.0f} "
+            f"p50={latency_us(samples, 0.5):7.0f}us p99={latency_us(samples, 0.99):7.0f}us "
+            f"client_cpu={median_cpu_us(samples):6.1f}us/call "
+            f"server_cpu={statistics.median(server_cpu[name]):6.1f}us/call",
+            flush=True,
+        )
+    print(
+        f"chain/bare={ratio:.3f} p50 added={p50_added:.0f}us "
+        f"server cpu added={statistics.median(server_cpu['chain']) - statistics.median(server_cpu['bare']):.1f}us "
+        f"client cpu added={median_cpu_us(chain) - median_cpu_us(bare):.1f}us ({note})",
+        flush=True,
+    )
+    bench_line("policy_chain_unary", ratio, median_rate(chain), "calls/s", "bare_grpc_aio")
+
+
+def main() -> None:
+    asyncio.run(_run(profile=os.environ.get("PROFILE") == "1"))
