@@ -259,7 +259,7 @@ class JwtVerifier:
         if not isinstance(header, dict):
             raise _rejected("TOKEN_MALFORMED", "the token header is not a JSON object")
         algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm.lower() == "none" or not parts[2]:
+        if not isinstance(algorithm, str) or algorithm.lower() == "none":
             raise _rejected(
                 "TOKEN_ALGORITHM_REJECTED", "unsigned tokens (alg 'none') are not accepted"
             )

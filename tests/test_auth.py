@@ -242,6 +242,24 @@ def test_pem_files_pin_the_algorithm_from_the_key_type(
     assert es is not None and es.algorithm == "ES256"
 
 
+def test_jwks_public_keys_are_pinned_by_type(tmp_path: Path, rsa_key: Any, ec_key: Any) -> None:
+    """JWKs without 'alg' get RS256/ES256 from their key type; private members are dropped."""
+    rs_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key))  # a private JWK
+    es_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{**rs_jwk, "kid": "rs"}, {**es_jwk, "kid": "es"}]}))
+    keys = KeySet(JwksFile(path))
+    rs, es = keys.get("rs"), keys.get("es")
+    assert rs is not None and rs.algorithm == "RS256" and isinstance(rs.key, rsa.RSAPublicKey)
+    assert es is not None and es.algorithm == "ES256"
+    verifier = JwtVerifier(keys, JwtConfig(issuer=ISSUER, audience=AUDIENCE))
+    token = jwt.encode(_claims(), ec_key, algorithm="ES256", headers={"kid": "es"})
+    assert verifier.verify(token).subject == "alice"
+    with pytest.raises(UnauthenticatedError) as error:  # an RS256 token under the EC kid
+        verifier.verify(jwt.encode(_claims(), rsa_key, algorithm="RS256", headers={"kid": "es"}))
+    assert _reason(error) == "TOKEN_ALGORITHM_REJECTED"
+
+
 def test_hmac_keys_refuse_pem_material_and_short_secrets(rsa_key: Any) -> None:
     """An asymmetric key can never become an HMAC secret, and short secrets are refused."""
     with pytest.raises(ValueError, match="algorithm confusion"):

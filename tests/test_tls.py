@@ -127,6 +127,15 @@ async def test_mtls_identity_is_the_principal(start: Any, pki: Pki) -> None:
     assert await _echo(start, server, pki.client("orders", ORDERS)) == f"{ORDERS}|{ORDERS}"
 
 
+async def test_identity_rule_may_be_a_callable(start: Any, pki: Pki) -> None:
+    """A callable decides per (method, identity); its verdict is enforced."""
+    policy = AuthPolicy(None, allowed_identities=lambda method, identity: identity == BILLING)
+    server = await start(server_credentials(_server_tls(pki)), [policy])
+    assert await _echo(start, server, pki.client("billing", BILLING)) == f"{BILLING}|{BILLING}"
+    with pytest.raises(PermissionDeniedError):
+        await _echo(start, server, pki.client("orders", ORDERS))
+
+
 async def test_client_without_certificate_is_refused(start: Any, pki: Pki) -> None:
     """With mTLS required, a client that presents no certificate fails the handshake."""
     server = await start(server_credentials(_server_tls(pki)), [_mtls_policy()])
