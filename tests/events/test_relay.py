@@ -18,11 +18,11 @@ from framework.events.consumer import IdempotentHandler, consume
 from framework.events.envelope import to_envelope
 from framework.events.nats import JetStreamBus, JetStreamConfig
 from framework.events.relay import OutboxRelay, RelayConfig
-from framework.events.sqlite import SqliteConfig, SqliteEventStore, SqliteTransaction
-from framework.events.typeregistry import EventTypeRegistry
-from gen.events.v1 import testing_pb2
+from framework.events.sqlite import SqliteTransaction
+from framework.events.store import NewEvent
 from gen.events.v1.envelope_pb2 import EventEnvelope
-from gen.events.v1.testing_pb2 import AmountDeposited
+from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
+from tests.events.conftest import Backend
 
 pytestmark = pytest.mark.nats
 
@@ -40,7 +40,7 @@ from framework.events.store import NewEvent
 from framework.events.typeregistry import EventTypeRegistry
 from gen.events.v1 import testing_pb2
 
-mode, path, url, stream, prefix = sys.argv[1:6]
+mode, backend, where, schema, url, stream, prefix = sys.argv[1:8]
 
 class DieAfterPublish:
     def __init__(self, bus):
@@ -50,8 +50,12 @@ class DieAfterPublish:
         os.kill(os.getpid(), signal.SIGKILL)
 
 async def main():
-    store = await SqliteEventStore.open(
-        SqliteConfig(path=path), EventTypeRegistry.from_modules(testing_pb2))
+    types = EventTypeRegistry.from_modules(testing_pb2)
+    if backend == "sqlite":
+        store = await SqliteEventStore.open(SqliteConfig(path=where), types)
+    else:
+        from framework.events.postgres import PostgresConfig, PostgresEventStore
+        store = await PostgresEventStore.open(PostgresConfig(dsn=where, schema=schema), types)
     events = [NewEvent.of(testing_pb2.AccountOpened(owner="ann"))]
     events += [NewEvent.of(testing_pb2.AmountDeposited(amount=i)) for i in range(1, 6)]
     await store.append("acc-1", events, 0, aggregate_type="Account")
@@ -77,16 +81,12 @@ async def bus(nats_url: str) -> AsyncIterator[JetStreamBus]:
         await bus.close()
 
 
-async def _open(path: Path) -> SqliteEventStore:
-    return await SqliteEventStore.open(
-        SqliteConfig(path=str(path)), EventTypeRegistry.from_modules(testing_pb2)
-    )
-
-
-def _run_child(mode: str, path: Path, url: str, bus: JetStreamBus) -> int:
+def _run_child(mode: str, backend: Backend, url: str, bus: JetStreamBus) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    where = str(backend.path) if backend.name == "sqlite" else backend.dsn
     config = bus.config
-    args = [mode, str(path), url, config.stream, config.subject_prefix]
+    args = [mode, backend.name, where, backend.schema or "-", url]
+    args += [config.stream, config.subject_prefix]
     done = subprocess.run(
         [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, timeout=60, check=False
     )
@@ -110,14 +110,13 @@ async def _published(bus: JetStreamBus, group: str, want: int) -> list[Delivery]
 
 @pytest.mark.parametrize("mode", ["append", "publish"])
 async def test_relay_after_kill_publishes_exactly_what_was_stored(
-    mode: str, tmp_path: Path, nats_url: str, bus: JetStreamBus
+    mode: str, backend: Backend, nats_url: str, bus: JetStreamBus
 ) -> None:
     """After SIGKILL between append and publish, a restarted relay publishes the stored events."""
-    path = tmp_path / "events.db"
-    code = await asyncio.to_thread(_run_child, mode, path, nats_url, bus)
+    code = await asyncio.to_thread(_run_child, mode, backend, nats_url, bus)
     assert code == -signal.SIGKILL
     assert await bus.stream_messages() == (0 if mode == "append" else 4)
-    store = await _open(path)
+    store = await backend.open()
     relay = OutboxRelay(store, bus, RelayConfig(batch_size=4))
     before = await relay.cursor()
     published = await relay.run_once()
@@ -129,17 +128,19 @@ async def test_relay_after_kill_publishes_exactly_what_was_stored(
     assert published == 6
     assert await relay.cursor() == 6
     assert [d.envelope for d in got] == [to_envelope(e) for e in stored]
-    await store.close()
 
 
 async def test_group_applies_each_relayed_event_once(
     tmp_path: Path, nats_url: str, bus: JetStreamBus
 ) -> None:
     """A consumer crashing before its acks gets the events again and applies each once."""
-    path = tmp_path / "events.db"
-    assert await asyncio.to_thread(_run_child, "publish", path, nats_url, bus) == -signal.SIGKILL
-    store = await _open(path)
+    backend = Backend("sqlite", path=tmp_path / "events.db")
+    store = await backend.open()
+    events = [NewEvent.of(AccountOpened(owner="ann"))]
+    events += [NewEvent.of(AmountDeposited(amount=i)) for i in range(1, 6)]
+    await store.append("acc-1", events, 0, aggregate_type="Account")
     await OutboxRelay(store, bus).run_once()
+    await OutboxRelay(store, bus, RelayConfig(name="again")).run_once()  # all de-duplicated
     async with store.transaction() as tx:
         await tx.execute("CREATE TABLE balance (stream_id TEXT PRIMARY KEY, total INTEGER)")
     applied: list[str] = []
@@ -176,7 +177,7 @@ async def test_group_applies_each_relayed_event_once(
     await member.close()
     async with store.transaction() as tx:
         total = await tx.fetchone("SELECT total FROM balance WHERE stream_id = 'acc-1'")
-    await store.close()
+    await backend.close()
     assert sorted(seen) == [False] * 3 + [True] * 3  # 3 redelivered and skipped
     assert len(applied) == len(set(applied)) == 6
     assert total[0] == 1 + 2 + 3 + 4 + 5

@@ -1,0 +1,84 @@
+"""Outbox relay in the background: catch-up, live appends, retry from the same cursor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from framework.errors import UnavailableError
+from framework.events.envelope import to_envelope
+from framework.events.relay import OutboxRelay, RelayConfig
+from framework.events.store import NewEvent
+from gen.events.v1.envelope_pb2 import EventEnvelope
+from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
+
+
+class FlakyBus:
+    """Accepts publishes into a list; refuses the first `failures` of them."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.refused = 0
+        self.accepted: list[EventEnvelope] = []
+
+    async def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
+        if self.refused < self.failures:
+            self.refused += 1
+            raise UnavailableError("broker down (test)")
+        self.accepted.extend(envelopes)
+
+    async def subscribe(self, group: str, *, event_types: Any = ()) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+async def _append(store: Any, stream: str, deposits: int) -> None:
+    events = [NewEvent.of(AccountOpened(owner=stream))]
+    events += [NewEvent.of(AmountDeposited(amount=i)) for i in range(1, deposits + 1)]
+    await store.append(stream, events, 0, aggregate_type="Account")
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(500):  # bounded: at most ~10 s
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_background_relay_retries_and_follows_appends(store: Any) -> None:
+    """A failing bus is retried from the same cursor; later appends follow in store order."""
+    await _append(store, "a", 2)
+    bus = FlakyBus(failures=2)
+    relay = OutboxRelay(
+        store, bus, RelayConfig(name="bg", batch_size=2, poll_interval_s=0.05, retry_delay_s=0.01)
+    )
+    await relay.start()
+    try:
+
+        async def caught_up() -> bool:
+            return await relay.cursor() == await store.head_position()
+
+        await _until(caught_up)
+        first = list(bus.accepted)
+        await _append(store, "b", 1)
+        await _until(caught_up)
+    finally:
+        await relay.close()
+    stored = await store.read_all(0, 100)
+    assert bus.refused == 2
+    assert len(first) == 3
+    assert bus.accepted == [to_envelope(e) for e in stored]
+    assert await relay.cursor() == stored[-1].position == 5
+
+
+async def test_relay_config_is_validated() -> None:
+    """A bad relay name or batch size is refused with a message naming the field."""
+    with pytest.raises(ValueError, match="name"):
+        RelayConfig(name="no spaces")
+    with pytest.raises(ValueError, match="batch_size"):
+        RelayConfig(batch_size=0)
