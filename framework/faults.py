@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 FAULT_REASON = "FAULT_INJECTED"
 ADMIN_SERVICE = faults_pb2.DESCRIPTOR.services_by_name["FaultInjectionService"].full_name
-NEVER_FAULTED = (ADMIN_SERVICE, "grpc.health.v1.Health", "grpc.reflection.*")
+NEVER_FAULTED = (
+    ADMIN_SERVICE,
+    "grpc.health.v1.Health",
+    "grpc.reflection.*",
+    "framework.v1.HealthReportService",
+)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 

@@ -172,7 +172,11 @@ def peer_host(call: Call) -> str:
 
 
 def default_identity() -> Identity:
-    """The verified principal's subject when `framework.auth` exists, else the peer host."""
+    """The verified principal's subject (or mTLS identity) when `framework.auth` exists.
+
+    Anonymous callers (and every caller when there is no auth module) are named
+    by their peer host.
+    """
     try:
         auth = importlib.import_module("framework.auth")
     except ImportError:
@@ -183,8 +187,13 @@ def default_identity() -> Identity:
 
     def identity(call: Call) -> str:
         principal = current_principal()
-        subject = getattr(principal, "subject", None) if principal is not None else None
-        return f"sub:{subject}" if subject else peer_host(call)
+        if principal is not None:
+            if principal.subject:
+                return f"sub:{principal.subject}"
+            workload = getattr(principal, "identity", "")  # mTLS identity, no token
+            if workload:
+                return f"id:{workload}"
+        return peer_host(call)
 
     return identity
 

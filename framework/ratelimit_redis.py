@@ -11,8 +11,10 @@ is what a shared limit promises.  Leasing batches of tokens to each replica
 would save round trips but lets one replica hoard tokens another needs and
 makes the admitted rate depend on how the batches fall; at the rates where a
 shared limit matters (per-caller quotas) the round trip is cheaper than that
-error.  If Redis does not answer, the policy fails open or closed as configured
-(`fail_open`), and says so in the log.
+error.  If Redis does not answer within the client's socket timeout, the calls
+are admitted (`fail_open=True`, the default, as Envoy's global rate limit does:
+an outage of the limiter must not become an outage of the service) with a
+warning in the log, or refused with UNAVAILABLE (`fail_open=False`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class RedisBuckets:
         client: redis_asyncio.Redis,
         *,
         prefix: str = "ratelimit:",
-        fail_open: bool = False,
+        fail_open: bool = True,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -71,9 +73,23 @@ class RedisBuckets:
         self._script: Any = client.register_script(TAKE_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisBuckets:
-        """Buckets on the Redis at `url` (e.g. `redis://127.0.0.1:6379/0`)."""
-        return cls(redis_asyncio.Redis.from_url(url), **kwargs)
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 0.25,
+        prefix: str = "ratelimit:",
+        fail_open: bool = True,
+    ) -> RedisBuckets:
+        """Buckets on the Redis at `url` (e.g. `redis://127.0.0.1:6379/0`).
+
+        `timeout_s` bounds connecting and each check, so a stuck Redis delays a
+        call by at most that much before `fail_open` decides.
+        """
+        client = redis_asyncio.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return cls(client, prefix=prefix, fail_open=fail_open)
 
     async def take(self, key: str, limit: Limit) -> float:
         try:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis_asyncio
 
-from framework.errors import RateLimitedError
+from framework.errors import RateLimitedError, UnavailableError
 from framework.policy import Call
 from framework.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 from framework.ratelimit_redis import RedisBuckets
@@ -88,3 +88,18 @@ async def test_two_replicas_share_one_limit(redis_url: str, prefix: str) -> None
     assert limited > admitted  # the load was well above the limit
     assert servicers[0].calls["Echo"] > 0 and servicers[1].calls["Echo"] > 0
     assert sum(s.calls["Echo"] for s in servicers) == admitted
+
+
+async def test_unreachable_redis_fails_open_or_closed_as_configured() -> None:
+    """With Redis down, fail_open admits the call; fail_open=False answers UNAVAILABLE."""
+    limit = Limit(rate_per_s=1.0, burst=1)
+    down = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    lenient = RedisBuckets.from_url(down, timeout_s=0.2)
+    strict = RedisBuckets.from_url(down, timeout_s=0.2, fail_open=False)
+    try:
+        assert await lenient.take("k", limit) == 0.0
+        with pytest.raises(UnavailableError, match="does not answer"):
+            await strict.take("k", limit)
+    finally:
+        await lenient.close()
+        await strict.close()

@@ -49,6 +49,7 @@ from tests.bench.harness import (
 CONCURRENCY = 32
 CALLS_PER_ROUND = 4000
 ROUNDS = 7
+SERIAL_CALLS_PER_ROUND = 500  # one call in flight: latency without queueing
 WARMUP_CALLS = 1500
 SECRET = b"bench-secret-bench-secret-bench-secret!!"
 ISSUER, AUDIENCE = "https://id.bench.local", "echo"
@@ -198,15 +199,18 @@ async def _run(profile: bool) -> None:
         async def chain_call() -> object:
             return await chain_stub.Echo(request)
 
-        server_cpu: dict[str, list[float]] = {"bare": [], "chain": []}
+        server_cpu: dict[str, list[float]] = {}
 
-        def variant(name: str, call: Callable[[], Awaitable[object]]) -> Callable[[], Any]:
+        def variant(
+            name: str, call: Callable[[], Awaitable[object]], concurrency: int, total: int
+        ) -> Callable[[], Any]:
             async def run() -> Sample:
                 parent.send(f"profile-on:{name}")
                 parent.recv()
                 cpu0 = _process_cpu_s(pid)
-                sample = await closed_loop(call, concurrency=CONCURRENCY, total=CALLS_PER_ROUND)
-                server_cpu[name].append((_process_cpu_s(pid) - cpu0) / sample.ops * 1e6)
+                sample = await closed_loop(call, concurrency=concurrency, total=total)
+                cpu_us = (_process_cpu_s(pid) - cpu0) / sample.ops * 1e6
+                server_cpu.setdefault(name, []).append(cpu_us)
                 parent.send(f"profile-off:{name}")
                 parent.recv()
                 return sample
@@ -216,7 +220,11 @@ async def _run(profile: bool) -> None:
         for call in (bare_call, chain_call):  # warm up connections, caches, JIT-free paths
             await closed_loop(call, concurrency=CONCURRENCY, total=WARMUP_CALLS)
         results = await interleave(
-            ROUNDS, bare=variant("bare", bare_call), chain=variant("chain", chain_call)
+            ROUNDS,
+            bare=variant("bare", bare_call, CONCURRENCY, CALLS_PER_ROUND),
+            chain=variant("chain", chain_call, CONCURRENCY, CALLS_PER_ROUND),
+            bare_1=variant("bare_1", bare_call, 1, SERIAL_CALLS_PER_ROUND),
+            chain_1=variant("chain_1", chain_call, 1, SERIAL_CALLS_PER_ROUND),
         )
         await bare_channel.close()
         await chain_channel.close()
@@ -230,18 +238,20 @@ async def _run(profile: bool) -> None:
     bare, chain = results["bare"], results["chain"]
     ratio = median_rate(chain) / median_rate(bare)
     p50_added = latency_us(chain, 0.5) - latency_us(bare, 0.5)
+    p50_added_1 = latency_us(results["chain_1"], 0.5) - latency_us(results["bare_1"], 0.5)
     for name, samples in results.items():
         print(
-            f"{name:5s} calls/s={median_rate(samples):8.0f} "
+            f"{name:7s} calls/s={median_rate(samples):8.0f} "
             f"p50={latency_us(samples, 0.5):7.0f}us p99={latency_us(samples, 0.99):7.0f}us "
             f"client_cpu={median_cpu_us(samples):6.1f}us/call "
             f"server_cpu={statistics.median(server_cpu[name]):6.1f}us/call",
             flush=True,
         )
+    server_added = statistics.median(server_cpu["chain"]) - statistics.median(server_cpu["bare"])
     print(
-        f"chain/bare={ratio:.3f} p50 added={p50_added:.0f}us "
-        f"server cpu added={statistics.median(server_cpu['chain']) - statistics.median(server_cpu['bare']):.1f}us "
-        f"client cpu added={median_cpu_us(chain) - median_cpu_us(bare):.1f}us ({note})",
+        f"chain/bare={ratio:.3f} p50 added: {p50_added:.0f}us at {CONCURRENCY} in flight, "
+        f"{p50_added_1:.0f}us at 1 in flight; cpu added per call: server {server_added:.1f}us, "
+        f"client {median_cpu_us(chain) - median_cpu_us(bare):.1f}us ({note})",
         flush=True,
     )
     bench_line("policy_chain_unary", ratio, median_rate(chain), "calls/s", "bare_grpc_aio")
