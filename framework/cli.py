@@ -3,6 +3,7 @@
 Commands:
   protos   compile protos/ into gen/ (what `make protos` runs)
   health   print a server's standard health status and its detailed report
+  reference  write docs/reference.md from the contracts (what `make docs` runs)
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
+def _reference(args: argparse.Namespace) -> int:
+    from framework.reference import ReferenceConfig, write_reference
+
+    changed = write_reference(ReferenceConfig(Path(args.proto_root), Path(args.out)))
+    print(f"{args.out} {'updated' if changed else 'is current'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m framework")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("target", help="host:port of a framework server")
     h.add_argument("--timeout-s", type=float, default=5.0)
     h.set_defaults(func=_health)
+    r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
+    r.add_argument("--proto-root", default="protos")
+    r.add_argument("--out", default="docs/reference.md")
+    r.set_defaults(func=_reference)
     return parser
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "ValidationPolicy",
     "Validators",
     "field_rules",
+    "rule_specs",
 ]
 
 Violations = list[FieldViolation]
@@ -107,6 +108,10 @@ def _bound(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _is_repeated(field: FieldDescriptor) -> bool:
     return field.is_repeated
 
@@ -121,11 +126,34 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
     rules = _rules_of(field)
     if rules is None:
         return []
-    where = field.full_name
-    kind = _TYPE_NAMES.get(field.type, "value")
-    repeated = _is_repeated(field)
     if _is_map(field):
-        raise ValueError(f"{where}: validation rules on map fields are not supported")
+        raise ValueError(f"{field.full_name}: validation rules on map fields are not supported")
+    enum_values = (
+        [(v.name, v.number) for v in field.enum_type.values] if field.enum_type is not None else []
+    )
+    return rule_specs(
+        rules,
+        where=field.full_name,
+        field_type=field.type,
+        repeated=_is_repeated(field),
+        enum_values=enum_values,
+    )
+
+
+def rule_specs(
+    rules: validate_pb2.FieldRules,
+    *,
+    where: str,
+    field_type: int,
+    repeated: bool,
+    enum_values: Sequence[tuple[str, int]] = (),
+) -> list[RuleSpec]:
+    """Compile `rules` for a field of `field_type` (a FieldDescriptor.TYPE_* number).
+
+    `where` names the field in errors; `enum_values` are (name, number) of its enum.
+    Also used by the reference generator, which reads descriptors without a pool.
+    """
+    kind = _TYPE_NAMES.get(field_type, "value")
     specs: list[RuleSpec] = []
 
     def need(ok: bool, rule: str, what: str) -> None:
@@ -135,31 +163,38 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
     if rules.required:
         if repeated:
             specs.append(RuleSpec("required", "is required (at least one item)", bool))
-        elif field.type == _T.TYPE_MESSAGE:
+        elif field_type == _T.TYPE_MESSAGE:
             specs.append(RuleSpec("required", "is required", bool, presence=True))
         else:
             specs.append(RuleSpec("required", "is required", bool))
-    for name in ("min_items", "max_items"):
-        if rules.HasField(name):
-            need(repeated, f"repeated.{name}", "repeated")
-            n = getattr(rules, name)
-            specs.append(
-                RuleSpec(
-                    f"repeated.{name}",
-                    f"must have at {'least' if name == 'min_items' else 'most'} {n} items",
-                    (lambda m: lambda v: len(v) >= m)(n)
-                    if name == "min_items"
-                    else (lambda m: lambda v: len(v) <= m)(n),
-                )
+    if rules.HasField("min_items"):
+        need(repeated, "repeated.min_items", "repeated")
+        least = rules.min_items
+        specs.append(
+            RuleSpec(
+                "repeated.min_items",
+                f"must have at least {_plural(least, 'item')}",
+                lambda v: len(v) >= least,
             )
-    is_string = field.type == _T.TYPE_STRING
+        )
+    if rules.HasField("max_items"):
+        need(repeated, "repeated.max_items", "repeated")
+        most = rules.max_items
+        specs.append(
+            RuleSpec(
+                "repeated.max_items",
+                f"must have at most {_plural(most, 'item')}",
+                lambda v: len(v) <= most,
+            )
+        )
+    is_string = field_type == _T.TYPE_STRING
     if rules.HasField("min_len"):
         need(is_string, "string.min_len", "string")
         n = rules.min_len
         specs.append(
             RuleSpec(
                 "string.min_len",
-                f"must be at least {n} characters long",
+                f"must be at least {_plural(n, 'character')} long",
                 lambda v: len(v) >= n,
                 repeated,
             )
@@ -170,7 +205,7 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
         specs.append(
             RuleSpec(
                 "string.max_len",
-                f"must be at most {m} characters long",
+                f"must be at most {_plural(m, 'character')} long",
                 lambda v: len(v) <= m,
                 repeated,
             )
@@ -215,7 +250,7 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
         )
     for name, words, make in _COMPARISONS:
         if rules.HasField(name):  # type: ignore[arg-type]
-            need(field.type in _NUMBER_TYPES, f"{kind}.{name}", "number")
+            need(field_type in _NUMBER_TYPES, f"{kind}.{name}", "number")
             bound = getattr(rules, name)
             specs.append(
                 RuleSpec(
@@ -223,11 +258,9 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
                 )
             )
     if rules.defined_only:
-        need(field.type == _T.TYPE_ENUM, "enum.defined_only", "enum")
-        assert field.enum_type is not None
-        values = field.enum_type.values
-        allowed = frozenset(v.number for v in values)
-        names = ", ".join(v.name for v in values)
+        need(field_type == _T.TYPE_ENUM, "enum.defined_only", "enum")
+        allowed = frozenset(number for _, number in enum_values)
+        names = ", ".join(name for name, _ in enum_values)
         specs.append(
             RuleSpec(
                 "enum.defined_only",
