@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 __all__ = [
     "CertificateFiles",
@@ -147,10 +149,7 @@ class CertificateFiles:
         stamp = self._stamp_now()
         key, cert = _read(self.tls.key_file), _read(self.tls.cert_file)
         roots = _read(self.tls.client_ca_file) if self.tls.client_ca_file else None
-        if b"PRIVATE KEY" not in key or b"CERTIFICATE" not in cert:
-            raise ValueError(
-                f"{self.tls.cert_file} / {self.tls.key_file} do not hold a PEM certificate and key"
-            )
+        _check_pair(cert, key, roots, self.tls)
         config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
         with self._lock:
             self._stamp = stamp
@@ -173,6 +172,35 @@ class CertificateFiles:
             return None
         logger.info("TLS certificate reloaded from %s", self.tls.cert_file)
         return config
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _check_pair(cert: bytes, key: bytes, roots: bytes | None, tls: ServerTls) -> None:
+    """Refuse what gRPC would accept and then fail every handshake with.
+
+    Certificate and key are two files replaced one after the other: between the
+    two writes they do not match, and that pair must not be installed.
+    """
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+        private = serialization.load_pem_private_key(key, password=None)
+        if roots is not None:
+            x509.load_pem_x509_certificates(roots)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{tls.cert_file} / {tls.key_file} / {tls.client_ca_file}: not usable PEM ({error})"
+        ) from None
+    if _spki(chain[0].public_key()) != _spki(private.public_key()):
+        raise ValueError(
+            f"the key in {tls.key_file} does not match the certificate {tls.cert_file}"
+        )
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:

@@ -210,13 +210,19 @@ async def test_rotated_server_certificate_is_served_without_restart(start: Any, 
 
 
 def test_broken_replacement_keeps_the_previous_certificate(pki: Pki) -> None:
-    """A half-written certificate pair is not loaded; the fetcher keeps the previous one."""
+    """A broken or mismatched pair is not loaded; the previous one stays until both match."""
     fetcher = CertificateFiles(_server_tls(pki))
     fetcher.load()
     assert fetcher() is None  # unchanged
     Path(pki.path("server.pem")).write_bytes(b"not a certificate")
     assert fetcher() is None
     assert fetcher.loads == 1
+    fresh = pki.ca.issue(dns=["localhost"])
+    Path(pki.path("server.pem")).write_bytes(fresh.cert_pem)  # the key is not replaced yet
+    assert fetcher() is None
+    Path(pki.path("server.key")).write_bytes(fresh.key_pem)
+    assert fetcher() is not None
+    assert fetcher.loads == 2
 
 
 def test_config_validation_names_the_field(pki: Pki) -> None:
