@@ -99,7 +99,7 @@ class FaultRule:
             method=rule.method,
             header=rule.header,
             header_value=rule.header_value,
-            percent=rule.percent,
+            percent=rule.percent if rule.HasField("percent") else 100.0,
             delay_s=rule.delay_s,
             abort_code=code,
             abort_message=rule.abort_message,

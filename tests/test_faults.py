@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import grpc
+import jwt
 import pytest
 
-from framework.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
+from framework.bearer import BearerToken
+from framework.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from framework.faults import FaultInjectionPolicy, FaultInjectionServicer, FaultRule
+from framework.keyset import KeySet, StaticKeys, VerificationKey
 from framework.policy import Method
 from framework.testing import serve
 from framework.testing.echo import EchoServicer
@@ -122,3 +132,33 @@ def test_rules_are_validated() -> None:
         FaultRule("ok", abort_code=grpc.StatusCode.OK)
     with pytest.raises(ValueError, match="abort_code must be a gRPC status code"):
         FaultRule.from_proto(faults_pb2.FaultRule(name="x", abort_code=99))
+
+
+def _hs256_auth() -> tuple[AuthPolicy, Callable[[str], str]]:
+    secret = b"faults-test-secret-faults-test-secret!!"
+    keys = KeySet(StaticKeys([VerificationKey.hmac("k1", secret)]))
+    policy = AuthPolicy(JwtVerifier(keys, JwtConfig(issuer="test", audience="svc")))
+
+    def token(scope: str) -> str:
+        claims = {"sub": "ops", "iss": "test", "aud": "svc", "scope": scope, "exp": 2**31}
+        return jwt.encode(claims, secret, algorithm="HS256", headers={"kid": "k1"})
+
+    return policy, token
+
+
+async def test_admin_rpc_refuses_callers_without_the_admin_scope() -> None:
+    """Through AuthPolicy, SetFaults needs scope "admin": other tokens get PERMISSION_DENIED."""
+    auth, token = _hs256_auth()
+    faults = FaultInjectionPolicy()
+    async with serve(EchoServicer(), FaultInjectionServicer(faults), policies=[auth, faults]) as t:
+        reader = t.connect(policies=[BearerToken(token("echo:read"))])
+        admin = t.connect(policies=[BearerToken(token("admin echo:read"))])
+        rule = faults_pb2.FaultRule(name="down", abort_code=14)
+        with pytest.raises(PermissionDeniedError):
+            await FaultInjectionServiceStub(reader).SetFaults(
+                faults_pb2.SetFaultsRequest(rules=[rule])
+            )
+        assert faults.rules == []
+        await FaultInjectionServiceStub(admin).SetFaults(faults_pb2.SetFaultsRequest(rules=[rule]))
+        with pytest.raises(UnavailableError):
+            await EchoServiceStub(reader).Echo(EchoRequest())

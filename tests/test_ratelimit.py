@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import grpc
+import jwt
 import pytest
 
+from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
+from framework.bearer import BearerToken
 from framework.clock import ManualClock
 from framework.errors import RETRY_AFTER_KEY, RateLimitedError
+from framework.keyset import KeySet, StaticKeys, VerificationKey
 from framework.policy import Arity, Call, Method
 from framework.ratelimit import Limit, MemoryBuckets, RateLimitConfig, RateLimitPolicy
 from framework.testing import serve
@@ -104,3 +108,23 @@ async def test_buckets_are_per_identity() -> None:
         await stub.Echo(EchoRequest(), metadata=(("x-tenant", "b"),))
         with pytest.raises(RateLimitedError):
             await stub.Echo(EchoRequest(), metadata=(("x-tenant", "a"),))
+
+
+async def test_default_identity_is_the_verified_subject() -> None:
+    """Behind AuthPolicy, callers from one host get a bucket per token subject."""
+    secret = b"ratelimit-test-secret-ratelimit-test!!"
+    keys = KeySet(StaticKeys([VerificationKey.hmac("k1", secret)]))
+    auth = AuthPolicy(JwtVerifier(keys, JwtConfig(issuer="test", audience="svc")))
+
+    def token(subject: str) -> str:
+        claims = {"sub": subject, "iss": "test", "aud": "svc", "scope": "echo:read", "exp": 2**31}
+        return jwt.encode(claims, secret, algorithm="HS256", headers={"kid": "k1"})
+
+    limiter = RateLimitPolicy(RateLimitConfig(default=Limit(1.0, 1)), clock=ManualClock())
+    async with serve(EchoServicer(), policies=[auth, limiter]) as t:
+        alice = EchoServiceStub(t.connect(policies=[BearerToken(token("alice"))]))
+        bob = EchoServiceStub(t.connect(policies=[BearerToken(token("bob"))]))
+        await alice.Echo(EchoRequest())
+        await bob.Echo(EchoRequest())  # same host, other subject: own bucket
+        with pytest.raises(RateLimitedError):
+            await alice.Echo(EchoRequest())

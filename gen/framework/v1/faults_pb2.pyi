@@ -46,7 +46,7 @@ class FaultRule(_message.Message):
     header_value: _builtins.str
     """Required value of `header` (empty: the key being present is enough)."""
     percent: _builtins.float
-    """Share of matching calls affected, 0..100."""
+    """Share of matching calls affected, 0..100; unset means 100 (every matching call)."""
     delay_s: _builtins.float
     """Delay before the handler runs, in seconds (0: none)."""
     abort_code: _builtins.int
@@ -60,16 +60,18 @@ class FaultRule(_message.Message):
         method: _builtins.str = ...,
         header: _builtins.str = ...,
         header_value: _builtins.str = ...,
-        percent: _builtins.float = ...,
+        percent: _builtins.float | None = ...,
         delay_s: _builtins.float = ...,
         abort_code: _builtins.int = ...,
         abort_message: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "percent", b"percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_code", b"abort_code", "abort_message", b"abort_message", "delay_s", b"delay_s", "header", b"header", "header_value", b"header_value", "method", b"method", "name", b"name", "percent", b"percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_percent", b"_percent", "abort_code", b"abort_code", "abort_message", b"abort_message", "delay_s", b"delay_s", "header", b"header", "header_value", b"header_value", "method", b"method", "name", b"name", "percent", b"percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__percent: _TypeAlias = _typing.Literal["percent"]  # noqa: Y015
+    _WhichOneofArgType__percent: _TypeAlias = _typing.Literal["_percent", b"_percent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percent) -> _WhichOneofReturnType__percent | None: ...
 
 Global___FaultRule: _TypeAlias = FaultRule  # noqa: Y015
 
