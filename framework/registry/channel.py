@@ -8,7 +8,8 @@ It follows the service through `Discovery`, keeps one channel per instance
 (made by `framework.client.connect`, so the client policy chain runs on every
 attempt) and asks its `Pool` for an instance on every call.  A call to an
 idempotent method (the contract's `idempotent` option) that fails with
-UNAVAILABLE before any response is retried on another instance, up to
+UNAVAILABLE (or is cancelled by a stopping server) before any response is
+retried on another instance, up to
 `max_attempts` and within the caller's timeout.  An instance that leaves the
 view gets `close_grace_s` for its calls in flight before its channel closes.
 """
@@ -36,7 +37,10 @@ from framework.registry.model import MATCH_ALL, Selector, ServiceView
 logger = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+# Outcomes after which an idempotent call is tried on another instance: the instance
+# is unreachable or refusing, or it stopped and cancelled the call (our own task being
+# cancelled raises asyncio.CancelledError instead and is never retried).
+_RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +257,7 @@ class _UnaryUnary(_Multicallable):
                 owner.pool.observe(endpoint, code)
                 tried.append(endpoint)
                 if (
-                    code is _UNAVAILABLE
+                    code in _RETRY_ON
                     and len(tried) < self._attempts
                     and (deadline is None or time.monotonic() < deadline)
                 ):
@@ -294,7 +298,7 @@ class _UnaryStream(_Multicallable):
                 owner.pool.observe(endpoint, code)
                 tried.append(endpoint)
                 if (
-                    code is _UNAVAILABLE
+                    code in _RETRY_ON
                     and not received
                     and len(tried) < self._attempts
                     and (deadline is None or time.monotonic() < deadline)

@@ -32,10 +32,10 @@ from tests.registry.fleet import (
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[RegistryNode]:
-    """A registry on a SQLite file, checking instance health every 50 ms (2 failures: out)."""
+    """A registry on a SQLite file, checking instance health every 50 ms (3 failures: out)."""
     n = await start_registry(
         SqliteStore(tmp_path / "r.sqlite"),
-        probe=ProbeConfig(interval_s=0.05, timeout_s=2.0, unhealthy_after=2),
+        probe=ProbeConfig(interval_s=0.05, timeout_s=5.0, unhealthy_after=3),
     )
     yield n
     await n.stop()

@@ -1,0 +1,125 @@
+"""Deployment strategies: canary and blue/green weights, rolling restart without failures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from framework.client import connect
+from framework.errors import FrameworkError
+from framework.registry.channel import BalancedChannel, balanced_channel
+from framework.registry.sqlite import SqliteStore
+from gen.echo.v1.echo_pb2 import EchoRequest
+from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
+from gen.registry.v1 import registry_pb2 as pb
+from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
+from tests.registry.fleet import (
+    ECHO,
+    EchoInstance,
+    RegistryNode,
+    start_echo,
+    start_registry,
+    wait_until,
+)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[RegistryNode]:
+    """A registry on a SQLite file (no health probing: these tests drive changes themselves)."""
+    n = await start_registry(SqliteStore(tmp_path / "r.sqlite"))
+    yield n
+    await n.stop()
+
+
+async def _set_weights(node: RegistryNode, weights: dict[str, int]) -> None:
+    channel = connect(node.address)
+    try:
+        await RegistryServiceStub(channel).SetWeights(
+            pb.SetWeightsRequest(service=ECHO, version_weights=weights)
+        )
+    finally:
+        await channel.close()
+
+
+async def _send(channel: BalancedChannel, n: int) -> None:
+    stub = EchoServiceStub(channel)
+    for _ in range(n):
+        await stub.Echo(EchoRequest(text="x"), timeout=5)
+
+
+async def test_canary_weight_sends_ten_percent_then_blue_green_switches(
+    node: RegistryNode,
+) -> None:
+    """v1:90 v2:10 gives v2 10 +- 3% of 2,000 calls; v2:100 moves all, v1:100 moves back."""
+    blue = [await start_echo(node.address, version="v1") for _ in range(2)]
+    green = await start_echo(node.address, version="v2")
+    fleet = [*blue, green]
+    channel = await balanced_channel(node.address, ECHO, rng=random.Random(42))
+    try:
+        await _set_weights(node, {"v1": 90, "v2": 10})
+        await wait_until(lambda: len(channel.endpoints) == 3 and bool(channel.pool.version_weights))
+        await _send(channel, 2000)
+        share = green.calls / 2000
+        assert 0.07 <= share <= 0.13, share
+        assert abs(blue[0].calls - blue[1].calls) <= 0.1 * 2000
+
+        counts = [i.calls for i in fleet]
+        await _set_weights(node, {"v2": 100})
+        await wait_until(lambda: channel.pool.version_weights == {"v2": 100})
+        await _send(channel, 200)
+        assert [i.calls - c for i, c in zip(fleet, counts, strict=True)] == [0, 0, 200]
+
+        counts = [i.calls for i in fleet]
+        await _set_weights(node, {"v1": 100})
+        await wait_until(lambda: channel.pool.version_weights == {"v1": 100})
+        await _send(channel, 200)
+        moved = [i.calls - c for i, c in zip(fleet, counts, strict=True)]
+        assert moved[2] == 0 and moved[0] + moved[1] == 200
+    finally:
+        await channel.close()
+        for instance in fleet:
+            await instance.stop(0)
+
+
+async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> None:
+    """Each of three instances in turn deregisters, drains and is replaced; 0 calls fail."""
+    fleet = [await start_echo(node.address, grace_s=2.0, drain_delay_s=0.05) for _ in range(3)]
+    retired: list[EchoInstance] = []
+    channel = await balanced_channel(node.address, ECHO)
+    await wait_until(lambda: len(channel.endpoints) == 3)
+    stub = EchoServiceStub(channel)
+    done = asyncio.Event()
+    results = {"ok": 0, "failed": 0}
+
+    async def worker() -> None:
+        while not done.is_set():
+            try:
+                await stub.Echo(EchoRequest(text="x", delay_s=0.002), timeout=5)
+                results["ok"] += 1
+            except FrameworkError:  # counted: the assertion below reports them
+                results["failed"] += 1
+
+    workers = [asyncio.create_task(worker()) for _ in range(6)]
+    try:
+        for index in range(3):
+            old = fleet[index]
+            before = results["ok"]
+            await wait_until(lambda before=before: results["ok"] >= before + 50)  # type: ignore[misc]
+            await old.stop()  # agent deregisters at on_draining, then the server drains
+            retired.append(old)
+            fleet[index] = await start_echo(node.address, grace_s=2.0, drain_delay_s=0.05)
+            await wait_until(lambda: set(channel.endpoints) == {i.address for i in fleet})
+        before = results["ok"]
+        await wait_until(lambda: results["ok"] >= before + 100)
+    finally:
+        done.set()
+        await asyncio.gather(*workers)
+        await channel.close()
+        for instance in [*fleet, *retired]:
+            await instance.stop(0)
+    assert results["failed"] == 0
+    assert all(i.calls > 0 for i in fleet), [i.calls for i in fleet]
