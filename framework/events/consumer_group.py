@@ -8,6 +8,9 @@ no answer within `ack_wait_s` puts the event back for redelivery.  The group's
 checkpoint (`store.save_checkpoint("group:<name>", position)`) only moves past
 a position once it and every earlier event of the group are acknowledged, so a
 restarted process resumes at the first unacknowledged event (at-least-once).
+Checkpoints are written by a background task right after acks move them; acks
+arriving during a write share the next one (a crash in between only means
+redelivery), and `close()` / `flush()` write the last one.
 
 Members in other processes each read the store themselves: use
 `framework.events.nats.JetStreamBus` to share a group across processes.
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
-from framework.errors import FailedPreconditionError, UnavailableError
+from framework.errors import FailedPreconditionError, FrameworkError, UnavailableError
 from framework.events.bus import Delivery, check_event_types, check_group
 from framework.events.envelope import to_envelope
 from framework.events.store import EventStore
@@ -127,20 +130,33 @@ class _Group:
         self._save_lock = asyncio.Lock()
         self._failure: BaseException | None = None
         self._feeder: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()
         self.members = 0
 
     async def start(self) -> None:
         saved = await self._store.load_checkpoint(self._checkpoint_name)
         self._read_upto = self._saved = saved if saved > 0 else self._start_after
         self._feeder = asyncio.create_task(self._feed(), name=f"store-bus-group-{self.name}")
+        self._flusher = asyncio.create_task(self._flush(), name=f"store-bus-flush-{self.name}")
 
     async def stop(self) -> None:
-        if self._feeder is not None:
-            self._feeder.cancel()
-            await asyncio.gather(self._feeder, return_exceptions=True)
+        for task in (self._feeder, self._flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for entry in self._outstanding.values():
             if entry.hold is not None:
                 entry.hold.cancel()
+        try:
+            await self.save()
+        except FrameworkError as error:
+            logger.warning(
+                "group %s: last checkpoint not saved (%s); events after %s will come again",
+                self.name,
+                error,
+                self._saved,
+            )
 
     # ------------------------------------------------------------ reading
 
@@ -164,7 +180,7 @@ class _Group:
                     self._ready.append(entry)
                 self._changed.set()
                 if not self._outstanding:
-                    await self._save()  # only filtered-out events: move the cursor on
+                    self._dirty.set()  # only filtered-out events: move the cursor on
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -237,7 +253,7 @@ class _Group:
         del self._outstanding[position]
         self._room.set()
         if position == first:
-            await self._save()
+            self._dirty.set()
 
     def nack(self, entry: _Entry, attempt: int, delay_s: float) -> None:
         if entry.acked or entry.attempt != attempt:
@@ -271,7 +287,20 @@ class _Group:
             return next(iter(self._outstanding)) - 1
         return self._read_upto
 
-    async def _save(self) -> None:
+    async def _flush(self) -> None:
+        """Save the checkpoint whenever it moved; acks arriving meanwhile share the next write."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.save()
+            except FrameworkError as error:
+                logger.warning("group %s: checkpoint not saved (%s); retrying", self.name, error)
+                await asyncio.sleep(self._config.poll_interval_s)
+                self._dirty.set()
+
+    async def save(self) -> None:
+        """Write the group's position now if it moved since the last write."""
         async with self._save_lock:
             position = self.position()
             if position > self._saved:
@@ -349,6 +378,11 @@ class StoreBus:
                 )
             state.members += 1
         return StoreSubscription(self, state)
+
+    async def flush(self) -> None:
+        """Write every group's position now (they are otherwise written just after acks)."""
+        for state in list(self._groups.values()):
+            await state.save()
 
     def position(self, group: str) -> int:
         """The group's acknowledged position (0 if it never ran here)."""

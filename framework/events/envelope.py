@@ -59,7 +59,10 @@ class Codec:
         out: list[EventRow] = []
         for index, event in enumerate(events):
             try:
-                self.types.decode(event.type, event.payload)
+                if event.serialized_here:
+                    self.types.resolve(event.type)
+                else:
+                    self.types.decode(event.type, event.payload)
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError(
                     f"events[{index}]: {exc.message}",

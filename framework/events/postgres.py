@@ -134,6 +134,14 @@ class PostgresConfig:
             )
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset round trip (`RESET ALL; UNLISTEN *; ...`).
+
+    The store never changes session state: its locks are transaction-scoped
+    and it does not LISTEN.  Projections must likewise keep to `SET LOCAL`.
+    """
+
+
 class PostgresEventStore:
     """EventStore on PostgreSQL; create with `await PostgresEventStore.open(config, types)`."""
 
@@ -185,7 +193,10 @@ class PostgresEventStore:
         store = cls(config, types, upcasters)
         try:
             pool = await asyncpg.create_pool(
-                config.dsn, min_size=config.min_connections, max_size=config.max_connections
+                config.dsn,
+                min_size=config.min_connections,
+                max_size=config.max_connections,
+                reset=_keep_session,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise UnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc

@@ -327,14 +327,16 @@ def _append(
         actual: int = conn.execute(_VERSION, (stream_id,)).fetchone()[0]
         if expected is not None and actual != expected:
             raise conflict(stream_id, expected, actual)
-        conn.executemany(
-            _INSERT,
-            [
-                (stream_id, actual + i, aggregate_type, *row, now_us)
-                for i, row in enumerate(rows, start=1)
-            ],
-        )
-        last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        values = [
+            (stream_id, actual + i, aggregate_type, *row, now_us)
+            for i, row in enumerate(rows, start=1)
+        ]
+        if len(values) == 1:
+            last = conn.execute(_INSERT, values[0]).lastrowid
+        else:
+            conn.executemany(_INSERT, values)
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        assert last is not None
         conn.execute("COMMIT")
     except sqlite3.IntegrityError as exc:
         conn.execute("ROLLBACK")

@@ -62,6 +62,9 @@ class NewEvent:
     payload: bytes
     metadata: EventMetadata = EMPTY_METADATA
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # True when `payload` was serialized from a message of `type` in this process
+    # (`of()`): the store then skips re-parsing it (it still checks the type).
+    serialized_here: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def of(
@@ -76,6 +79,7 @@ class NewEvent:
             payload=message.SerializeToString(),
             metadata=metadata,
             event_id=event_id or str(uuid.uuid4()),
+            serialized_here=True,
         )
 
 
