@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["DevCA", "IssuedCert"]
+__all__ = ["DevCA", "IssuedCert", "write_dev_pki"]
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -166,3 +166,32 @@ class DevCA:
             .sign(self._key, hashes.SHA256())
         )
         return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def write_dev_pki(
+    directory: str | os.PathLike[str],
+    *,
+    server_dns: Sequence[str] = ("localhost",),
+    server_ips: Sequence[str] = ("127.0.0.1",),
+    clients: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write a CA, a server pair and one pair per client into `directory`.
+
+    `clients` maps a file stem to the client's identity URI, e.g.
+    `{"orders": "spiffe://dev.local/ns/dev/sa/orders"}`.  Returns the paths by
+    name: "ca", "server.pem", "server.key", "<stem>.pem", "<stem>.key".
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    ca = DevCA.create()
+    paths = {"ca": root / "ca.pem"}
+    ca.write_ca(paths["ca"])
+    pairs = {"server": ca.issue(dns=server_dns, ips=server_ips)}
+    for stem, uri in (clients or {}).items():
+        if stem in ("ca", "server") or "/" in stem:
+            raise ValueError(f"client file stem {stem!r} is reserved or not a plain name")
+        pairs[stem] = ca.issue(uris=[uri])
+    for stem, issued in pairs.items():
+        paths[f"{stem}.pem"], paths[f"{stem}.key"] = root / f"{stem}.pem", root / f"{stem}.key"
+        issued.write(paths[f"{stem}.pem"], paths[f"{stem}.key"])
+    return paths

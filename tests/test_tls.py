@@ -16,7 +16,7 @@ import pytest
 from framework.auth import AuthPolicy, JwtConfig, JwtVerifier, current_principal
 from framework.client import connect
 from framework.config import ServerConfig
-from framework.devca import DevCA
+from framework.devca import DevCA, write_dev_pki
 from framework.errors import PermissionDeniedError, UnauthenticatedError, UnavailableError
 from framework.keyset import KeySet, StaticKeys, VerificationKey
 from framework.policy import Policy
@@ -231,6 +231,18 @@ def test_config_validation_names_the_field(pki: Pki) -> None:
         ServerTls(pki.path("server.pem"), pki.path("server.key"), require_client_cert=True)
     with pytest.raises(ValueError, match="key_file"):
         ClientTls(cert_file="c.pem")
+
+
+def test_write_dev_pki_writes_usable_files(tmp_path: Path) -> None:
+    """The demo helper writes a CA, a server pair and client pairs that load as mTLS config."""
+    paths = write_dev_pki(tmp_path / "pki", clients={"orders": ORDERS})
+    assert sorted(paths) == ["ca", "orders.key", "orders.pem", "server.key", "server.pem"]
+    tls = ServerTls(str(paths["server.pem"]), str(paths["server.key"]), str(paths["ca"]))
+    assert CertificateFiles(tls).load() is not None
+    assert channel_credentials(
+        ClientTls(str(paths["ca"]), str(paths["orders.pem"]), str(paths["orders.key"]))
+    )
+    assert paths["orders.key"].stat().st_mode & 0o077 == 0
 
 
 def test_is_loopback() -> None:
