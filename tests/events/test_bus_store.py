@@ -86,6 +86,7 @@ async def test_position_waits_for_the_first_unacked_event(store: Any) -> None:
     assert bus.position("g") == 0
     await got[0].ack()
     assert bus.position("g") == 5
+    await bus.flush()
     assert await store.load_checkpoint("group:g") == 5
     await bus.close()
 
@@ -135,6 +136,7 @@ async def test_type_filter_and_bad_names(store: Any) -> None:
     sub = await bus.subscribe("deposits", event_types=[DEPOSITED])
     got = await _take(sub, 2)
     assert [d.envelope.type for d in got] == [DEPOSITED, DEPOSITED]
+    await bus.flush()
     assert await store.load_checkpoint("group:deposits") == 3
     with pytest.raises(FailedPreconditionError):
         await bus.subscribe("deposits")

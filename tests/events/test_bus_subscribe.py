@@ -95,6 +95,7 @@ async def test_catch_up_then_live(store: SqliteEventStore, buses: list[StoreBus]
         await call.done_writing()
         async with asyncio.timeout(5):
             code = await call.code()  # the server ends the stream when the client half-closes
+    await bus.flush()
     position = await store.load_checkpoint("group:g")
     assert [e.position for e in backlog + live] == [1, 2, 3, 4, 5]
     assert [e.stream_id for e in live] == ["b", "b"]

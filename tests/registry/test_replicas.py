@@ -1,0 +1,44 @@
+"""Two registry replicas on one PostgreSQL schema share one view."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from framework.client import connect
+from framework.registry.postgres import PostgresStore
+from gen.registry.v1 import registry_pb2 as pb
+from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
+from tests.registry.fleet import start_registry
+
+
+async def test_watch_on_one_replica_sees_changes_made_through_the_other(
+    postgres_dsn: str,
+) -> None:
+    """Register, reweigh and deregister through replica A; replica B's watcher sees each."""
+    schema = f"reg_{uuid.uuid4().hex[:12]}"
+    a = await start_registry(PostgresStore(postgres_dsn, schema=schema))
+    b = await start_registry(PostgresStore(postgres_dsn, schema=schema))
+    channel_a, channel_b = connect(a.address), connect(b.address)
+    try:
+        stub_a, stub_b = RegistryServiceStub(channel_a), RegistryServiceStub(channel_b)
+        stream = stub_b.Watch(pb.WatchRequest(service="orders"))
+        assert not (await asyncio.wait_for(stream.read(), 5)).instances
+        lease = await stub_a.Register(
+            pb.RegisterRequest(service="orders", address="127.0.0.1:7001")
+        )
+        seen = await asyncio.wait_for(stream.read(), 5)
+        assert [i.lease_id for i in seen.instances] == [lease.lease_id]
+        await stub_a.SetWeights(pb.SetWeightsRequest(service="orders", version_weights={"v1": 1}))
+        assert dict((await asyncio.wait_for(stream.read(), 5)).version_weights) == {"v1": 1}
+        await stub_b.Renew(pb.RenewRequest(lease_id=lease.lease_id))  # B knows A's lease
+        await stub_a.Deregister(pb.DeregisterRequest(lease_id=lease.lease_id))
+        assert not (await asyncio.wait_for(stream.read(), 5)).instances
+        stream.cancel()
+    finally:
+        await channel_a.close()
+        await channel_b.close()
+        await a.stop()
+        await b.stop()
+        cleanup = PostgresStore(postgres_dsn, schema=schema)
+        await cleanup.drop()
