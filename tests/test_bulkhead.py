@@ -12,7 +12,7 @@ from framework.bulkhead import Bulkhead, BulkheadConfig, BulkheadPolicy
 from framework.errors import BulkheadFullError
 from framework.testing import serve
 from framework.testing.echo import EchoServicer
-from gen.echo.v1.echo_pb2 import EchoRequest
+from gen.echo.v1.echo_pb2 import EchoRequest, EchoResponse
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 
 
@@ -22,6 +22,10 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.002)
+
+
+async def _echo(stub: EchoServiceStub, text: str) -> EchoResponse:
+    return await stub.Echo(EchoRequest(text=text))
 
 
 def _outcomes(results: list[object]) -> tuple[int, int]:
@@ -38,7 +42,7 @@ async def test_server_rejects_exactly_the_calls_above_the_cap() -> None:
     policy = BulkheadPolicy(BulkheadConfig(max_concurrency=3))
     async with serve(servicer, policies=[policy]) as t:
         stub = t.stub(EchoServiceStub)
-        tasks = [asyncio.ensure_future(stub.Echo(EchoRequest(text=str(i)))) for i in range(8)]
+        tasks = [asyncio.ensure_future(_echo(stub, str(i))) for i in range(8)]
         await _until(lambda: sum(task.done() for task in tasks) == 5)
         assert servicer.calls["Echo"] == 3
         release.set()
@@ -57,7 +61,7 @@ async def test_client_caps_calls_per_target() -> None:
     client = BulkheadPolicy(BulkheadConfig(max_concurrency=2))
     async with serve(servicer, client_policies=[client]) as t:
         stub = t.stub(EchoServiceStub)
-        tasks = [asyncio.ensure_future(stub.Echo(EchoRequest(text=str(i)))) for i in range(5)]
+        tasks = [asyncio.ensure_future(_echo(stub, str(i))) for i in range(5)]
         await _until(lambda: sum(task.done() for task in tasks) == 3)
         release.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -72,9 +76,9 @@ async def test_waiting_bulkhead_queues_in_order_and_bounds_the_queue() -> None:
     policy = BulkheadPolicy(BulkheadConfig(max_concurrency=1, max_wait_s=10.0, max_waiting=1))
     async with serve(servicer, policies=[policy]) as t:
         stub = t.stub(EchoServiceStub)
-        first = asyncio.ensure_future(stub.Echo(EchoRequest(text="first")))
+        first = asyncio.ensure_future(_echo(stub, "first"))
         await _until(lambda: servicer.calls.get("Echo") == 1)
-        second = asyncio.ensure_future(stub.Echo(EchoRequest(text="second")))
+        second = asyncio.ensure_future(_echo(stub, "second"))
         await _until(lambda: policy._by_method["/echo.v1.EchoService/Echo"].waiting == 1)
         with pytest.raises(BulkheadFullError):
             await stub.Echo(EchoRequest(text="third"))
