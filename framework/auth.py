@@ -416,6 +416,8 @@ class AuthPolicy(BasePolicy):
     `verifier` None accepts no tokens (mTLS identities only).  `required_by_default`
     applies to methods whose contract leaves `auth_required` unset.
     `open_services` are service patterns that skip the policy entirely.
+    From code (for contracts you do not own): `public_methods` patterns are public,
+    `method_scopes` maps method patterns to scopes required on top of the contract's.
     """
 
     sides = frozenset({Side.SERVER})
@@ -426,12 +428,16 @@ class AuthPolicy(BasePolicy):
         *,
         required_by_default: bool = True,
         open_services: Sequence[str] = OPEN_SERVICES,
+        public_methods: Sequence[str] = (),
+        method_scopes: Mapping[str, Iterable[str]] | None = None,
         allowed_identities: IdentityRule | None = None,
         read_peer_identity: bool = True,
     ) -> None:
         self.verifier = verifier
         self.required_by_default = required_by_default
         self.open_services = tuple(open_services)
+        self.public_methods = tuple(public_methods)
+        self.method_scopes = {k: tuple(v) for k, v in (method_scopes or {}).items()}
         self.allowed_identities = allowed_identities
         self.read_peer_identity = read_peer_identity
 
@@ -448,13 +454,20 @@ class AuthPolicy(BasePolicy):
         if any(fnmatch.fnmatchcase(method.service, p) for p in self.open_services):
             return None
         options = method.policy
-        required = (
-            options.auth_required if options.HasField("auth_required") else self.required_by_default
-        )
+        if any(method.matches(p) for p in self.public_methods):
+            required = False
+        elif options.HasField("auth_required"):
+            required = options.auth_required
+        else:
+            required = self.required_by_default
+        scopes = set(options.scopes)
+        for pattern, extra in self.method_scopes.items():
+            if method.matches(pattern):
+                scopes.update(extra)
         return _Rule(
             method=method.full_name,
             required=required,
-            scopes=frozenset(options.scopes),
+            scopes=frozenset(scopes),
             identity_allowed=self._identity_rule(method),
         )
 

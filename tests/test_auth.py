@@ -482,6 +482,21 @@ async def test_provider_failure_without_valid_token_is_unauthenticated() -> None
     assert repr(policy) == "BearerToken(provider)"
 
 
+def test_code_overrides_add_scopes_and_public_methods(rsa_key: Any, ec_key: Any) -> None:
+    """Rules from code add scopes to the contract's and can make a method public."""
+    policy = AuthPolicy(
+        _verifier(rsa_key, ec_key),
+        public_methods=["*/EchoStream"],
+        method_scopes={"echo.v1.EchoService/Echo": ["admin"]},
+    )
+    echo = policy.rule(Method.resolve("/echo.v1.EchoService/Echo"))
+    stream = policy.rule(Method.resolve("/echo.v1.EchoService/EchoStream"))
+    assert echo is not None and echo.scopes == {"echo:read", "admin"} and echo.required
+    assert stream is not None and not stream.required
+    assert policy.rule(Method.resolve("/grpc.health.v1.Health/Check")) is None
+    assert policy.rule(Method.resolve("/grpc.reflection.v1alpha.ServerReflection/X")) is None
+
+
 def test_principal_is_none_outside_calls() -> None:
     """Outside a call there is no principal."""
     assert current_principal() is None
