@@ -1,0 +1,5 @@
+"""`python -m framework.registry ...`: see framework.registry.cli."""
+
+from framework.registry.cli import main
+
+raise SystemExit(main())
