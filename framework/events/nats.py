@@ -84,11 +84,15 @@ def subject_for(prefix: str, envelope: EventEnvelope) -> str:
 class JetStreamDelivery:
     """One JetStream message carrying an envelope."""
 
-    __slots__ = ("_envelope", "_msg")
+    __slots__ = ("_envelope", "_msg", "_pending")
 
-    def __init__(self, msg: Msg, envelope: EventEnvelope) -> None:
+    def __init__(
+        self, msg: Msg, envelope: EventEnvelope, pending: dict[int, JetStreamDelivery]
+    ) -> None:
         self._msg = msg
         self._envelope = envelope
+        self._pending = pending
+        pending[id(self)] = self
 
     @property
     def envelope(self) -> EventEnvelope:
@@ -99,10 +103,12 @@ class JetStreamDelivery:
         return int(self._msg.metadata.num_delivered or 1)
 
     async def ack(self) -> None:
-        await self._msg.ack()
+        if self._pending.pop(id(self), None) is not None:
+            await self._msg.ack()
 
     async def nack(self, delay_s: float = 0.0) -> None:
-        await self._msg.nak(delay=delay_s if delay_s > 0 else None)
+        if self._pending.pop(id(self), None) is not None:
+            await self._msg.nak(delay=delay_s if delay_s > 0 else None)
 
 
 class JetStreamSubscription:
@@ -116,6 +122,7 @@ class JetStreamSubscription:
         self._sub = sub
         self._event_types = event_types
         self._closed = False
+        self._pending: dict[int, JetStreamDelivery] = {}
 
     async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
         if self._closed:
@@ -135,7 +142,7 @@ class JetStreamSubscription:
             if self._event_types and envelope.type not in self._event_types:
                 await msg.ack()  # not for this group's filter
                 continue
-            out.append(JetStreamDelivery(msg, envelope))
+            out.append(JetStreamDelivery(msg, envelope, self._pending))
         return out
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:
@@ -144,8 +151,11 @@ class JetStreamSubscription:
                 yield delivery
 
     async def close(self) -> None:
+        """Leave the group: unacked deliveries are nak'ed so other members get them now."""
         if not self._closed:
             self._closed = True
+            for delivery in list(self._pending.values()):
+                await delivery.nack()
             await self._sub.unsubscribe()
 
     async def __aenter__(self) -> Self:
@@ -255,15 +265,19 @@ class JetStreamBus:
         # NATS < 2.10 has one filter per consumer: filter on the server for one type,
         # otherwise on the client (acknowledging what the group does not want).
         wanted = f"{prefix}.*.{next(iter(types))}" if len(types) == 1 else f"{prefix}.>"
+        described = "event types: " + (",".join(sorted(types)) or "all")
         stream = self._config.stream
         try:
             info = await self._js.consumer_info(stream, group)
         except nats.js.errors.NotFoundError:
             info = None
-        if info is not None and info.config.filter_subject not in (wanted, None):
+        if info is not None and (info.config.filter_subject, info.config.description) != (
+            wanted,
+            described,
+        ):
             raise FailedPreconditionError(
-                f"group {group!r} already consumes {info.config.filter_subject!r}, not "
-                f"{wanted!r}; use another group name for another event type filter"
+                f"group {group!r} already consumes {info.config.description!r}, not "
+                f"{described!r}; use another group name for another event type filter"
             )
         if info is None:
             try:
@@ -272,6 +286,7 @@ class JetStreamBus:
                     config=api.ConsumerConfig(
                         durable_name=group,
                         name=group,
+                        description=described,
                         ack_policy=api.AckPolicy.EXPLICIT,
                         deliver_policy=api.DeliverPolicy.ALL,
                         ack_wait=self._config.ack_wait_s,

@@ -139,18 +139,41 @@ async def test_nack_redelivers(bus: JetStreamBus) -> None:
 async def test_unacked_is_redelivered_after_ack_wait(bus: JetStreamBus) -> None:
     """A member that never acks (crashed) loses the event to redelivery after ack_wait."""
     await bus.publish(_envelopes(1))
-    crashed = await bus.subscribe("g")
-    taken = await crashed.fetch(timeout_s=2.0)
-    await crashed.close()
+    stuck = await bus.subscribe("g")  # takes the event and never answers
+    taken = await stuck.fetch(timeout_s=2.0)
     other = await bus.subscribe("g")
     again: list[Delivery] = []
     for _ in range(40):
         again = await other.fetch(timeout_s=0.2)
         if again:
             break
+    await again[0].ack()
     await other.close()
+    await stuck.close()
     assert again[0].envelope.event_id == taken[0].envelope.event_id
     assert again[0].attempt == 2
+
+
+async def test_closing_member_hands_back_unacked_at_once(bus: JetStreamBus) -> None:
+    """Deliveries a member holds when it closes are nak'ed and go to the next member."""
+    await bus.publish(_envelopes(3))
+    quitter = await bus.subscribe("g")
+    taken: list[Delivery] = []
+    await _drain_no_ack(quitter, 3, taken)
+    await quitter.close()
+    stayer = await bus.subscribe("g")
+    got: list[Delivery] = []
+    await _drain(stayer, 3, got)
+    await stayer.close()
+    assert sorted(d.envelope.version for d in got) == [1, 2, 3]
+    assert all(d.attempt == 2 for d in got)
+
+
+async def _drain_no_ack(sub: Subscription, want: int, sink: list[Delivery]) -> None:
+    for _ in range(50):
+        if len(sink) >= want:
+            return
+        sink += await sub.fetch(max_count=want - len(sink), timeout_s=0.2)
 
 
 async def test_event_type_filter(bus: JetStreamBus) -> None:
@@ -163,3 +186,8 @@ async def test_event_type_filter(bus: JetStreamBus) -> None:
     assert [d.envelope.version for d in got] == [2, 3, 4]
     with pytest.raises(FailedPreconditionError):
         await bus.subscribe("deposits", event_types=["events.v1.testing.AccountOpened"])
+    both = ["events.v1.testing.AccountOpened", "events.v1.testing.AmountDeposited"]
+    sub = await bus.subscribe("two-types", event_types=both)
+    await sub.close()
+    with pytest.raises(FailedPreconditionError):
+        await bus.subscribe("two-types")
