@@ -218,7 +218,10 @@ class CircuitBreaker:
             self._recorded,
         )
         if self._listener is not None:
-            self._listener(self.target, self.method, old, new)
+            try:
+                self._listener(self.target, self.method, old, new)
+            except Exception:  # an observer's bug must not fail the call it observes
+                logger.exception("circuit state listener %r failed", self._listener)
 
     def _open_error(self, wait_s: float | None) -> CircuitOpenError:
         when = f"retry in {wait_s:.1f}s" if wait_s is not None else "probes are in flight"

@@ -153,3 +153,21 @@ async def test_walks_closed_open_half_open_closed_open_through_grpc() -> None:
         ]
         assert policy.breaker(t.target, "/echo.v1.EchoService/Fail").state is BreakerState.OPEN
         assert policy.breaker(t.target, "/echo.v1.EchoService/Echo").state is BreakerState.CLOSED
+
+
+def test_a_failing_listener_does_not_change_the_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    """A state listener that raises is logged; the breaker still opens and rejects."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("metrics backend down")
+
+    clock = ManualClock()
+    breaker = CircuitBreaker(
+        BreakerConfig(window_size=2, min_calls=2), clock=clock, on_state_change=broken
+    )
+    _call(breaker, UnavailableError("down"))
+    _call(breaker, UnavailableError("down"))
+    assert breaker.state is BreakerState.OPEN
+    assert "listener" in caplog.text
+    with pytest.raises(CircuitOpenError):
+        breaker.before()

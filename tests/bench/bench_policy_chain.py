@@ -13,8 +13,9 @@ Access log records are really formatted and written (to /dev/null), as in
 production; the JWT is the same on every call, as a real client's would be
 until it refreshes, so the verifier's token cache is exercised.
 
-Diagnosis knobs: `PROFILE=1` runs cProfile in the server process (one profile
-per variant, over every round) and prints the top functions by own time;
+Diagnosis knobs: `PROFILE=server` (or `client`) runs cProfile in that process
+(one profile per variant, over every round) and prints the top functions by own
+time;
 `SKIP=accesslog,auth,ratelimit,bulkhead,breaker,retry,bearer` leaves those
 policies out, to price each one.
 """
@@ -22,10 +23,12 @@ policies out, to price each one.
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import pstats
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -126,8 +129,6 @@ async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> 
     while True:
         command, _, name = (await loop.run_in_executor(None, conn.recv)).partition(":")
         if command == "profile-on" and profile:
-            import cProfile
-
             profilers.setdefault(name, cProfile.Profile()).enable()
         elif command == "profile-off" and name in profilers:
             profilers[name].disable()
@@ -137,8 +138,6 @@ async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> 
     await server.stop(grace_s=0)
     await bare.stop(0)
     for name, profiler in profilers.items():
-        import pstats
-
         print(f"---- server profile: {name}", flush=True)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     conn.send("stopped")
@@ -157,7 +156,7 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
-async def _run(profile: bool) -> None:
+async def _run(profile_server: bool, profile_client: bool) -> None:
     from framework.breaker import BreakerConfig, CircuitBreakerPolicy
     from framework.client import connect
     from framework.retry import RetryConfig, RetryPolicy
@@ -166,7 +165,7 @@ async def _run(profile: bool) -> None:
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_server_main, args=(child, profile), daemon=True)
+    process = ctx.Process(target=_server_main, args=(child, profile_server), daemon=True)
     process.start()
     try:
         bare_port, chain_port, note = parent.recv()
@@ -200,6 +199,7 @@ async def _run(profile: bool) -> None:
             return await chain_stub.Echo(request)
 
         server_cpu: dict[str, list[float]] = {}
+        client_profiles: dict[str, cProfile.Profile] = {}
 
         def variant(
             name: str, call: Callable[[], Awaitable[object]], concurrency: int, total: int
@@ -207,9 +207,13 @@ async def _run(profile: bool) -> None:
             async def run() -> Sample:
                 parent.send(f"profile-on:{name}")
                 parent.recv()
+                if profile_client:
+                    client_profiles.setdefault(name, cProfile.Profile()).enable()
                 cpu0 = _process_cpu_s(pid)
                 sample = await closed_loop(call, concurrency=concurrency, total=total)
                 cpu_us = (_process_cpu_s(pid) - cpu0) / sample.ops * 1e6
+                if profile_client:
+                    client_profiles[name].disable()
                 server_cpu.setdefault(name, []).append(cpu_us)
                 parent.send(f"profile-off:{name}")
                 parent.recv()
@@ -235,6 +239,9 @@ async def _run(profile: bool) -> None:
                 break
         process.join(timeout=10)
 
+    for name, profiler in client_profiles.items():
+        print(f"---- client profile: {name}", flush=True)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     bare, chain = results["bare"], results["chain"]
     ratio = median_rate(chain) / median_rate(bare)
     p50_added = latency_us(chain, 0.5) - latency_us(bare, 0.5)
@@ -258,4 +265,5 @@ async def _run(profile: bool) -> None:
 
 
 def main() -> None:
-    asyncio.run(_run(profile=os.environ.get("PROFILE") == "1"))
+    where = os.environ.get("PROFILE", "")
+    asyncio.run(_run(profile_server=where == "server", profile_client=where == "client"))
