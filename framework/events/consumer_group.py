@@ -167,9 +167,14 @@ class _Group:
                 while len(self._outstanding) + config.batch_size > config.max_in_flight:
                     self._room.clear()
                     await self._room.wait()
-                events = await self._store.read_all(self._read_upto, config.batch_size)
-                if not events:
-                    await self._store.wait_for_events(self._read_upto, config.poll_interval_s)
+                try:
+                    events = await self._store.read_all(self._read_upto, config.batch_size)
+                    if not events:
+                        await self._store.wait_for_events(self._read_upto, config.poll_interval_s)
+                        continue
+                except (UnavailableError, OSError) as error:
+                    logger.warning("group %s: store unavailable (%s); retrying", self.name, error)
+                    await asyncio.sleep(config.poll_interval_s)
                     continue
                 for event in events:
                     self._read_upto = event.position

@@ -180,10 +180,26 @@ class JetStreamBus:
         self._owns = owns
 
     @classmethod
-    async def connect(cls, url: str, config: JetStreamConfig | None = None) -> JetStreamBus:
-        """Connect to `url`, make sure the stream exists, and own the connection."""
+    async def connect(
+        cls,
+        url: str,
+        config: JetStreamConfig | None = None,
+        *,
+        connect_timeout_s: float = 2.0,
+        max_reconnect_attempts: int = -1,
+    ) -> JetStreamBus:
+        """Connect to `url`, make sure the stream exists, and own the connection.
+
+        The connection keeps reconnecting (forever by default) after it is lost;
+        publishes meanwhile fail with `UnavailableError` and the relay retries.
+        """
         try:
-            nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=5)
+            nc = await nats.connect(
+                url,
+                connect_timeout=connect_timeout_s,
+                max_reconnect_attempts=max_reconnect_attempts,
+                allow_reconnect=True,
+            )
         except (OSError, nats.errors.NoServersError) as error:
             raise UnavailableError(f"cannot reach NATS at {url}: {error}") from error
         bus = cls(nc, config or JetStreamConfig(), owns=True)

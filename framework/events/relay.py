@@ -64,19 +64,22 @@ class OutboxRelay:
         self._config = config or RelayConfig()
         self._checkpoint = f"relay:{self._config.name}"
         self._task: asyncio.Task[None] | None = None
+        self._cursor: int | None = None  # cached: this relay is the only writer of it
 
     async def cursor(self) -> int:
         """Position of the last event the bus acknowledged."""
-        return await self._store.load_checkpoint(self._checkpoint)
+        if self._cursor is None:
+            self._cursor = await self._store.load_checkpoint(self._checkpoint)
+        return self._cursor
 
     async def publish_batch(self) -> int:
         """Publish the next batch after the cursor; return how many events it held."""
-        after = await self._store.load_checkpoint(self._checkpoint)
-        events = await self._store.read_all(after, self._config.batch_size)
+        events = await self._store.read_all(await self.cursor(), self._config.batch_size)
         if not events:
             return 0
         await self._bus.publish([to_envelope(event) for event in events])
         await self._store.save_checkpoint(self._checkpoint, events[-1].position)
+        self._cursor = events[-1].position
         return len(events)
 
     async def run_once(self) -> int:
