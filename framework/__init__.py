@@ -1,1 +1,74 @@
-"""Microservice patterns on gRPC for asyncio Python."""
+"""Microservice patterns on gRPC for asyncio Python.
+
+The public API, importable from here (loaded on first use, so `import framework`
+has no side effects and `python -m framework protos` works before gen/ exists):
+
+    from framework import Server, ServerConfig, connect, ClientConfig, serve
+    from framework import Policy, BasePolicy, Call, Method, only, skip
+    from framework import ConflictError, NotFoundError, ...   (framework.errors)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # builders
+    "Server": "framework.server",
+    "ServerConfig": "framework.config",
+    "ClientConfig": "framework.config",
+    "connect": "framework.client",
+    "Channel": "framework.client",
+    "serve": "framework.testing",
+    # the policy chain
+    "Policy": "framework.policy",
+    "BasePolicy": "framework.policy",
+    "Call": "framework.policy",
+    "Method": "framework.policy",
+    "Chain": "framework.policy",
+    "Side": "framework.policy",
+    "only": "framework.policy",
+    "skip": "framework.policy",
+    "current_call": "framework.policy",
+    "AccessLogPolicy": "framework.accesslog",
+    "ErrorMappingPolicy": "framework.error_mapping",
+    "DeadlinePolicy": "framework.deadline",
+    # health
+    "Check": "framework.health",
+    "HealthMonitor": "framework.health",
+    # time
+    "Clock": "framework.clock",
+    "SystemClock": "framework.clock",
+    "ManualClock": "framework.clock",
+    # errors
+    "FrameworkError": "framework.errors",
+    "FieldViolation": "framework.errors",
+    "InvalidArgumentError": "framework.errors",
+    "NotFoundError": "framework.errors",
+    "AlreadyExistsError": "framework.errors",
+    "ConflictError": "framework.errors",
+    "FailedPreconditionError": "framework.errors",
+    "UnauthenticatedError": "framework.errors",
+    "PermissionDeniedError": "framework.errors",
+    "ResourceExhaustedError": "framework.errors",
+    "RateLimitedError": "framework.errors",
+    "BulkheadFullError": "framework.errors",
+    "UnavailableError": "framework.errors",
+    "CircuitOpenError": "framework.errors",
+    "DeadlineExceededError": "framework.errors",
+    "InternalError": "framework.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'framework' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
