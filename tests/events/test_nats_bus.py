@@ -77,11 +77,12 @@ async def test_each_group_gets_every_event(bus: JetStreamBus) -> None:
     assert got_a[3].envelope == events[3]
 
 
-async def test_members_of_one_group_share_events(bus: JetStreamBus) -> None:
-    """Two members of one group each get some events and together get all, none lost."""
+async def test_members_of_one_group_share_events(bus: JetStreamBus, nats_url: str) -> None:
+    """Two members of one group (own connections) each get some events; together all, once."""
     events = _envelopes(40)
+    other = await JetStreamBus.connect(nats_url, bus.config)  # as another process would
     m1 = await bus.subscribe("workers")
-    m2 = await bus.subscribe("workers")
+    m2 = await other.subscribe("workers")
     await bus.publish(events)
     got: list[Delivery] = []
     got1: list[str] = []
@@ -100,6 +101,7 @@ async def test_members_of_one_group_share_events(bus: JetStreamBus) -> None:
     await asyncio.gather(member(m1, got1), member(m2, got2))
     await m1.close()
     await m2.close()
+    await other.close()
     assert got1 and got2
     assert set(got1) | set(got2) == {e.event_id for e in events}
     assert len(got1) + len(got2) == 40
