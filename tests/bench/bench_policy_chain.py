@@ -6,7 +6,8 @@ server chain (error mapping (pinned) -> access log -> auth HS256 -> rate limit
 in-memory -> bulkhead).  The client process (this one, pinned to core 1) calls
 the bare server through a bare channel, and the framework server through
 `connect()` with the client chain (breaker -> retry (service config) -> bearer
-token -> deadline (pinned)).  Rounds are interleaved; medians are reported.
+token -> deadline (pinned)).  A third server runs the same chain without the
+access log, to price the log record apart.  Rounds are interleaved; medians are reported.
 Server CPU per call is read from /proc/<pid>/stat around each round.
 
 Access log records are really formatted and written (to /dev/null), as in
@@ -50,10 +51,10 @@ from tests.bench.harness import (
 )
 
 CONCURRENCY = 32
-CALLS_PER_ROUND = 4000
-ROUNDS = 7
-SERIAL_CALLS_PER_ROUND = 500  # one call in flight: latency without queueing
-WARMUP_CALLS = 1500
+CALLS_PER_ROUND = 3000
+ROUNDS = 5
+SERIAL_CALLS_PER_ROUND = 400  # one call in flight: latency without queueing
+WARMUP_CALLS = 1000
 SECRET = b"bench-secret-bench-secret-bench-secret!!"
 ISSUER, AUDIENCE = "https://id.bench.local", "echo"
 
@@ -72,7 +73,7 @@ def _token() -> str:
 SKIP = frozenset(filter(None, os.environ.get("SKIP", "").split(",")))
 
 
-def _server_chain() -> tuple[list[Any], str]:
+def _server_chain(access_log: bool = True) -> tuple[list[Any], str]:
     """The server policies, and a note saying what is in the chain."""
     from framework.accesslog import AccessLogPolicy
     from framework.bulkhead import BulkheadConfig, BulkheadPolicy
@@ -84,7 +85,8 @@ def _server_chain() -> tuple[list[Any], str]:
     handler = logging.FileHandler(os.devnull)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     access.addHandler(handler)
-    policies: list[Any] = [] if "accesslog" in SKIP else [AccessLogPolicy(access)]
+    logged = access_log and "accesslog" not in SKIP
+    policies: list[Any] = [AccessLogPolicy(access)] if logged else []
     try:
         from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
         from framework.keyset import KeySet, StaticKeys, VerificationKey
@@ -123,7 +125,14 @@ async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> 
     )
     server.add(EchoServicer())
     chain_port = await server.start()
-    conn.send((bare_port, chain_port, note))
+    # The same chain without the access log, to show what writing a record costs.
+    quiet = Server(
+        ServerConfig(name="bench-quiet", host="127.0.0.1", port=0, grace_s=0.5),
+        policies=_server_chain(access_log=False)[0],
+    )
+    quiet.add(EchoServicer())
+    quiet_port = await quiet.start()
+    conn.send((bare_port, chain_port, quiet_port, note))
     loop = asyncio.get_running_loop()
     profilers: dict[str, Any] = {}
     while True:
@@ -136,6 +145,7 @@ async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> 
             break
         conn.send("ok")
     await server.stop(grace_s=0)
+    await quiet.stop(grace_s=0)
     await bare.stop(0)
     for name, profiler in profilers.items():
         print(f"---- server profile: {name}", flush=True)
@@ -168,7 +178,7 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
     process = ctx.Process(target=_server_main, args=(child, profile_server), daemon=True)
     process.start()
     try:
-        bare_port, chain_port, note = parent.recv()
+        bare_port, chain_port, quiet_port, note = parent.recv()
         assert process.pid is not None
         pid = process.pid
         pin_to_cpu(1)
@@ -187,6 +197,7 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
                 client_policies.append(BearerToken(_token()))
         bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}")
         chain_channel = connect(f"127.0.0.1:{chain_port}", policies=client_policies)
+        quiet_channel = connect(f"127.0.0.1:{quiet_port}", policies=client_policies)
         request = EchoRequest(text="hello")
         bare_stub, chain_stub = EchoServiceStub(bare_channel), EchoServiceStub(chain_channel)
         # Both variants get a deadline, as every production call should.
@@ -197,6 +208,11 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
 
         async def chain_call() -> object:
             return await chain_stub.Echo(request)
+
+        quiet_stub = EchoServiceStub(quiet_channel)
+
+        async def quiet_call() -> object:
+            return await quiet_stub.Echo(request)
 
         server_cpu: dict[str, list[float]] = {}
         client_profiles: dict[str, cProfile.Profile] = {}
@@ -221,17 +237,23 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
 
             return run
 
-        for call in (bare_call, chain_call):  # warm up connections, caches, JIT-free paths
+        for call in (
+            bare_call,
+            chain_call,
+            quiet_call,
+        ):  # warm up connections, caches, JIT-free paths
             await closed_loop(call, concurrency=CONCURRENCY, total=WARMUP_CALLS)
         results = await interleave(
             ROUNDS,
             bare=variant("bare", bare_call, CONCURRENCY, CALLS_PER_ROUND),
             chain=variant("chain", chain_call, CONCURRENCY, CALLS_PER_ROUND),
+            nolog=variant("nolog", quiet_call, CONCURRENCY, CALLS_PER_ROUND),
             bare_1=variant("bare_1", bare_call, 1, SERIAL_CALLS_PER_ROUND),
             chain_1=variant("chain_1", chain_call, 1, SERIAL_CALLS_PER_ROUND),
         )
         await bare_channel.close()
         await chain_channel.close()
+        await quiet_channel.close()
     finally:
         parent.send("stop")
         while True:  # the profile (if any) prints before "stopped"
@@ -255,10 +277,17 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
             flush=True,
         )
     server_added = statistics.median(server_cpu["chain"]) - statistics.median(server_cpu["bare"])
+    log_cost = statistics.median(server_cpu["chain"]) - statistics.median(server_cpu["nolog"])
     print(
         f"chain/bare={ratio:.3f} p50 added: {p50_added:.0f}us at {CONCURRENCY} in flight, "
         f"{p50_added_1:.0f}us at 1 in flight; cpu added per call: server {server_added:.1f}us, "
         f"client {median_cpu_us(chain) - median_cpu_us(bare):.1f}us ({note})",
+        flush=True,
+    )
+    print(
+        f"without the access log: "
+        f"chain/bare={median_rate(results['nolog']) / median_rate(bare):.3f};"
+        f" writing the access record costs {log_cost:.1f}us of server CPU per call",
         flush=True,
     )
     bench_line("policy_chain_unary", ratio, median_rate(chain), "calls/s", "bare_grpc_aio")
