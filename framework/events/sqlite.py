@@ -1,6 +1,6 @@
 """The embedded event store: stdlib sqlite3 in WAL mode on one dedicated thread.
 
-Every database call runs on a single-thread executor, so the event loop never
+Every database call runs on one dedicated thread, so the event loop never
 blocks on disk.  An append is one `BEGIN IMMEDIATE ... COMMIT` transaction
 (all or nothing, also across a kill -9: WAL recovery drops the uncommitted
 tail); `UNIQUE(stream_id, version)` is enforced by the database and the global
@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from framework.errors import UnavailableError
+from framework.events.dedicated_thread import DedicatedThread
 from framework.events.envelope import Codec, EventRow, StoredRow, from_micros, to_micros
 from framework.events.store import (
     DEFAULT_PAGE_SIZE,
@@ -145,7 +145,7 @@ class SqliteEventStore:
     ) -> None:
         self.config = config
         self.codec = Codec(types, upcasters or Upcasters())
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-events")
+        self._thread = DedicatedThread("sqlite-events")
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
         self._appended = asyncio.Event()
@@ -155,7 +155,7 @@ class SqliteEventStore:
         cls, config: SqliteConfig, types: EventTypeRegistry, upcasters: Upcasters | None = None
     ) -> SqliteEventStore:
         store = cls(config, types, upcasters)
-        await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
+        await store._thread.run(store._connect)
         return store
 
     # ------------------------------------------------------------ plumbing
@@ -186,7 +186,7 @@ class SqliteEventStore:
             except sqlite3.OperationalError as exc:
                 raise UnavailableError(f"SQLite event store: {exc}; retry later") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._thread.run(call)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -310,7 +310,7 @@ class SqliteEventStore:
             async with self._lock:
                 await self._run(lambda c: c.close())
             self._conn = None
-        self._executor.shutdown(wait=True)
+        await self._thread.stop()
 
 
 def _append(
