@@ -14,6 +14,7 @@ token is refreshed in the background for the next calls.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,13 +100,26 @@ class BearerToken:
             and self._clock.monotonic() >= self._next_attempt
         ):
             self._start_fetch()  # refresh in the background; this call uses the valid token
-        call.add_metadata("authorization", self._header)
-        return self._observe
+        header = self._header
+        call.add_metadata("authorization", header)
+        return functools.partial(self._observe, header)
 
-    def _observe(self, error: BaseException | None) -> None:
-        if error is not None and code_of(error) is _UNAUTHENTICATED and self._fetch is None:
+    def _observe(self, header: str, error: BaseException | None) -> None:
+        # refresh only when the rejected token is still the current one: calls that were
+        # in flight with it must not each start another fetch
+        if (
+            error is not None
+            and code_of(error) is _UNAUTHENTICATED
+            and header == self._header
+            and self._fetch is None
+        ):
             self._next_attempt = 0.0
             self._start_fetch()
+
+    @property
+    def current(self) -> IssuedToken | None:
+        """The token calls attach now (None before the first fetch)."""
+        return self._current
 
     async def token(self) -> IssuedToken:
         """A valid token now: the current one, or the result of a (shared) fetch."""

@@ -427,6 +427,34 @@ async def test_bearer_token_policy_attaches_static_token(rsa_key: Any, ec_key: A
         assert (await _echo(t)).startswith("bob|")
 
 
+async def test_provider_token_through_grpc_refreshes_after_rejection(
+    rsa_key: Any, ec_key: Any
+) -> None:
+    """A provider's token is attached; an UNAUTHENTICATED answer fetches a new one for later."""
+    issued = iter([_hs(_claims(), secret=OTHER_SECRET), _hs(_claims(sub="dave"))])
+
+    async def provider() -> IssuedToken:
+        return IssuedToken(next(issued))
+
+    bearer = BearerToken(provider=provider)
+    async with serve(
+        PrincipalEcho(),
+        policies=[AuthPolicy(_verifier(rsa_key, ec_key))],
+        client_policies=[bearer],
+    ) as t:
+        with pytest.raises(UnauthenticatedError) as error:
+            await _echo(t)
+        assert _reason(error) == "TOKEN_BAD_SIGNATURE"
+        rejected = bearer.current
+        for _ in range(100):  # bounded: the background refresh lands within a few loop turns
+            if bearer.current is not rejected:
+                break
+            await asyncio.sleep(0)
+        assert (await _echo(t)).startswith("dave|")
+        assert bearer.fetches == 2
+    await bearer.close()
+
+
 # ------------------------------------------------------------ client provider
 
 _METHOD = Method.resolve("/echo.v1.EchoService/Echo")
