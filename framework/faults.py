@@ -178,7 +178,10 @@ class FaultInjectionPolicy:
                 if rule.percent < 100.0 and draw() * 100.0 >= rule.percent:
                     continue
                 if rule.delay_s:
-                    await clock.sleep(rule.delay_s)
+                    remaining = call.time_remaining()  # never hold a call past its deadline
+                    await clock.sleep(
+                        rule.delay_s if remaining is None else min(rule.delay_s, remaining)
+                    )
                 if rule.abort_code is not None:
                     raise rule.error()
             return None
