@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
@@ -168,7 +169,7 @@ class StaticKeys:
 def _file_stamp(path: str) -> tuple[int, int, int]:
     try:
         stat = Path(path).stat()
-    except FileNotFoundError:
+    except OSError:  # missing or unreadable: a change load() will report
         return (-1, -1, -1)
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
@@ -240,7 +241,7 @@ class PemFiles:
                 ) from error
             try:
                 keys[kid] = VerificationKey.public(kid, pem, algorithm)
-            except (ValueError, TypeError) as error:
+            except (ValueError, TypeError, UnsupportedAlgorithm) as error:
                 raise ValueError(f"key {kid!r} in {path}: {error}") from error
         return keys
 

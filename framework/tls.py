@@ -118,7 +118,7 @@ def _mtime(path: str | None) -> int:
         return 0
     try:
         stat = Path(path).stat()
-    except FileNotFoundError:
+    except OSError:  # missing or unreadable: load() will say which
         return -1
     return stat.st_mtime_ns ^ (stat.st_ino << 1) ^ (stat.st_size << 32)
 
