@@ -12,6 +12,7 @@ import pytest
 
 from framework.errors import InvalidArgumentError, code_of
 from framework.events.consumer_group import StoreBus, StoreBusConfig
+from framework.events.service import EventStoreServicer
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
 from framework.events.store import NewEvent
 from framework.events.subscribe import SubscribeConfig, SubscribeMixin
@@ -19,7 +20,7 @@ from framework.events.typeregistry import EventTypeRegistry
 from framework.testing import serve
 from gen.events.v1 import testing_pb2
 from gen.events.v1.envelope_pb2 import EventEnvelope
-from gen.events.v1.store_pb2 import SubscribeRequest
+from gen.events.v1.store_pb2 import AppendRequest, ProposedEvent, SubscribeRequest
 from gen.events.v1.store_pb2_grpc import EventStoreServiceServicer, EventStoreServiceStub
 from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
 
@@ -156,3 +157,27 @@ async def test_stream_must_start_with_start(store: SqliteEventStore, buses: list
                     await call.read()
             codes.append(code_of(caught.value))
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+
+
+async def test_event_store_service_appends_reach_subscribers(
+    store: Any, buses: list[StoreBus]
+) -> None:
+    """Through EventStoreServicer: events appended over gRPC reach an open Subscribe stream."""
+    bus = _bus(buses, store, poll_interval_s=0.05)
+    async with serve(EventStoreServicer(store, bus=bus)) as t:
+        stub = t.stub(EventStoreServiceStub)
+        call = stub.Subscribe()
+        await call.write(_start("remote"))
+        opened = AccountOpened(owner="zoe")
+        proposed = ProposedEvent(
+            type=opened.DESCRIPTOR.full_name, payload=opened.SerializeToString()
+        )
+        request = AppendRequest(
+            stream_id="z", aggregate_type="Account", expected_version=0, events=[proposed]
+        )
+        await stub.Append(request)
+        (got,) = await _read(call, 1)
+        await call.write(_ack(got.position))
+        call.cancel()
+    assert (got.stream_id, got.version, got.aggregate_type) == ("z", 1, "Account")
+    assert AccountOpened.FromString(got.payload) == opened
