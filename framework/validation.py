@@ -137,6 +137,7 @@ def field_rules(field: FieldDescriptor) -> list[RuleSpec]:
         field_type=field.type,
         repeated=_is_repeated(field),
         enum_values=enum_values,
+        has_presence=field.has_presence,
     )
 
 
@@ -147,10 +148,13 @@ def rule_specs(
     field_type: int,
     repeated: bool,
     enum_values: Sequence[tuple[str, int]] = (),
+    has_presence: bool = False,
 ) -> list[RuleSpec]:
     """Compile `rules` for a field of `field_type` (a FieldDescriptor.TYPE_* number).
 
-    `where` names the field in errors; `enum_values` are (name, number) of its enum.
+    `where` names the field in errors; `enum_values` are (name, number) of its enum;
+    `has_presence` (messages, proto3 `optional`, oneof members) makes `required`
+    mean "set" rather than "not the default value".
     Also used by the reference generator, which reads descriptors without a pool.
     """
     kind = _TYPE_NAMES.get(field_type, "value")
@@ -163,7 +167,7 @@ def rule_specs(
     if rules.required:
         if repeated:
             specs.append(RuleSpec("required", "is required (at least one item)", bool))
-        elif field_type == _T.TYPE_MESSAGE:
+        elif field_type == _T.TYPE_MESSAGE or has_presence:
             specs.append(RuleSpec("required", "is required", bool, presence=True))
         else:
             specs.append(RuleSpec("required", "is required", bool))

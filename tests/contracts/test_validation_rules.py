@@ -62,6 +62,11 @@ def _build() -> descriptor_pb2.FileDescriptorProto:
     node = file.message_type.add(name="Node")
     _field(node, "name", 1, FDP.TYPE_STRING, required=True)
     _field(node, "child", 2, FDP.TYPE_MESSAGE, type_name=".validation_cases.v1.Node")
+    optional = file.message_type.add(name="Optional")
+    optional.oneof_decl.add(name="_level")
+    _field(optional, "level", 1, FDP.TYPE_INT32, required=True)
+    optional.field[0].proto3_optional = True
+    optional.field[0].oneof_index = 0
     plain = file.message_type.add(name="Plain")
     _field(plain, "anything", 1, FDP.TYPE_STRING)
     for name, type_, rules in [
@@ -113,6 +118,13 @@ def test_every_rule_kind_reports_its_field_and_rule() -> None:
     ]
     good = cases(ratio=1.0, inner=inner(code="x"), tags=["a"], kinds=[1], count=-5)
     assert _violations(good) == []
+
+
+def test_required_on_an_optional_scalar_means_set_not_non_zero() -> None:
+    """A proto3 `optional` field with presence passes `required` when set, even to 0."""
+    optional = _cls("Optional")
+    assert _violations(optional()) == [("level", "required")]
+    assert _violations(optional(level=0)) == []
 
 
 def test_recursive_messages_are_checked_at_every_depth() -> None:
