@@ -21,6 +21,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
 RETRY_AFTER_KEY = "retry-after"
+# gRPC's server pushback (gRFC A6): the client's C-core retry waits this long.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 DEFAULT_DOMAIN = "framework"
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -237,6 +239,7 @@ def to_status(error: FrameworkError) -> RpcStatus:
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         trailing.append((RETRY_AFTER_KEY, f"{error.retry_after_s:.3f}"))
+        trailing.append((PUSHBACK_KEY, str(max(0, round(error.retry_after_s * 1000)))))
     if isinstance(error, InvalidArgumentError) and error.violations:
         bad = error_details_pb2.BadRequest()
         for v in error.violations:
