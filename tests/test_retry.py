@@ -10,6 +10,8 @@ import grpc
 import pytest
 
 from framework.errors import DeadlineExceededError, UnavailableError
+from framework.policy import BasePolicy, Call, Exit, Side
+from framework.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 from framework.retry import RetryConfig, RetryPolicy, service_config
 from framework.testing import serve
 from framework.testing.echo import EchoServicer
@@ -131,3 +133,34 @@ async def test_retries_never_run_past_the_deadline() -> None:
     # Four jittered backoffs in [0, 1 s] almost never fit in 0.25 s: the deadline ends it.
     assert 0.2 <= elapsed < 0.4
     assert 1 <= len(servicer.attempts) < 5
+
+
+class AttemptLog(BasePolicy):
+    """Server policy recording each attempt's grpc-previous-rpc-attempts value."""
+
+    sides = frozenset({Side.SERVER})
+
+    def __init__(self) -> None:
+        self.attempts: list[int] = []
+
+    def enter(self, call: Call) -> Exit | None:
+        self.attempts.append(int(call.header("grpc-previous-rpc-attempts") or 0))
+        return None
+
+
+async def test_rate_limited_retry_waits_for_the_server_pushback() -> None:
+    """With RESOURCE_EXHAUSTED retryable, the core waits the retry-after pushback, then succeeds."""
+    log = AttemptLog()
+    limiter = RateLimitPolicy(RateLimitConfig(default=Limit(rate_per_s=10.0, burst=1)))
+    servicer = EchoServicer()
+    policy = _retry(retry_resource_exhausted=True)
+    async with serve(servicer, policies=[log, limiter], client_policies=[policy]) as t:
+        stub = t.stub(EchoServiceStub)
+        await stub.Echo(echo_pb2.EchoRequest(text="first"))
+        started = time.monotonic()
+        reply = await stub.Echo(echo_pb2.EchoRequest(text="second"))
+        elapsed = time.monotonic() - started
+    assert reply.text == "second"
+    assert log.attempts == [0, 0, 1]  # the second call was limited once, then retried
+    assert elapsed >= 0.08  # grpc-retry-pushback-ms from retry_after_s, not the 10 ms backoff
+    assert servicer.calls["Echo"] == 2
