@@ -113,7 +113,7 @@ class MemoryBuckets:
     changes nothing) or when `max_keys` is exceeded.
     """
 
-    __slots__ = ("_buckets", "_clock", "max_keys")
+    __slots__ = ("_buckets", "_clock", "forced_evictions", "max_keys")
 
     def __init__(self, *, max_keys: int = 100_000, clock: Clock | None = None) -> None:
         if max_keys < 1:
@@ -121,6 +121,7 @@ class MemoryBuckets:
         self.max_keys = max_keys
         self._clock = clock or SystemClock()
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self.forced_evictions = 0  # buckets dropped before they were full again
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -152,11 +153,14 @@ class MemoryBuckets:
             idle = now - oldest[1]
             if len(buckets) > self.max_keys:
                 if idle < oldest[2]:
-                    logger.warning(
-                        "rate limit store over max_keys=%s: forgetting a bucket in use; "
-                        "raise max_keys or use a shared backend",
-                        self.max_keys,
-                    )
+                    self.forced_evictions += 1
+                    if self.forced_evictions % 10_000 == 1:  # say so, without flooding the log
+                        logger.warning(
+                            "rate limit store over max_keys=%s: forgot %s buckets still in "
+                            "use (those callers get a fresh burst); raise max_keys",
+                            self.max_keys,
+                            self.forced_evictions,
+                        )
                 del buckets[oldest_key]
             elif idle >= oldest[2] and len(buckets) > 1:
                 del buckets[oldest_key]

@@ -43,6 +43,7 @@ def test_memory_is_bounded_and_idle_buckets_are_evicted() -> None:
     for i in range(10):
         buckets.take(f"k{i}", limit)
         assert len(buckets) <= 3
+    assert buckets.forced_evictions == 7  # evicted while not yet full: counted and logged
     clock.advance(1.0)  # every bucket is full again: keeping them is pointless
     buckets.take("fresh", limit)
     buckets.take("fresh", limit)
