@@ -196,6 +196,8 @@ class JwtVerifier:
             raise _rejected(
                 "TOKEN_ALGORITHM_REJECTED", "unsigned tokens (alg 'none') are not accepted"
             )
+        if "crit" in header:  # RFC 7515 4.1.11: unknown critical extensions must be refused
+            raise _rejected("TOKEN_MALFORMED", "critical header extensions are not supported")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _rejected("TOKEN_MALFORMED", "the token's 'kid' header must be a string")

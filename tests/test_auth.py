@@ -344,6 +344,13 @@ def _attacks(rsa_key: Any, ec_key: Any) -> dict[str, tuple[str | None, str | Non
         "wrong iss": (_hs(_claims(iss="https://evil.test")), None, "TOKEN_WRONG_ISSUER"),
         "wrong aud": (_hs(_claims(aud="other")), None, "TOKEN_WRONG_AUDIENCE"),
         "unknown kid": (_hs(_claims(), kid="nope"), None, "TOKEN_UNKNOWN_KEY"),
+        "crit header": (
+            jwt.encode(
+                _claims(), HS_SECRET, algorithm="HS256", headers={"kid": "hs1", "crit": ["x"]}
+            ),
+            None,
+            "TOKEN_MALFORMED",
+        ),
     }
 
 
