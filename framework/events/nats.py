@@ -217,11 +217,19 @@ class JetStreamBus:
     async def ensure_stream(self) -> None:
         """Create the stream for `<prefix>.>` if it does not exist yet."""
         config = self._config
+        wanted = f"{config.subject_prefix}.>"
         try:
-            await self._js.stream_info(config.stream)
-            return
+            info = await self._js.stream_info(config.stream)
         except nats.js.errors.NotFoundError:
-            pass
+            info = None
+        if info is not None:
+            if wanted not in (info.config.subjects or []):
+                raise FailedPreconditionError(
+                    f"JetStream stream {config.stream!r} holds subjects "
+                    f"{info.config.subjects}, not {wanted!r}: use another stream name "
+                    f"or subject_prefix"
+                )
+            return
         await self._js.add_stream(
             name=config.stream,
             subjects=[f"{config.subject_prefix}.>"],

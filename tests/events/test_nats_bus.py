@@ -193,3 +193,14 @@ async def test_event_type_filter(bus: JetStreamBus) -> None:
     await sub.close()
     with pytest.raises(FailedPreconditionError):
         await bus.subscribe("two-types")
+
+
+async def test_existing_stream_with_other_subjects_is_refused(
+    bus: JetStreamBus, nats_url: str
+) -> None:
+    """Reusing a stream name with another subject prefix fails with a clear error."""
+    clash = JetStreamConfig(
+        stream=bus.config.stream, subject_prefix=bus.config.subject_prefix + "x"
+    )
+    with pytest.raises(FailedPreconditionError, match="subject_prefix"):
+        await JetStreamBus.connect(nats_url, clash)
