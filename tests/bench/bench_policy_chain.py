@@ -237,11 +237,8 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
 
             return run
 
-        for call in (
-            bare_call,
-            chain_call,
-            quiet_call,
-        ):  # warm up connections, caches, JIT-free paths
+        # Warm up connections and caches (token cache, bound chains) first.
+        for call in (bare_call, chain_call, quiet_call):
             await closed_loop(call, concurrency=CONCURRENCY, total=WARMUP_CALLS)
         results = await interleave(
             ROUNDS,
