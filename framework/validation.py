@@ -352,6 +352,7 @@ class Validators:
 
     def __init__(self) -> None:
         self._compiled: dict[str, MessageValidator] = {}
+        self._compiling: set[str] = set()
 
     def for_descriptor(self, descriptor: Descriptor) -> MessageValidator:
         validator = self._compiled.get(descriptor.full_name)
@@ -364,19 +365,28 @@ class Validators:
         self.for_descriptor(message.DESCRIPTOR).validate(message)  # type: ignore[arg-type]
 
     def _compile(self, descriptor: Descriptor) -> MessageValidator:
+        name = descriptor.full_name
         validator = MessageValidator(descriptor)
-        # Registered before its fields are compiled, so a recursive type refers to itself.
-        self._compiled[descriptor.full_name] = validator
-        checks: list[FieldCheck] = []
-        for field in descriptor.fields:
-            specs = field_rules(field)
-            nested: MessageValidator | None = None
-            if field.message_type is not None and not _is_map(field):
-                candidate = self.for_descriptor(field.message_type)
-                if candidate is validator or not candidate.empty:
-                    nested = candidate
-            if specs or nested is not None:
-                checks.append(_field_check(field, specs, nested))
+        # Registered before its fields are compiled, so recursive types refer to it;
+        # a type still being compiled counts as having checks (they are filled in below).
+        self._compiled[name] = validator
+        self._compiling.add(name)
+        try:
+            checks: list[FieldCheck] = []
+            for field in descriptor.fields:
+                specs = field_rules(field)
+                nested: MessageValidator | None = None
+                if field.message_type is not None and not _is_map(field):
+                    candidate = self.for_descriptor(field.message_type)
+                    if not candidate.empty or candidate.full_name in self._compiling:
+                        nested = candidate
+                if specs or nested is not None:
+                    checks.append(_field_check(field, specs, nested))
+        except BaseException:
+            del self._compiled[name]  # never leave a half-compiled type that passes all
+            raise
+        finally:
+            self._compiling.discard(name)
         validator.checks = tuple(checks)
         return validator
 

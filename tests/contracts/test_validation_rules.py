@@ -146,9 +146,11 @@ def test_recursive_messages_are_checked_at_every_depth() -> None:
 )
 def test_a_rule_that_does_not_fit_its_field_fails_when_compiled(name: str, words: str) -> None:
     """Misdeclared rules are rejected at bind time with the field's full name."""
-    with pytest.raises(ValueError, match=f"validation_cases.v1.{name}.value") as caught:
-        Validators().for_descriptor(_cls(name).DESCRIPTOR)
-    assert words in str(caught.value)
+    validators = Validators()
+    for _ in range(2):  # a failed compile is not cached as "no rules"
+        with pytest.raises(ValueError, match=f"validation_cases.v1.{name}.value") as caught:
+            validators.for_descriptor(_cls(name).DESCRIPTOR)
+        assert words in str(caught.value)
 
 
 def test_validate_raises_invalid_argument_with_a_readable_message() -> None:
