@@ -133,6 +133,7 @@ class JwtVerifier:
         # token -> (principal, expires_at (exp + leeway) or None, key set version)
         self._cache: OrderedDict[str, tuple[Principal, float | None, int]] = OrderedDict()
         self._watcher: asyncio.Task[None] | None = None
+        self._users = 0
         self.misses = 0  # full verifications performed; for tests and metrics
 
     def _clock_now_s(self) -> float:
@@ -157,12 +158,18 @@ class JwtVerifier:
         return changed
 
     async def start(self) -> None:
+        """Start watching the key source (idempotent; servers sharing a verifier count)."""
+        self._users += 1
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(
                 self._watch(), name="jwt-key-watcher"
             )
 
     async def close(self) -> None:
+        """Stop watching once every `start()` has been matched by a `close()`."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
