@@ -34,6 +34,7 @@ import asyncpg
 
 from framework.errors import InvalidArgumentError, UnavailableError
 from framework.events.envelope import Codec
+from framework.events.notify import AppendSignal
 from framework.events.store import (
     DEFAULT_PAGE_SIZE,
     AppendResult,
@@ -184,7 +185,9 @@ class PostgresEventStore:
             " ON CONFLICT (name) DO UPDATE SET position = excluded.position"
         )
         self._pool: asyncpg.Pool | None = None
-        self._appended = asyncio.Event()
+        self._append_conn: asyncpg.Connection | None = None
+        self._append_lock = asyncio.Lock()
+        self._signal = AppendSignal()
 
     @classmethod
     async def open(
@@ -236,19 +239,40 @@ class PostgresEventStore:
             [r[3] for r in rows],
             [r[4] for r in rows],
         )
-        try:
-            record = await self.pool.fetchrow(self._append_sql, *args)
-        except asyncpg.UniqueViolationError as exc:
+        async with self._append_lock:
+            record = await self._append_call(args)
+        if record is None:  # a duplicate (stream_id, version): a concurrent writer won
             actual = await self.stream_version(stream_id)
-            raise conflict(stream_id, expected_version, actual) from exc
-        except asyncpg.DataError as exc:
-            raise InvalidArgumentError(f"append to {stream_id!r} refused: {exc}") from exc
+            raise conflict(stream_id, expected_version, actual)
         actual, positions = record[0], record[1]
         if positions is None:
             raise conflict(stream_id, expected_version, actual)
-        self._appended.set()
-        self._appended = asyncio.Event()
+        self._signal.notify()
         return AppendResult(tuple(positions), actual + len(rows))
+
+    async def _append_call(self, args: tuple[Any, ...]) -> Any:
+        """Run the append function on the store's append connection (caller holds the lock).
+
+        Appends of one store serialize on the advisory lock anyway, so they share
+        one connection kept out of the pool: no acquire/release per append.  A
+        connection that failed or whose call was cancelled goes back to the pool
+        (which closes or cleans it) and the next append takes a fresh one.
+        """
+        conn = self._append_conn
+        if conn is None:
+            conn = self._append_conn = await self.pool.acquire()
+        try:
+            return await conn.fetchrow(self._append_sql, *args)
+        except asyncpg.UniqueViolationError:
+            return None
+        except asyncpg.DataError as exc:
+            raise InvalidArgumentError(f"append refused by PostgreSQL: {exc}") from exc
+        except asyncpg.PostgresError:
+            raise  # the server refused this call; the connection is fine
+        except BaseException:
+            self._append_conn = None
+            await asyncio.shield(self.pool.release(conn))
+            raise
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         check_stream_id(snapshot.stream_id)
@@ -294,14 +318,7 @@ class PostgresEventStore:
         return int(await self.pool.fetchval(self._head_sql))
 
     async def wait_for_events(self, after_position: int, timeout_s: float) -> bool:
-        appended = self._appended
-        if await self.head_position() > after_position:
-            return True
-        try:
-            await asyncio.wait_for(appended.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return await self.head_position() > after_position
+        return await self._signal.wait_past(after_position, timeout_s, self.head_position)
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
@@ -335,5 +352,8 @@ class PostgresEventStore:
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        conn, self._append_conn = self._append_conn, None
+        if pool is not None and conn is not None:
+            await pool.release(conn)
         if pool is not None:
             await pool.close()

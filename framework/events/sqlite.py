@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from framework.errors import UnavailableError
 from framework.events.dedicated_thread import DedicatedThread
 from framework.events.envelope import Codec, EventRow, StoredRow, from_micros, to_micros
+from framework.events.notify import AppendSignal
 from framework.events.store import (
     DEFAULT_PAGE_SIZE,
     AppendResult,
@@ -148,7 +149,7 @@ class SqliteEventStore:
         self._thread = DedicatedThread("sqlite-events")
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
-        self._appended = asyncio.Event()
+        self._signal = AppendSignal()
 
     @classmethod
     async def open(
@@ -207,8 +208,7 @@ class SqliteEventStore:
         first, version = await self._call(
             lambda c: _append(c, stream_id, aggregate_type, rows, expected_version, now)
         )
-        self._appended.set()
-        self._appended = asyncio.Event()
+        self._signal.notify()
         return AppendResult(tuple(range(first, first + len(rows))), version)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -261,14 +261,7 @@ class SqliteEventStore:
         return head
 
     async def wait_for_events(self, after_position: int, timeout_s: float) -> bool:
-        appended = self._appended
-        if await self.head_position() > after_position:
-            return True
-        try:
-            await asyncio.wait_for(appended.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return await self.head_position() > after_position
+        return await self._signal.wait_past(after_position, timeout_s, self.head_position)
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
