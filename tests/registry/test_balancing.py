@@ -14,6 +14,7 @@ from framework.clock import ManualClock
 from framework.errors import UnavailableError
 from framework.registry.balancer import LeastOutstanding, OutlierConfig, WeightedRandom
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
+from framework.registry.discovery import DiscoveryConfig
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.sqlite import SqliteStore
 from gen.echo.v1.echo_pb2 import EchoRequest
@@ -192,4 +193,34 @@ async def test_outlier_is_ejected_after_consecutive_failures(tmp_path: Path) -> 
         await channel.close()
         await registry_channel.close()
         await good.stop(0)
+        await node.stop()
+
+
+async def test_client_follows_a_restarted_registry_and_keeps_its_instances(
+    tmp_path: Path,
+) -> None:
+    """Registry restarted on the same file and port: no registration lost, the client's
+    watch resumes and sees instances registered after the restart."""
+    path = tmp_path / "r.sqlite"
+    node = await start_registry(SqliteStore(path))
+    port = node.server.port
+    first = await start_echo(node.address)
+    channel = await _client(node, 1, discovery_config=DiscoveryConfig(reconnect_max_s=0.2))
+    second = None
+    try:
+        await node.stop()
+        await wait_until(lambda: not channel.discovery.connected)
+        assert await _calls(channel, 10) == 0  # the last view keeps serving
+        node = await start_registry(SqliteStore(path), port=port)
+        assert [i.address for i in (await node.registry.discover(ECHO)).instances] == [
+            first.address
+        ]
+        second = await start_echo(node.address)
+        await wait_until(lambda: len(channel.endpoints) == 2, timeout_s=10)
+        assert channel.discovery.connected
+    finally:
+        await channel.close()
+        await first.stop(0)
+        if second is not None:
+            await second.stop(0)
         await node.stop()
