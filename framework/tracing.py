@@ -27,6 +27,7 @@ for child-vs-link).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -35,9 +36,20 @@ import grpc
 from opentelemetry import context as context_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from framework.metrics import outcome_code
 from framework.policy import Call, Exit, Method, Side
@@ -109,6 +121,42 @@ def _ended(
         span.record_exception(error)  # unexpected: the stack trace belongs on the span
 
 
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def _is_default_w3c(propagator: TextMapPropagator) -> bool:
+    """True for OpenTelemetry's default propagator: W3C trace context, then W3C baggage."""
+    inner = getattr(propagator, "_propagators", None)
+    kinds = [type(p) for p in inner or ()]
+    return isinstance(propagator, CompositePropagator) and kinds == [
+        TraceContextTextMapPropagator,
+        W3CBaggagePropagator,
+    ]
+
+
+def _parse_traceparent(value: str | bytes, tracestate: str | bytes | None) -> SpanContext | None:
+    """The common case of the W3C propagator (version 00, valid ids, no baggage), inline.
+
+    Returns None for anything else, and the caller then asks the propagator itself,
+    so the result is always what `TraceContextTextMapPropagator.extract` gives.
+    """
+    if not isinstance(value, str):
+        return None
+    match = _TRACEPARENT_00.fullmatch(value)
+    if match is None:
+        return None
+    trace_hex, span_hex, flags = match.groups()
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    state = None
+    if tracestate is not None:
+        if not isinstance(tracestate, str):
+            return None
+        state = TraceState.from_header([tracestate])
+    return SpanContext(trace_id, span_id, True, TraceFlags(int(flags, 16)), state)
+
+
 class TracingPolicy:
     """Spans for every RPC on either side; pass the tracer provider, or None to disable.
 
@@ -126,6 +174,7 @@ class TracingPolicy:
         self._factory = SpanFactory(tracer_provider) if tracer_provider is not None else None
         self._propagator = propagator or propagate.get_global_textmap()
         self._fields = tuple(sorted(self._propagator.fields))
+        self._w3c = _is_default_w3c(self._propagator)
         self._server_attrs: dict[str, Any] = {}
         self._targets: dict[str, dict[str, Any]] = {}
         if server_address:
@@ -161,6 +210,16 @@ class TracingPolicy:
         return attrs
 
     def _extract(self, call: Call) -> Context | None:
+        if self._w3c:
+            traceparent = call.header("traceparent")
+            if traceparent is None:
+                if call.header("baggage") is None:
+                    return None
+            elif call.header("baggage") is None:
+                parent = _parse_traceparent(traceparent, call.header("tracestate"))
+                if parent is not None:
+                    return trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
+            return self._propagator.extract(call, getter=_GETTER)
         for key in self._fields:
             if call.header(key) is not None:
                 return self._propagator.extract(call, getter=_GETTER)
@@ -170,7 +229,7 @@ class TracingPolicy:
 class _Enter:
     """The bound enter for one method: names and attributes computed once."""
 
-    __slots__ = ("base", "client_base", "factory", "name", "policy")
+    __slots__ = ("base", "client_base", "factory", "name", "policy", "server_base")
 
     def __init__(self, policy: TracingPolicy, method: Method) -> None:
         assert policy._factory is not None
@@ -184,6 +243,7 @@ class _Enter:
             _CODE: 0,
         }
         self.client_base: dict[str, dict[str, Any]] = {}
+        self.server_base: tuple[dict[str, Any] | None, dict[str, Any]] = (None, self.base)
 
     def __call__(self, call: Call) -> Exit:
         if call.side is Side.SERVER:
@@ -193,7 +253,10 @@ class _Enter:
     def _server(self, call: Call) -> Exit:
         policy = self.policy
         parent = policy._extract(call)
-        attrs = {**self.base, **policy._server_attrs}
+        server_attrs = policy._server_attrs
+        if self.server_base[0] is not server_attrs:  # once, or after on_started
+            self.server_base = (server_attrs, {**self.base, **server_attrs})
+        attrs = dict(self.server_base[1])
         span = self.factory.start(self.name, SpanKind.SERVER, parent, attrs)
         if call.header(_RETRY_HEADER) is not None:
             span.add_event("retry attempt", {"previous_attempts": str(call.header(_RETRY_HEADER))})
