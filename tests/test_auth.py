@@ -423,6 +423,26 @@ async def test_rotated_key_accepted_after_reload(tmp_path: Path) -> None:
         assert (await _echo(t, new_token)).startswith("alice|")
 
 
+async def test_server_started_watcher_rotates_keys_without_reload_call(tmp_path: Path) -> None:
+    """The server starts the key watcher: a replaced JWKS is served after one check interval."""
+    clock = ManualClock()
+    path = tmp_path / "jwks.json"
+    _write_jwks(path, {"k1": HS_SECRET})
+    keys = KeySet(JwksFile(path), check_interval_s=5, clock=clock)
+    verifier = JwtVerifier(keys, JwtConfig(issuer=None, audience=None), clock=clock)
+    now = clock.now().timestamp()
+    token = _hs(_claims(now=now, exp=int(now) + 600), kid="k2", secret=OTHER_SECRET)
+    async with serve(PrincipalEcho(), policies=[AuthPolicy(verifier)]) as t:
+        _write_jwks(path, {"k2": OTHER_SECRET})
+        clock.advance(5)
+        for _ in range(100):  # bounded: the watcher runs on the next loop turns
+            if keys.version == 2:
+                break
+            await asyncio.sleep(0)
+        assert keys.version == 2  # reloaded by the watcher, before any call asked
+        assert (await _echo(t, token)).startswith("alice|")
+
+
 async def test_bearer_token_policy_attaches_static_token(rsa_key: Any, ec_key: Any) -> None:
     """The client policy sends the token; the principal reaches the servicer."""
     token = jwt.encode(_claims(sub="bob"), ec_key, algorithm="ES256", headers={"kid": "es1"})
