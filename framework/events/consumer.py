@@ -103,11 +103,16 @@ class IdempotentHandler(Generic[TxT]):
             return True
 
 
+DeadLetter = Callable[[EventEnvelope, Exception], Awaitable[None]]
+
+
 async def consume(
     subscription: Subscription,
     handler: Callable[[EventEnvelope], Awaitable[object]],
     *,
     retry_delay_s: float = 1.0,
+    max_attempts: int = 0,
+    dead_letter: DeadLetter | None = None,
     max_count: int = 64,
     fetch_timeout_s: float = 1.0,
 ) -> None:
@@ -115,19 +120,35 @@ async def consume(
 
     Runs until cancelled.  A failing handler is logged with its traceback and
     its event is redelivered after `retry_delay_s`; the loop goes on with the
-    next events.
+    next events.  With `max_attempts` > 0, an event that fails that many times
+    is handed to `dead_letter(envelope, error)` (logged if None) and acked, so a
+    poison event cannot hold its group back forever.
     """
+    if max_attempts < 0:
+        raise ValueError(f"max_attempts must be >= 0 (0: retry forever), got {max_attempts}")
     while True:
         for delivery in await subscription.fetch(max_count, fetch_timeout_s):
+            envelope = delivery.envelope
             try:
-                await handler(delivery.envelope)
+                await handler(envelope)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as error:
+                if max_attempts and delivery.attempt >= max_attempts:
+                    logger.exception(
+                        "handler failed on event %s (%s) %s times; dead-lettering it",
+                        envelope.event_id,
+                        envelope.type,
+                        delivery.attempt,
+                    )
+                    if dead_letter is not None:
+                        await dead_letter(envelope, error)
+                    await delivery.ack()
+                    continue
                 logger.exception(
                     "handler failed on event %s (%s, attempt %s); redelivering in %ss",
-                    delivery.envelope.event_id,
-                    delivery.envelope.type,
+                    envelope.event_id,
+                    envelope.type,
                     delivery.attempt,
                     retry_delay_s,
                 )

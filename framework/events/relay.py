@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from framework.errors import FrameworkError
+from framework.errors import FrameworkError, UnavailableError
 from framework.events.bus import EventBus
 from framework.events.consumer_group import CheckpointedStore
 from framework.events.envelope import to_envelope
@@ -65,12 +65,29 @@ class OutboxRelay:
         self._checkpoint = f"relay:{self._config.name}"
         self._task: asyncio.Task[None] | None = None
         self._cursor: int | None = None  # cached: this relay is the only writer of it
+        self.last_error: BaseException | None = None  # last failed publish, None once one works
 
     async def cursor(self) -> int:
         """Position of the last event the bus acknowledged."""
         if self._cursor is None:
             self._cursor = await self._store.load_checkpoint(self._checkpoint)
         return self._cursor
+
+    async def lag(self) -> int:
+        """How many positions the bus is behind the store."""
+        return max(0, await self._store.head_position() - await self.cursor())
+
+    async def check(self, max_lag: int = 10_000) -> None:
+        """Health probe: raise when the relay is failing and `max_lag` events behind.
+
+        Use as `Check("outbox-relay", relay.check, required=False)`.
+        """
+        lag = await self.lag()
+        if self.last_error is not None and lag > max_lag:
+            raise UnavailableError(
+                f"outbox relay {self._config.name!r} is {lag} events behind and failing: "
+                f"{self.last_error}; check the bus"
+            )
 
     async def publish_batch(self) -> int:
         """Publish the next batch after the cursor; return how many events it held."""
@@ -96,10 +113,13 @@ class OutboxRelay:
         config = self._config
         while True:
             try:
-                if await self.run_once() == 0:
+                published = await self.run_once()
+                self.last_error = None
+                if published == 0:
                     cursor = await self.cursor()
                     await self._store.wait_for_events(cursor, config.poll_interval_s)
             except (FrameworkError, OSError) as error:
+                self.last_error = error
                 logger.warning(
                     "relay %s: publish failed (%s); retrying in %ss from the same cursor",
                     config.name,

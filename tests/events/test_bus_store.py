@@ -198,3 +198,41 @@ async def test_idempotent_handler_applies_each_event_once(backend: Backend, stor
     assert redelivered == [False] * 6  # every event came again, none applied twice
     assert await store.load_checkpoint("group:balance") == 6
     assert (total if pg else total[0]) == 1 + 2 + 3 + 4 + 5
+
+
+async def test_poison_event_is_dead_lettered_after_max_attempts(store: Any) -> None:
+    """An event whose handler always fails goes to the dead letter; the group moves on."""
+    await _append(store, "a", 3)
+    handled: list[int] = []
+    dead: list[tuple[int, str]] = []
+
+    async def handler(envelope: EventEnvelope) -> None:
+        if envelope.version == 2:
+            raise ValueError("cannot handle deposit 1 (test)")
+        handled.append(envelope.version)
+
+    async def dead_letter(envelope: EventEnvelope, error: Exception) -> None:
+        dead.append((envelope.version, str(error)))
+
+    bus = StoreBus(store)
+    sub = await bus.subscribe("g")
+    task = asyncio.create_task(
+        consume(
+            sub,
+            handler,
+            retry_delay_s=0.01,
+            max_attempts=3,
+            dead_letter=dead_letter,
+            fetch_timeout_s=0.1,
+        )
+    )
+    for _ in range(500):  # bounded: at most ~10 s
+        if bus.position("g") == 4:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await bus.close()
+    assert sorted(handled) == [1, 3, 4]
+    assert dead == [(2, "cannot handle deposit 1 (test)")]
+    assert await store.load_checkpoint("group:g") == 4

@@ -82,3 +82,26 @@ async def test_relay_config_is_validated() -> None:
         RelayConfig(name="no spaces")
     with pytest.raises(ValueError, match="batch_size"):
         RelayConfig(batch_size=0)
+
+
+async def test_failing_relay_reports_lag_to_its_health_check(store: Any) -> None:
+    """While the bus refuses everything, lag grows and check() fails; nothing is skipped."""
+    await _append(store, "a", 2)
+    bus = FlakyBus(failures=10**9)
+    relay = OutboxRelay(store, bus, RelayConfig(poll_interval_s=0.05, retry_delay_s=0.01))
+    await relay.check(max_lag=0)  # not failing yet: healthy
+    await relay.start()
+    try:
+
+        async def failing() -> bool:
+            return relay.last_error is not None
+
+        await _until(failing)
+        with pytest.raises(UnavailableError, match="3 events behind"):
+            await relay.check(max_lag=2)
+        await relay.check(max_lag=3)  # within the tolerated lag
+    finally:
+        await relay.close()
+    assert await relay.lag() == 3
+    assert await relay.cursor() == 0
+    assert bus.accepted == []
