@@ -176,7 +176,7 @@ class HealthMonitor:
         self._tasks = []
 
     def status(self, service: str = "") -> int:
-        return self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        return int(self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
 
     async def _loop(self, state: _CheckState) -> None:
         while True:
@@ -262,7 +262,7 @@ class HealthMonitor:
                 stamp.FromDatetime(state.checked_at)
                 item.checked_at.CopyFrom(stamp)
         for service in ["", *self._services]:
-            name = health_pb2.HealthCheckResponse.ServingStatus.Name(self.status(service))  # type: ignore[arg-type]
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(self.status(service))
             response.services.add(service=service, status=name)
         return response
 
@@ -286,7 +286,7 @@ class _HealthServicer(health_pb2_grpc.HealthServicer):
             raise NotFoundError(
                 f"unknown service {request.service!r}; ask for one this server runs"
             )
-        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
@@ -299,7 +299,7 @@ class _HealthServicer(health_pb2_grpc.HealthServicer):
                     await monitor._changed.wait()
                     status = monitor.status(request.service)
             if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+                yield health_pb2.HealthCheckResponse(status=status)
                 last = status
             if monitor.draining:
                 return

@@ -171,7 +171,7 @@ class Server:
             ", ".join(self._services),
             extra={"service": self.config.name},
         )
-        return port
+        return int(port)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop: hooks, NOT_SERVING, refuse new calls, let in-flight ones finish."""
