@@ -31,6 +31,8 @@ from gen.registry.v1 import registry_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+_UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
+
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
@@ -85,7 +87,16 @@ class RegistrationAgent:
 
     # ------------------------------------------------------------- hooks
     async def on_started(self, server: Any) -> None:
-        await self.start(self.config.advertise_address or str(server.address))
+        address = self.config.advertise_address or str(server.address)
+        host = address.rpartition(":")[0].strip("[]")
+        if host in _UNSPECIFIED:
+            logger.warning(
+                "%s is bound to %s, which clients cannot dial; set "
+                "AgentConfig.advertise_address to a reachable host:port",
+                self.service,
+                address,
+            )
+        await self.start(address)
 
     async def on_draining(self, server: Any) -> None:
         await self.stop()

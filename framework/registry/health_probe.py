@@ -51,7 +51,7 @@ class ProbeConfig:
         return self.interval_s > 0
 
 
-def _insecure(address: str) -> grpc.aio.Channel:
+def insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address)
 
 
@@ -64,7 +64,7 @@ class HealthProber:
         config: ProbeConfig,
         *,
         clock: Clock,
-        channel_factory: ChannelFactory = _insecure,
+        channel_factory: ChannelFactory = insecure_channel,
     ) -> None:
         self.store = store
         self.config = config

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 
 from framework.clock import Clock, SystemClock
 from framework.errors import NotFoundError
-from framework.registry.health_probe import HealthProber, ProbeConfig
+from framework.registry.health_probe import (
+    ChannelFactory,
+    HealthProber,
+    ProbeConfig,
+    insecure_channel,
+)
 from framework.registry.model import (
     DEFAULT_WEIGHT,
     MATCH_ALL,
@@ -81,11 +86,18 @@ class Registry:
         *,
         clock: Clock | None = None,
         probe_clock: Clock | None = None,
+        probe_channel_factory: ChannelFactory | None = None,
     ) -> None:
+        """`probe_channel_factory(address)` makes the health checker's channels (e.g. mTLS)."""
         self.store = store
         self.config = config or RegistryConfig()
         self.clock = clock or SystemClock()
-        self.prober = HealthProber(store, self.config.probe, clock=probe_clock or self.clock)
+        self.prober = HealthProber(
+            store,
+            self.config.probe,
+            clock=probe_clock or self.clock,
+            channel_factory=probe_channel_factory or insecure_channel,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------- lifecycle
