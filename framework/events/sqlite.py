@@ -317,9 +317,12 @@ def _append(
     """One transaction: check the version, insert the batch; (first position, new version)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        actual: int = conn.execute(_VERSION, (stream_id,)).fetchone()[0]
-        if expected is not None and actual != expected:
-            raise conflict(stream_id, expected, actual)
+        if expected == 0:
+            actual = 0  # a new stream: UNIQUE(stream_id, version) alone refuses an old one
+        else:
+            actual = conn.execute(_VERSION, (stream_id,)).fetchone()[0]
+            if expected is not None and actual != expected:
+                raise conflict(stream_id, expected, actual)
         values = [
             (stream_id, actual + i, aggregate_type, *row, now_us)
             for i, row in enumerate(rows, start=1)
