@@ -54,6 +54,9 @@ class Principal:
     def has_token(self) -> bool:
         return bool(self.claims)
 
+    def __hash__(self) -> int:  # claims (a read-only dict view) are not hashable
+        return hash((self.subject, self.scopes, self.identity))
+
 
 @dataclass(frozen=True, slots=True)
 class JwtConfig:
