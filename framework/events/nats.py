@@ -256,8 +256,10 @@ class JetStreamBus:
         futures: list[asyncio.Future[api.PubAck]] = []
         try:
             for envelope in envelopes:
-                if not envelope.event_id:
-                    raise InvalidArgumentError("envelope.event_id is empty; publish stored events")
+                if not envelope.event_id or not envelope.type:
+                    raise InvalidArgumentError(
+                        "envelope.event_id and envelope.type must be set; publish stored events"
+                    )
                 futures.append(
                     await self._js.publish_async(
                         subject_for(self._config.subject_prefix, envelope),
