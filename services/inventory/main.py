@@ -1,0 +1,144 @@
+"""Composition root of the inventory service: config -> store -> server -> serve.
+
+    python -m services.inventory.main
+
+Environment: `SERVICE_HOST`, `SERVICE_PORT`, `SERVICE_GRACE_S`,
+`SERVICE_DRAIN_DELAY_S` (see `ServerConfig.from_env`), `INVENTORY_DB_PATH`
+(SQLite file, default `inventory.sqlite3`; ":memory:" for a throwaway run),
+`INVENTORY_JWT_SECRET` (HS256 secret of the dev tokens, >= 32 bytes; a fixed
+development default is used, with a warning, when unset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from framework.accesslog import AccessLogPolicy
+from framework.auth import AuthPolicy
+from framework.clock import Clock
+from framework.config import ServerConfig
+from framework.health import Check
+from framework.policy import Policy
+from framework.ratelimit import RateLimitPolicy
+from framework.server import Server
+from framework.validation import ValidationPolicy
+from services.inventory.application import Inventory
+from services.inventory.devauth import DevTokens
+from services.inventory.servicer import InventoryServicer
+from services.inventory.store import SqliteInventoryStore
+
+__all__ = [
+    "DEV_SECRET",
+    "InventoryConfig",
+    "InventoryService",
+    "build",
+    "inventory_policies",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "inventory"
+# Development only: anyone who reads this file can mint tokens for it.
+DEV_SECRET = "inventory-dev-secret-not-for-production-use"
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryConfig:
+    """Everything the inventory service needs at start-up."""
+
+    server: ServerConfig
+    db_path: str = "inventory.sqlite3"
+    jwt_secret: str = DEV_SECRET
+
+    def __post_init__(self) -> None:
+        if not self.db_path:
+            raise ValueError("InventoryConfig.db_path must not be empty (':memory:' for none)")
+        if len(self.jwt_secret.encode()) < 32:
+            raise ValueError("InventoryConfig.jwt_secret must be at least 32 bytes long")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InventoryConfig:
+        """`SERVICE_*` for the server, `INVENTORY_DB_PATH`, `INVENTORY_JWT_SECRET`."""
+        env = os.environ if environ is None else environ
+        secret = env.get("INVENTORY_JWT_SECRET") or ""
+        if not secret:
+            logger.warning(
+                "INVENTORY_JWT_SECRET is not set: using the development secret; "
+                "anyone can mint tokens for this service"
+            )
+        return cls(
+            server=ServerConfig.from_env(SERVICE_NAME, env),
+            db_path=env.get("INVENTORY_DB_PATH") or "inventory.sqlite3",
+            jwt_secret=secret or DEV_SECRET,
+        )
+
+
+def inventory_policies(tokens: DevTokens) -> list[Policy]:
+    """The server chain, outermost first: log, authenticate, limit per caller, validate."""
+    return [
+        AccessLogPolicy(),
+        AuthPolicy(tokens.verifier()),
+        RateLimitPolicy(),
+        ValidationPolicy(),
+    ]
+
+
+class _CloseStore:
+    """Server hook: close the store once the server has drained."""
+
+    def __init__(self, store: SqliteInventoryStore) -> None:
+        self.store = store
+
+    async def on_stopped(self, server: Server) -> None:
+        await self.store.close()
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryService:
+    """A built (not yet started) inventory service and its collaborators."""
+
+    server: Server
+    inventory: Inventory
+    store: SqliteInventoryStore
+    tokens: DevTokens
+
+
+async def build(
+    config: InventoryConfig,
+    *,
+    clock: Clock | None = None,
+    extra_policies: Sequence[Policy] = (),
+) -> InventoryService:
+    """Open the store and build the server (call `server.start()` or `serve()`)."""
+    store = SqliteInventoryStore(config.db_path)
+    await store.open()
+    inventory = Inventory(store, clock=clock)
+    tokens = DevTokens(config.jwt_secret)
+    server = Server(
+        config.server,
+        policies=[*inventory_policies(tokens), *extra_policies],
+        # framework.health.Check is frozen but HealthCheck declares settable members
+        health_checks=[Check("sqlite", store.ping, interval_s=5.0, timeout_s=2.0)],  # type: ignore[list-item]
+        hooks=[_CloseStore(store)],
+    )
+    server.add(InventoryServicer(inventory))
+    return InventoryService(server, inventory, store, tokens)
+
+
+async def run(config: InventoryConfig) -> None:
+    service = await build(config)
+    await service.server.serve()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run(InventoryConfig.from_env()))
+
+
+if __name__ == "__main__":
+    main()
