@@ -6,12 +6,9 @@
 
 It follows the service through `Discovery`, keeps one channel per instance
 (made by `framework.client.connect`, so the client policy chain runs on every
-attempt) and asks its `Pool` for an instance on every call.  A call to an
-idempotent method (the contract's `idempotent` option) that fails with
-UNAVAILABLE (or is cancelled by a stopping server) before any response is
-retried on another instance, up to
-`max_attempts` and within the caller's timeout.  An instance that leaves the
-view gets `close_grace_s` for its calls in flight before its channel closes.
+attempt) and asks its `Pool` for an instance on every call (calls.py: retries
+of idempotent calls on another instance).  An instance that leaves the view
+gets `close_grace_s` for its calls in flight before its channel closes.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,19 +24,17 @@ import grpc
 import grpc.aio
 
 from framework.clock import Clock, SystemClock
-from framework.errors import FrameworkError, UnavailableError, code_of
-from framework.policy import Method, Policy
+from framework.config import ClientConfig
+from framework.errors import UnavailableError
+from framework.policy import Policy
 from framework.registry.balancer import Balancer, Endpoint, OutlierConfig, Pool, RoundRobin
+from framework.registry.calls import StreamStream, StreamUnary, UnaryStream, UnaryUnary
 from framework.registry.discovery import Discovery, DiscoveryConfig
 from framework.registry.model import MATCH_ALL, Selector, ServiceView
 
 logger = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
-# Outcomes after which an idempotent call is tried on another instance: the instance
-# is unreachable or refusing, or it stopped and cancelled the call (our own task being
-# cancelled raises asyncio.CancelledError instead and is never retried).
-_RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +129,8 @@ class BalancedChannel:
         request_serializer: Any = None,
         response_deserializer: Any = None,
         _registered_method: bool = False,
-    ) -> _UnaryUnary:
-        return _UnaryUnary(self, method, request_serializer, response_deserializer)
+    ) -> UnaryUnary:
+        return UnaryUnary(self, method, request_serializer, response_deserializer)
 
     def unary_stream(
         self,
@@ -144,8 +138,8 @@ class BalancedChannel:
         request_serializer: Any = None,
         response_deserializer: Any = None,
         _registered_method: bool = False,
-    ) -> _UnaryStream:
-        return _UnaryStream(self, method, request_serializer, response_deserializer)
+    ) -> UnaryStream:
+        return UnaryStream(self, method, request_serializer, response_deserializer)
 
     def stream_unary(
         self,
@@ -153,8 +147,8 @@ class BalancedChannel:
         request_serializer: Any = None,
         response_deserializer: Any = None,
         _registered_method: bool = False,
-    ) -> _StreamUnary:
-        return _StreamUnary(self, method, request_serializer, response_deserializer)
+    ) -> StreamUnary:
+        return StreamUnary(self, method, request_serializer, response_deserializer)
 
     def stream_stream(
         self,
@@ -162,8 +156,8 @@ class BalancedChannel:
         request_serializer: Any = None,
         response_deserializer: Any = None,
         _registered_method: bool = False,
-    ) -> _StreamStream:
-        return _StreamStream(self, method, request_serializer, response_deserializer)
+    ) -> StreamStream:
+        return StreamStream(self, method, request_serializer, response_deserializer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         if self.pool.pick() is not None:
@@ -212,151 +206,6 @@ def _default_factory(policies: Sequence[Policy], **kwargs: Any) -> ChannelFactor
     return make
 
 
-class _Multicallable:
-    __slots__ = ("_attempts", "_deserializer", "_method", "_owner", "_serializer")
-    kind = ""
-
-    def __init__(
-        self, owner: BalancedChannel, method: str, serializer: Any, deserializer: Any
-    ) -> None:
-        self._owner = owner
-        self._method = method
-        self._serializer = serializer
-        self._deserializer = deserializer
-        idempotent = Method.resolve(method).policy.idempotent
-        self._attempts = owner.config.max_attempts if idempotent else 1
-
-    def _target(self, endpoint: Endpoint) -> Any:
-        return endpoint.callable(self.kind, self._method, self._serializer, self._deserializer)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-
-class _UnaryUnary(_Multicallable):
-    __slots__ = ()
-    kind = "unary_unary"
-
-    def __call__(self, request: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self._invoke(request, timeout, kwargs)
-
-    async def _invoke(self, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> Any:
-        owner = self._owner
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tried: list[Endpoint] = []
-        while True:
-            endpoint = await owner.pick(tried)
-            endpoint.outstanding += 1
-            try:
-                response = await self._target(endpoint)(
-                    request, timeout=_remaining(deadline), **kwargs
-                )
-            except (grpc.aio.AioRpcError, FrameworkError) as error:
-                code = code_of(error)
-                owner.pool.observe(endpoint, code)
-                tried.append(endpoint)
-                if (
-                    code in _RETRY_ON
-                    and len(tried) < self._attempts
-                    and (deadline is None or time.monotonic() < deadline)
-                ):
-                    continue
-                raise
-            finally:
-                endpoint.outstanding -= 1
-            owner.pool.observe(endpoint, grpc.StatusCode.OK)
-            return response
-
-
-class _UnaryStream(_Multicallable):
-    __slots__ = ()
-    kind = "unary_stream"
-
-    def __call__(
-        self, request: Any, *, timeout: float | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
-        return self._invoke(request, timeout, kwargs)
-
-    async def _invoke(
-        self, request: Any, timeout: float | None, kwargs: dict[str, Any]
-    ) -> AsyncIterator[Any]:
-        owner = self._owner
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tried: list[Endpoint] = []
-        while True:
-            endpoint = await owner.pick(tried)
-            received = False
-            endpoint.outstanding += 1
-            try:
-                call = self._target(endpoint)(request, timeout=_remaining(deadline), **kwargs)
-                async for response in call:
-                    received = True
-                    yield response
-            except (grpc.aio.AioRpcError, FrameworkError) as error:
-                code = code_of(error)
-                owner.pool.observe(endpoint, code)
-                tried.append(endpoint)
-                if (
-                    code in _RETRY_ON
-                    and not received
-                    and len(tried) < self._attempts
-                    and (deadline is None or time.monotonic() < deadline)
-                ):
-                    continue
-                raise
-            finally:
-                endpoint.outstanding -= 1
-            owner.pool.observe(endpoint, grpc.StatusCode.OK)
-            return
-
-
-class _StreamUnary(_Multicallable):
-    """Request streams cannot be replayed: one attempt, on one picked instance."""
-
-    __slots__ = ()
-    kind = "stream_unary"
-
-    def __call__(self, request_iterator: Any = None, **kwargs: Any) -> Any:
-        return self._invoke(request_iterator, kwargs)
-
-    async def _invoke(self, request_iterator: Any, kwargs: dict[str, Any]) -> Any:
-        owner = self._owner
-        endpoint = await owner.pick()
-        endpoint.outstanding += 1
-        try:
-            response = await self._target(endpoint)(request_iterator, **kwargs)
-        except (grpc.aio.AioRpcError, FrameworkError) as error:
-            owner.pool.observe(endpoint, code_of(error))
-            raise
-        finally:
-            endpoint.outstanding -= 1
-        owner.pool.observe(endpoint, grpc.StatusCode.OK)
-        return response
-
-
-class _StreamStream(_Multicallable):
-    __slots__ = ()
-    kind = "stream_stream"
-
-    def __call__(self, request_iterator: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
-        return self._invoke(request_iterator, kwargs)
-
-    async def _invoke(self, request_iterator: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        owner = self._owner
-        endpoint = await owner.pick()
-        endpoint.outstanding += 1
-        try:
-            async for response in self._target(endpoint)(request_iterator, **kwargs):
-                yield response
-        except (grpc.aio.AioRpcError, FrameworkError) as error:
-            owner.pool.observe(endpoint, code_of(error))
-            raise
-        finally:
-            endpoint.outstanding -= 1
-        owner.pool.observe(endpoint, grpc.StatusCode.OK)
-
-
 async def balanced_channel(
     registry: str | grpc.aio.Channel,
     service: str,
@@ -368,6 +217,7 @@ async def balanced_channel(
     policies: Sequence[Policy] = (),
     registry_policies: Sequence[Policy] = (),
     credentials: grpc.ChannelCredentials | None = None,
+    client_config: ClientConfig | None = None,
     rng: random.Random | None = None,
     clock: Clock | None = None,
 ) -> BalancedChannel:
@@ -389,7 +239,7 @@ async def balanced_channel(
         discovery,
         balancer=balancer,
         config=config,
-        channel_factory=_default_factory(policies, credentials=credentials),
+        channel_factory=_default_factory(policies, credentials=credentials, config=client_config),
         rng=rng,
         clock=clock,
     )
