@@ -11,13 +11,13 @@ import pytest
 
 from framework.client import connect
 from framework.clock import ManualClock
-from framework.errors import UnavailableError
+from framework.errors import FrameworkError, UnavailableError
 from framework.registry.balancer import LeastOutstanding, OutlierConfig, WeightedRandom
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
 from framework.registry.discovery import DiscoveryConfig
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.sqlite import SqliteStore
-from gen.echo.v1.echo_pb2 import EchoRequest
+from gen.echo.v1.echo_pb2 import EchoRequest, FailRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
@@ -223,4 +223,31 @@ async def test_client_follows_a_restarted_registry_and_keeps_its_instances(
         await first.stop(0)
         if second is not None:
             await second.stop(0)
+        await node.stop()
+
+
+async def test_only_idempotent_methods_are_retried_on_another_instance(tmp_path: Path) -> None:
+    """Echo (idempotent) survives a dead instance; Fail (not idempotent) is never retried."""
+    node = await start_registry(SqliteStore(tmp_path / "r.sqlite"))
+    live = await start_echo(node.address)
+    registry_channel = connect(node.address)
+    await RegistryServiceStub(registry_channel).Register(
+        pb.RegisterRequest(service=ECHO, address="127.0.0.1:1")  # nothing listens there
+    )
+    config = BalancerConfig(outlier=OutlierConfig(consecutive_failures=100))
+    channel = await _client(node, 2, config=config)
+    try:
+        assert await _calls(channel, 10) == 0
+        stub = EchoServiceStub(channel)
+        outcomes = []
+        for _ in range(4):
+            with pytest.raises(FrameworkError) as caught:
+                await stub.Fail(FailRequest(error="ConflictError"))
+            outcomes.append(type(caught.value).__name__)
+        assert sorted(outcomes) == ["ConflictError"] * 2 + ["UnavailableError"] * 2
+        assert live.servicer.calls["Fail"] == 2
+    finally:
+        await channel.close()
+        await registry_channel.close()
+        await live.stop(0)
         await node.stop()
