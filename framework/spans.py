@@ -69,6 +69,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         kind: SpanKind,
         attributes: dict[str, Any],
         start_ns: int,
+        shared: bool = False,
     ) -> None:
         # ReadableSpan.__init__ is skipped on purpose: it would build a Resource per span.
         self._name = name
@@ -78,6 +79,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._kind = kind
         self._attributes = attributes
         self._attrs = attributes  # the same dict, typed for updates
+        self._shared = shared  # copy before the first change (copy-on-write)
         self._events: Sequence[Event] = ()
         self._links: Sequence[Link] = ()
         self._resource = factory.resource
@@ -95,14 +97,20 @@ class LeanSpan(trace_api.Span, ReadableSpan):
     def is_recording(self) -> bool:
         return self._end_time is None
 
+    def _own(self) -> dict[str, Any]:
+        if self._shared:
+            self._attrs = self._attributes = dict(self._attrs)
+            self._shared = False
+        return self._attrs
+
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         if self._end_time is None:
             cleaned = BoundedAttributes(attributes={key: value}, immutable=False)
-            self._attrs.update(cleaned)
+            self._own().update(cleaned)
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if self._end_time is None:
-            self._attrs.update(BoundedAttributes(attributes=attributes, immutable=False))
+            self._own().update(BoundedAttributes(attributes=attributes, immutable=False))
 
     def add_event(
         self,
@@ -194,10 +202,14 @@ class SpanFactory:
         parent_context: Context | None,
         attributes: dict[str, Any],
         links: Sequence[Link] = (),
+        *,
+        shared: bool = False,
     ) -> trace_api.Span:
-        """A started span; `attributes` is owned by the span from now on."""
+        """A started span; `attributes` is owned by the span from now on, or, with
+        `shared=True`, copied by the span before its first change (pass a dict that
+        is never mutated, e.g. one computed per method)."""
         if not self.lean:
-            return self.tracer.start_span(
+            return self.tracer.start_span(  # the SDK copies the attributes itself
                 name, parent_context, kind=kind, attributes=attributes, links=links
             )
         parent: SpanContext | None = trace_api.get_current_span(parent_context).get_span_context()
@@ -220,14 +232,14 @@ class SpanFactory:
             )
             sampled, trace_state = result.decision.is_sampled(), result.trace_state  # type: ignore[no-untyped-call]
             if result.attributes:
-                attributes = dict(result.attributes)
+                attributes, shared = dict(result.attributes), False
         flags = _SAMPLED if sampled else _NOT_SAMPLED
         if flag_random:
             flags = TraceFlags(flags | flag_random)
         span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
         if not sampled:
             return trace_api.NonRecordingSpan(span_context)
-        span = LeanSpan(self, name, span_context, parent, kind, attributes, time.time_ns())
+        span = LeanSpan(self, name, span_context, parent, kind, attributes, time.time_ns(), shared)
         if links:
             span._links = list(links)
         self.processor.on_start(span, parent_context)  # type: ignore[arg-type]

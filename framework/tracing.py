@@ -100,9 +100,7 @@ def split_address(target: str) -> tuple[str, int | None]:
     return host.strip("[]"), int(port)
 
 
-def _ended(
-    span: trace_api.Span, side: Side, error: BaseException | None, attrs: MutableMapping[str, Any]
-) -> None:
+def _ended(span: trace_api.Span, side: Side, error: BaseException | None) -> None:
     """Record the outcome on the span (before `end()`)."""
     if error is None:
         return
@@ -256,15 +254,15 @@ class _Enter:
         server_attrs = policy._server_attrs
         if self.server_base[0] is not server_attrs:  # once, or after on_started
             self.server_base = (server_attrs, {**self.base, **server_attrs})
-        attrs = dict(self.server_base[1])
-        span = self.factory.start(self.name, SpanKind.SERVER, parent, attrs)
+        attrs = self.server_base[1]  # shared, never mutated: the span copies on write
+        span = self.factory.start(self.name, SpanKind.SERVER, parent, attrs, shared=True)
         if call.header(_RETRY_HEADER) is not None:
             span.add_event("retry attempt", {"previous_attempts": str(call.header(_RETRY_HEADER))})
         token = context_api.attach(trace_api.set_span_in_context(span, parent))
 
         def exit_(error: BaseException | None) -> None:
             context_api.detach(token)
-            _ended(span, Side.SERVER, error, attrs)
+            _ended(span, Side.SERVER, error)
             span.end()
 
         return exit_
@@ -274,15 +272,14 @@ class _Enter:
         if base is None:
             base = {**self.base, **self.policy._target_attrs(call.target)}
             self.client_base[call.target] = base
-        attrs = dict(base)
         parent = context_api.get_current()
-        span = self.factory.start(self.name, SpanKind.CLIENT, parent, attrs)
+        span = self.factory.start(self.name, SpanKind.CLIENT, parent, base, shared=True)
         self.policy._propagator.inject(
             call, context=trace_api.set_span_in_context(span, parent), setter=_SETTER
         )
 
         def exit_(error: BaseException | None) -> None:
-            _ended(span, Side.CLIENT, error, attrs)
+            _ended(span, Side.CLIENT, error)
             span.end()
 
         return exit_

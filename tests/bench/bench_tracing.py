@@ -41,7 +41,9 @@ CALLS_PER_ROUND = 2000
 WARMUP_CALLS = 500
 CONCURRENCY = 32
 TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
-VARIANTS = ("bare", "framework", "ours", "contrib")
+VARIANTS: tuple[str, ...] = ("bare", "framework", "ours", "contrib")
+if os.environ.get("BENCH_TRACING_DETAIL"):  # split "ours" into its two policies
+    VARIANTS = (*VARIANTS, "tracing_only", "metrics_only")
 
 
 class Echo(echo_pb2_grpc.EchoServiceServicer):
@@ -95,6 +97,20 @@ async def serve() -> None:
     )
     ours.add(Echo())
     ports["ours"] = await ours.start()
+
+    keep: list[Server] = []  # servers stop when garbage-collected
+    if "tracing_only" in VARIANTS:
+        for variant, policies in (
+            ("tracing_only", telemetry.policies()[:1]),
+            ("metrics_only", telemetry.policies()[1:]),
+        ):
+            extra = Server(
+                ServerConfig(name=variant, host="127.0.0.1", port=0, grace_s=0.5),
+                policies=policies,
+            )
+            extra.add(Echo())
+            ports[variant] = await extra.start()
+            keep.append(extra)
 
     contrib_exporter = Drop()
     provider = TracerProvider(shutdown_on_exit=False)
