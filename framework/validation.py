@@ -7,7 +7,8 @@ contract whose rules do not fit the field (a `uuid` rule on a number, a broken
 regex) fails when its message is compiled, i.e. when the server binds the
 method, not on a call.
 
-`ValidationPolicy` runs the compiled checks on the server before the handler:
+`ValidationPolicy` runs the compiled checks on the server before the handler
+(and, if also listed in a client chain, before the request is sent):
 a bad request becomes `InvalidArgumentError` (INVALID_ARGUMENT) with one
 `FieldViolation` per failed rule (dotted field path, a readable description
 and the rule id such as `string.uuid`), which the error mapping sends as a
@@ -392,13 +393,16 @@ class Validators:
 
 
 class ValidationPolicy(BasePolicy):
-    """Server policy: reject requests that break their contract's field rules.
+    """Reject requests that break their contract's field rules.
 
-    Bound once per method: methods whose request type declares no rules, and
-    client-streaming methods (see the module doc), get no enter at all.
+    On the server it runs before the handler. It may also go in a client chain,
+    to fail fast without a network hop; the caller gets the same
+    `InvalidArgumentError` either way. Bound once per method: methods whose
+    request type declares no rules, and client-streaming methods (see the
+    module doc), get no enter at all.
     """
 
-    sides = frozenset({Side.SERVER})
+    sides = frozenset({Side.SERVER, Side.CLIENT})
 
     def __init__(self, validators: Validators | None = None) -> None:
         self.validators = validators or Validators()

@@ -230,3 +230,21 @@ def test_every_example_request_declares_rules() -> None:
             for method in service.methods:
                 compiled = validators.for_descriptor(method.input_type)
                 assert not compiled.empty, method.input_type.full_name
+
+
+async def test_a_client_side_policy_rejects_before_sending() -> None:
+    """In a client chain the same rules fail fast: the server never sees the call."""
+    seen: list[str] = []
+
+    class Recording(user_grpc.UserServiceServicer):
+        async def GetUser(self, request: user.GetUserRequest, context: Any) -> user.GetUserResponse:
+            seen.append(request.user_id)
+            return user.GetUserResponse()
+
+    async with serve(Recording(), client_policies=[ValidationPolicy()]) as t:
+        stub = t.stub(user_grpc.UserServiceStub)
+        with pytest.raises(InvalidArgumentError) as caught:
+            await stub.GetUser(user.GetUserRequest(user_id="nope"))
+        await stub.GetUser(user.GetUserRequest(user_id=ID))
+    assert [(v.field, v.rule) for v in caught.value.violations] == [("user_id", "string.uuid")]
+    assert seen == [ID]
