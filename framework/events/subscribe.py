@@ -96,12 +96,12 @@ async def serve_subscribe(
         while not reader.done():
             space = config.window - len(pending)
             if space <= 0:
-                room.clear()
+                room.clear()  # acks only set it from now on: no wake-up is lost
                 try:
                     async with asyncio.timeout(config.fetch_timeout_s):
                         await room.wait()
                 except TimeoutError:
-                    pass
+                    pass  # look at the ack reader again
                 continue
             for delivery in await subscription.fetch(space, config.fetch_timeout_s):
                 pending[delivery.envelope.position] = delivery
