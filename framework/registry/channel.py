@@ -160,7 +160,8 @@ class BalancedChannel:
         return StreamStream(self, method, request_serializer, response_deserializer)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        if self.pool.pick() is not None:
+        """READY while some instance is known (per-instance channels connect lazily)."""
+        if self.endpoints:
             return grpc.ChannelConnectivity.READY
         return grpc.ChannelConnectivity.IDLE
 

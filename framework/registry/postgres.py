@@ -19,6 +19,7 @@ import asyncpg
 from framework.registry.model import Health, Instance, ServiceView
 from framework.registry.store import (
     INSTANCE_COLUMNS,
+    UPSERT_ON_ADDRESS,
     RevisionSignal,
     instance_from_row,
     instance_row,
@@ -109,7 +110,12 @@ class PostgresStore:
         return self._pool
 
     async def _tx(self, body: Callable[[Any], Awaitable[T]]) -> T:
+        """A write transaction. Writers lock the revision row first, so they queue in one
+        order and never deadlock (registry writes are rare; heartbeats do not take it)."""
         async with self._require_pool().acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"SELECT 1 FROM {self.schema}.registry_revision WHERE id = 1 FOR UPDATE"
+            )
             return await body(conn)
 
     async def _bump(self, conn: Any, service: str) -> int:
@@ -133,17 +139,13 @@ class PostgresStore:
         s = self.schema
 
         async def body(conn: Any) -> int:
-            await conn.execute(
-                f"DELETE FROM {s}.registry_instances WHERE service = $1 AND address = $2",
-                instance.service,
-                instance.address,
-            )
+            revision = await self._bump(conn, instance.service)
             await conn.execute(
                 f"INSERT INTO {s}.registry_instances ({INSTANCE_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {UPSERT_ON_ADDRESS}",
                 *instance_row(instance),
             )
-            return await self._bump(conn, instance.service)
+            return revision
 
         revision = await self._tx(body)
         self._signal.publish(revision)

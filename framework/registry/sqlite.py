@@ -17,6 +17,7 @@ from typing import TypeVar
 from framework.registry.model import Health, Instance, ServiceView
 from framework.registry.store import (
     INSTANCE_COLUMNS,
+    UPSERT_ON_ADDRESS,
     RevisionSignal,
     instance_from_row,
     instance_row,
@@ -127,12 +128,8 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> int:
             def body() -> int:
                 conn.execute(
-                    "DELETE FROM registry_instances WHERE service = ? AND address = ?",
-                    (instance.service, instance.address),
-                )
-                conn.execute(
                     f"INSERT INTO registry_instances ({INSTANCE_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {UPSERT_ON_ADDRESS}",
                     instance_row(instance),
                 )
                 return self._bump(conn, instance.service)

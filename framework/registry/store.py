@@ -94,6 +94,14 @@ INSTANCE_COLUMNS = (
     "lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s"
 )
 
+# Registering the same service and address again replaces the instance (new lease).
+UPSERT_ON_ADDRESS = (
+    "ON CONFLICT (service, address) DO UPDATE SET lease_id = excluded.lease_id, "
+    "version = excluded.version, zone = excluded.zone, weight = excluded.weight, "
+    "metadata = excluded.metadata, health = excluded.health, "
+    "expires_at = excluded.expires_at, ttl_s = excluded.ttl_s"
+)
+
 
 def instance_row(i: Instance) -> tuple[Any, ...]:
     """Values in INSTANCE_COLUMNS order."""
