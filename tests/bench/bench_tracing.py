@@ -43,7 +43,7 @@ CONCURRENCY = 32
 TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
 VARIANTS: tuple[str, ...] = ("bare", "framework", "ours", "contrib")
 if os.environ.get("BENCH_TRACING_DETAIL"):  # split "ours" into its two policies
-    VARIANTS = (*VARIANTS, "tracing_only", "metrics_only")
+    VARIANTS = (*VARIANTS, "tracing_only", "tracing_sync_export", "metrics_only")
 
 
 class Echo(echo_pb2_grpc.EchoServiceServicer):
@@ -100,8 +100,13 @@ async def serve() -> None:
 
     keep: list[Server] = []  # servers stop when garbage-collected
     if "tracing_only" in VARIANTS:
+        sync_telemetry = Telemetry.build(  # SimpleSpanProcessor: no export thread
+            TelemetryConfig(service_name="bench", metrics_exporter="none", batch_spans=False),
+            span_exporter=Drop(),
+        )
         for variant, policies in (
             ("tracing_only", telemetry.policies()[:1]),
+            ("tracing_sync_export", sync_telemetry.policies()[:1]),
             ("metrics_only", telemetry.policies()[1:]),
         ):
             extra = Server(
