@@ -21,7 +21,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from opentelemetry.trace import TracerProvider
+
 from framework.events.bus import Subscription
+from framework.tracing import continue_trace
 from gen.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,8 @@ async def consume(
     dead_letter: DeadLetter | None = None,
     max_count: int = 64,
     fetch_timeout_s: float = 1.0,
+    trace: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> None:
     """Run `handler` on every delivery: ack on success, nack (retry later) on failure.
 
@@ -122,7 +127,9 @@ async def consume(
     its event is redelivered after `retry_delay_s`; the loop goes on with the
     next events.  With `max_attempts` > 0, an event that fails that many times
     is handed to `dead_letter(envelope, error)` (logged if None) and acked, so a
-    poison event cannot hold its group back forever.
+    poison event cannot hold its group back forever.  With `trace`, each
+    handling runs in a CONSUMER span continuing the trace the event was
+    recorded in (`framework.tracing.continue_trace` on the envelope metadata).
     """
     if max_attempts < 0:
         raise ValueError(f"max_attempts must be >= 0 (0: retry forever), got {max_attempts}")
@@ -130,7 +137,21 @@ async def consume(
         for delivery in await subscription.fetch(max_count, fetch_timeout_s):
             envelope = delivery.envelope
             try:
-                await handler(envelope)
+                if trace:
+                    with continue_trace(
+                        envelope.metadata,
+                        f"process {envelope.type}",
+                        tracer_provider=tracer_provider,
+                        attributes={
+                            "messaging.message.id": envelope.event_id,
+                            "event.stream_id": envelope.stream_id,
+                            "event.position": envelope.position,
+                            "event.attempt": delivery.attempt,
+                        },
+                    ):
+                        await handler(envelope)
+                else:
+                    await handler(envelope)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

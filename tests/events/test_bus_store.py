@@ -6,12 +6,17 @@ import asyncio
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from framework.errors import FailedPreconditionError, InvalidArgumentError
 from framework.events.bus import Delivery
 from framework.events.consumer import IdempotentHandler, consume
 from framework.events.consumer_group import StoreBus, StoreBusConfig, StoreSubscription
-from framework.events.store import NewEvent
+from framework.events.store import EventMetadata, NewEvent
+from framework.tracing import trace_fields
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
 from tests.events.conftest import Backend
@@ -236,3 +241,32 @@ async def test_poison_event_is_dead_lettered_after_max_attempts(store: Any) -> N
     assert sorted(handled) == [1, 3, 4]
     assert dead == [(2, "cannot handle deposit 1 (test)")]
     assert await store.load_checkpoint("group:g") == 4
+
+
+async def test_consume_continues_the_trace_the_event_was_recorded_in(store: Any) -> None:
+    """consume() handles each event in a CONSUMER span of the trace that appended it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("test").start_as_current_span("PlaceOrder") as request:
+        metadata = EventMetadata(**trace_fields())
+    await store.append("a", [NewEvent.of(AccountOpened(owner="a"), metadata)], 0)
+    bus = StoreBus(store)
+    sub = await bus.subscribe("traced")
+    seen: list[str] = []
+
+    async def handler(envelope: EventEnvelope) -> None:
+        seen.append(envelope.event_id)
+
+    task = asyncio.create_task(consume(sub, handler, tracer_provider=provider))
+    for _ in range(500):  # bounded: at most ~10 s
+        if bus.position("traced") == 1:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await bus.close()
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CONSUMER]
+    assert span.context.trace_id == request.get_span_context().trace_id
+    assert span.name == f"process {AccountOpened.DESCRIPTOR.full_name}"
+    assert span.attributes is not None and span.attributes["messaging.message.id"] == seen[0]
