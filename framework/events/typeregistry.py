@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 
-from google.protobuf import message_factory
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.message import DecodeError, Message
 
 from framework.errors import FieldViolation, InvalidArgumentError
@@ -37,6 +38,21 @@ class EventTypeRegistry:
                 raise TypeError(f"{module.__name__} is not a generated *_pb2 module")
             for descriptor in file_descriptor.message_types_by_name.values():
                 registry.register_descriptor(descriptor)
+        return registry
+
+    @classmethod
+    def from_names(cls, *full_names: str, pool: DescriptorPool | None = None) -> EventTypeRegistry:
+        """The named message types, looked up in `pool` (default: the default pool)."""
+        registry = cls()
+        pool = pool or descriptor_pool.Default()
+        for name in full_names:
+            try:
+                descriptor = pool.FindMessageTypeByName(name)
+            except KeyError as exc:
+                raise ValueError(
+                    f"{name} is not in the descriptor pool: import its *_pb2 module first"
+                ) from exc
+            registry.register_descriptor(descriptor)
         return registry
 
     def register(self, cls: type[Message]) -> None:
