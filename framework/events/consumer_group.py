@@ -133,6 +133,7 @@ class _Group:
         self._flusher: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
         self.members = 0
+        self._stopped = False
 
     async def start(self) -> None:
         saved = await self._store.load_checkpoint(self._checkpoint_name)
@@ -141,6 +142,8 @@ class _Group:
         self._flusher = asyncio.create_task(self._flush(), name=f"store-bus-flush-{self.name}")
 
     async def stop(self) -> None:
+        self._stopped = True
+        self._changed.set()
         for task in (self._feeder, self._flusher):
             if task is not None:
                 task.cancel()
@@ -216,6 +219,8 @@ class _Group:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            if self._stopped:
+                raise FailedPreconditionError(f"the bus of group {self.name!r} is closed")
             now = loop.time()
             next_due = self._requeue_expired(now)
             if self._ready:

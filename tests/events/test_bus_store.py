@@ -270,3 +270,14 @@ async def test_consume_continues_the_trace_the_event_was_recorded_in(store: Any)
     assert span.context.trace_id == request.get_span_context().trace_id
     assert span.name == f"process {AccountOpened.DESCRIPTOR.full_name}"
     assert span.attributes is not None and span.attributes["messaging.message.id"] == seen[0]
+
+
+async def test_fetch_after_bus_close_is_refused(store: Any) -> None:
+    """A member still fetching when its bus closes gets a clear error, not endless silence."""
+    bus = StoreBus(store)
+    sub = await bus.subscribe("g")
+    waiting = asyncio.create_task(sub.fetch(timeout_s=5.0))
+    await asyncio.sleep(0)  # let it start waiting
+    await bus.close()
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        await waiting
