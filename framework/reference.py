@@ -37,7 +37,7 @@ _ARITY = {
     (True, True): "bidirectional streaming",
 }
 # Paths into FileDescriptorProto (field numbers), for comments in source info.
-_MESSAGE, _ENUM, _SERVICE = 4, 5, 6
+_MESSAGE, _ENUM, _SERVICE, _SYNTAX = 4, 5, 6, 12
 _FIELD, _NESTED, _NESTED_ENUM, _VALUE, _METHOD = 2, 3, 4, 2, 2
 
 
@@ -108,6 +108,12 @@ class _Comments:
             for loc in file.source_code_info.location
             if loc.leading_comments.strip()
         }
+        # The file's header: the comment above `syntax` (leading, or detached by a blank line).
+        self.header = ""
+        for loc in file.source_code_info.location:
+            if tuple(loc.path) == (_SYNTAX,):
+                texts = [*loc.leading_detached_comments, loc.leading_comments]
+                self.header = " ".join(" ".join(t.split()) for t in texts if t.strip())
 
     def get(self, *path: int) -> str:
         lines = self._by_path.get(path, "").splitlines()
@@ -296,6 +302,8 @@ def _file_section(file: descriptor_pb2.FileDescriptorProto, types: _Types) -> li
     comments = _Comments(file)
     lines: list[str] = []
     requests = {m.input_type.lstrip(".") for s in file.service for m in s.method}
+    if file.service and comments.header:
+        lines += [f"> {comments.header}", ""]
     for index in range(len(file.service)):
         lines += _service_section(file, index, comments, types)
     heading = "Events" if file.name.endswith("events.proto") else "Messages"
