@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -188,3 +189,17 @@ async def test_reservation_survives_a_restart(tmp_path: Path) -> None:
         assert (await Inventory(second_store).get_stock("A")).reserved == 2
     finally:
         await second_store.close()
+
+
+async def test_concurrent_reservations_never_oversell(harness: TestServer) -> None:
+    """Twelve concurrent reservations of one unit against five: exactly five succeed."""
+    stub = harness.stub(InventoryServiceStub)
+    await _stocked(stub, A=5)
+    results = await asyncio.gather(
+        *(stub.ReserveStock(_reserve(_id(), _id(), A=1)) for _ in range(12)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, pb.ReserveStockResponse) for r in results) == 5
+    assert all(isinstance(r, pb.ReserveStockResponse | FailedPreconditionError) for r in results)
+    stock = (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock
+    assert (stock.reserved, stock.available) == (5, 0)
