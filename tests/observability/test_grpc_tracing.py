@@ -234,3 +234,29 @@ async def test_metrics_endpoint_shows_rpc_histograms(telemetry: Telemetry) -> No
     assert any(
         name == "target_info" and ("service_name", "test") in labels for name, labels in samples
     )
+
+
+async def test_streaming_calls_get_one_span_per_side(telemetry: Telemetry) -> None:
+    """A server-streaming and a client-streaming call each make one CLIENT and one SERVER span."""
+    async with serve(
+        EchoServicer(), policies=telemetry.policies(), client_policies=telemetry.policies()
+    ) as t:
+        stub = t.stub(echo_pb2_grpc.EchoServiceStub)
+        replies = [r.text async for r in stub.EchoStream(echo_pb2.EchoRequest(text="s", repeat=3))]
+
+        async def requests() -> AsyncIterator[echo_pb2.EchoRequest]:
+            for text in ("a", "b"):
+                yield echo_pb2.EchoRequest(text=text)
+
+        collected = await stub.Collect(requests())
+    assert replies == ["s#0", "s#1", "s#2"] and collected.text
+    spans = finished(telemetry)
+    kinds = sorted((s.attributes["rpc.method"], s.kind.name) for s in spans)
+    assert kinds == [
+        ("Collect", "CLIENT"),
+        ("Collect", "SERVER"),
+        ("EchoStream", "CLIENT"),
+        ("EchoStream", "SERVER"),
+    ]
+    assert len({s.context.trace_id for s in spans}) == 2  # one trace per call
+    assert all(s.attributes["rpc.grpc.status_code"] == 0 for s in spans)
