@@ -40,21 +40,21 @@ async def test_redis_bucket_admits_burst_then_tells_the_wait(redis_url: str, pre
     """The Lua script admits `burst` takes, then answers with the time until the next token."""
     buckets = RedisBuckets.from_url(redis_url, prefix=prefix)
     try:
-        limit = Limit(rate_per_s=1.0, burst=3)
+        limit = Limit(rate_per_s=0.01, burst=3)  # one token per 100 s: no refill mid-test
         waits = [await buckets.take("k", limit) for _ in range(4)]
         assert waits[:3] == [0.0, 0.0, 0.0]
-        assert 0.9 < waits[3] <= 1.0
+        assert 90.0 < waits[3] <= 100.0
         client = redis_asyncio.Redis.from_url(redis_url)
         ttl_ms = await client.pttl(f"{prefix}k")
         await client.aclose()
-        assert 0 < ttl_ms <= 4000  # idle buckets expire: memory stays bounded
+        assert 0 < ttl_ms <= 301_000  # expires once full again: memory stays bounded
     finally:
         await buckets.close()
 
 
 async def test_two_replicas_share_one_limit(redis_url: str, prefix: str) -> None:
     """Two servers sharing the Redis limiter together admit at most burst + rate * elapsed."""
-    limit = Limit(rate_per_s=5.0, burst=5)
+    limit = Limit(rate_per_s=2.0, burst=4)
     config = RateLimitConfig(default=limit)
     servicers = [EchoServicer(), EchoServicer()]
     policies = [
@@ -70,7 +70,7 @@ async def test_two_replicas_share_one_limit(redis_url: str, prefix: str) -> None
         stubs = [a.stub(EchoServiceStub), b.stub(EchoServiceStub)]
         admitted = limited = 0
         started = time.monotonic()
-        while time.monotonic() - started < 0.6:  # bounded window
+        for _ in range(8):  # 48 calls, 6 at a time, spread over both replicas
             results = await asyncio.gather(
                 *(stub.Echo(EchoRequest(text="x")) for stub in stubs for _ in range(3)),
                 return_exceptions=True,
@@ -83,9 +83,10 @@ async def test_two_replicas_share_one_limit(redis_url: str, prefix: str) -> None
                 else:
                     admitted += 1
         elapsed = time.monotonic() - started
+    # A token bucket admits at most burst + rate * elapsed over any window.
     assert admitted <= limit.burst + limit.rate_per_s * elapsed + 1e-9
     assert admitted >= limit.burst
-    assert limited > admitted  # the load was well above the limit
+    assert limited > 0
     assert servicers[0].calls["Echo"] > 0 and servicers[1].calls["Echo"] > 0
     assert sum(s.calls["Echo"] for s in servicers) == admitted
 
