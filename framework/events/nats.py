@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -75,6 +76,17 @@ class JetStreamConfig:
             raise ValueError(f"max_ack_pending must be >= 1, got {self.max_ack_pending}")
 
 
+@contextmanager
+def _reachable(what: str) -> Iterator[None]:
+    """NATS client failures (connection closed, reconnecting, API errors) as UnavailableError."""
+    try:
+        yield
+    except TimeoutError:
+        raise  # callers decide what a timeout means (an empty fetch, a slow publish ack)
+    except nats.errors.Error as error:
+        raise UnavailableError(f"NATS {what} failed: {error!r}; retry when NATS is back") from error
+
+
 def subject_for(prefix: str, envelope: EventEnvelope) -> str:
     """`<prefix>.<aggregate_type>.<event_type>` for one envelope."""
     aggregate = _UNSAFE.sub("_", envelope.aggregate_type) or "_"
@@ -104,11 +116,13 @@ class JetStreamDelivery:
 
     async def ack(self) -> None:
         if self._pending.pop(id(self), None) is not None:
-            await self._msg.ack()
+            with _reachable("ack"):
+                await self._msg.ack()
 
     async def nack(self, delay_s: float = 0.0) -> None:
         if self._pending.pop(id(self), None) is not None:
-            await self._msg.nak(delay=delay_s if delay_s > 0 else None)
+            with _reachable("nak"):
+                await self._msg.nak(delay=delay_s if delay_s > 0 else None)
 
 
 class JetStreamSubscription:
@@ -128,7 +142,8 @@ class JetStreamSubscription:
         if self._closed:
             raise FailedPreconditionError("the subscription is closed; subscribe again")
         try:
-            msgs = await self._sub.fetch(max_count, timeout=timeout_s)
+            with _reachable("fetch"):
+                msgs = await self._sub.fetch(max_count, timeout=timeout_s)
         except TimeoutError:  # nats.errors.TimeoutError or asyncio's: nothing came
             return []
         out: list[Delivery] = []
@@ -216,6 +231,10 @@ class JetStreamBus:
 
     async def ensure_stream(self) -> None:
         """Create the stream for `<prefix>.>` if it does not exist yet."""
+        with _reachable("stream setup"):
+            await self._ensure_stream()
+
+    async def _ensure_stream(self) -> None:
         config = self._config
         wanted = f"{config.subject_prefix}.>"
         try:
@@ -239,7 +258,8 @@ class JetStreamBus:
 
     async def stream_messages(self) -> int:
         """How many messages the stream holds (de-duplicated publishes count once)."""
-        info = await self._js.stream_info(self._config.stream)
+        with _reachable("stream info"):
+            info = await self._js.stream_info(self._config.stream)
         return int(info.state.messages)
 
     async def delete_stream(self) -> None:
@@ -248,6 +268,8 @@ class JetStreamBus:
             await self._js.delete_stream(self._config.stream)
         except nats.js.errors.NotFoundError:
             pass
+        except nats.errors.Error as error:
+            raise UnavailableError(f"NATS stream delete failed: {error!r}") from error
 
     async def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
         """Send in order, then wait for every publish acknowledgement."""
@@ -275,8 +297,8 @@ class JetStreamBus:
                 f"JetStream did not acknowledge {len(envelopes)} publishes within "
                 f"{self._config.publish_timeout_s}s; nothing is lost, publish again"
             ) from error
-        except nats.js.errors.APIError as error:
-            raise UnavailableError(f"JetStream refused a publish: {error}") from error
+        except nats.errors.Error as error:
+            raise UnavailableError(f"JetStream publish failed: {error!r}; publish again") from error
         finally:
             for future in futures:
                 future.cancel()
@@ -292,6 +314,13 @@ class JetStreamBus:
         # otherwise on the client (acknowledging what the group does not want).
         wanted = f"{prefix}.*.{next(iter(types))}" if len(types) == 1 else f"{prefix}.>"
         described = "event types: " + (",".join(sorted(types)) or "all")
+        with _reachable("subscribe"):
+            sub = await self._bind(group, wanted, described)
+        return JetStreamSubscription(sub, types if len(types) > 1 else frozenset())
+
+    async def _bind(
+        self, group: str, wanted: str, described: str
+    ) -> nats.js.JetStreamContext.PullSubscription:
         stream = self._config.stream
         try:
             info = await self._js.consumer_info(stream, group)
@@ -323,8 +352,7 @@ class JetStreamBus:
                 )
             except nats.js.errors.BadRequestError:
                 pass  # another member created it first
-        sub = await self._js.pull_subscribe_bind(durable=group, stream=stream)
-        return JetStreamSubscription(sub, types if len(types) > 1 else frozenset())
+        return await self._js.pull_subscribe_bind(durable=group, stream=stream)
 
     async def close(self) -> None:
         if self._owns and not self._nc.is_closed:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from framework.errors import FailedPreconditionError
+from framework.errors import FailedPreconditionError, UnavailableError
 from framework.events.bus import Delivery, Subscription
 from framework.events.nats import JetStreamBus, JetStreamConfig
 from gen.events.v1.envelope_pb2 import EventEnvelope
@@ -204,3 +204,14 @@ async def test_existing_stream_with_other_subjects_is_refused(
     )
     with pytest.raises(FailedPreconditionError, match="subject_prefix"):
         await JetStreamBus.connect(nats_url, clash)
+
+
+async def test_lost_connection_is_unavailable(bus: JetStreamBus, nats_url: str) -> None:
+    """Publishing or fetching over a closed NATS connection raises UnavailableError."""
+    other = await JetStreamBus.connect(nats_url, bus.config)
+    sub = await other.subscribe("g")
+    await other.close()
+    with pytest.raises(UnavailableError):
+        await other.publish(_envelopes(1))
+    with pytest.raises(UnavailableError):
+        await sub.fetch(timeout_s=0.2)
