@@ -75,7 +75,10 @@ class BearerToken:
         self._current: IssuedToken | None = IssuedToken(token) if token is not None else None
         self._header = f"Bearer {token}" if token is not None else ""
         self._fetch: asyncio.Task[IssuedToken] | None = None
-        self._next_attempt = 0.0  # monotonic: no background retry before this
+        self._next_attempt = 0.0  # monotonic: no background refresh before (after a failure)
+        self._next_rejection_fetch = 0.0  # monotonic: no fetch on a rejection before
+        self._failed_until = 0.0  # monotonic: calls without a valid token fail fast until
+        self._last_error: BaseException | None = None
         self.fetches = 0
 
     def __repr__(self) -> str:
@@ -97,8 +100,9 @@ class BearerToken:
             current.expires_at is not None
             and now >= current.expires_at - self._refresh_before
             and self._fetch is None
-            and self._clock.monotonic() >= self._next_attempt
+            and self._clock.monotonic() >= self._next_rejection_fetch
         ):
+            self._next_rejection_fetch = self._clock.monotonic() + self._retry_after_s
             self._start_fetch()  # refresh in the background; this call uses the valid token
         header = self._header
         call.add_metadata("authorization", header)
@@ -107,13 +111,16 @@ class BearerToken:
     def _observe(self, header: str, error: BaseException | None) -> None:
         # refresh only when the rejected token is still the current one: calls that were
         # in flight with it must not each start another fetch
+        # (at most one fetch per retry_after_s: a server that rejects every token must
+        # not turn each call into a request to the identity provider)
         if (
             error is not None
             and code_of(error) is _UNAUTHENTICATED
             and header == self._header
             and self._fetch is None
+            and self._clock.monotonic() >= self._next_rejection_fetch
         ):
-            self._next_attempt = 0.0
+            self._next_rejection_fetch = self._clock.monotonic() + self._retry_after_s
             self._start_fetch()
 
     @property
@@ -128,7 +135,16 @@ class BearerToken:
             current.expires_at is None or self._clock.now() < current.expires_at
         ):
             return current
-        task = self._fetch or self._start_fetch()
+        task = self._fetch
+        if task is None:
+            if self._last_error is not None and self._clock.monotonic() < self._failed_until:
+                raise UnauthenticatedError(
+                    "no valid bearer token: the token provider failed "
+                    f"({type(self._last_error).__name__}); next attempt in "
+                    f"{self._failed_until - self._clock.monotonic():.1f} s",
+                    reason="TOKEN_UNAVAILABLE",
+                )
+            task = self._start_fetch()
         try:
             issued = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -164,7 +180,8 @@ class BearerToken:
             return
         error = task.exception()
         if error is not None:
-            self._next_attempt = self._clock.monotonic() + self._retry_after_s
+            self._last_error = error
+            self._failed_until = self._next_attempt = self._clock.monotonic() + self._retry_after_s
             logger.warning(
                 "bearer token refresh failed (%s); retrying in %.1f s",
                 type(error).__name__,
@@ -172,6 +189,7 @@ class BearerToken:
             )
             return
         issued = task.result()
+        self._last_error = None
         self._current = issued
         self._header = f"Bearer {issued.token}"
 

@@ -525,16 +525,49 @@ async def test_provider_token_refreshes_in_background_before_expiry() -> None:
 
 
 async def test_provider_failure_without_valid_token_is_unauthenticated() -> None:
-    """When no valid token exists and the provider fails, the call fails with a reason."""
+    """Without a valid token a provider failure fails the call, then fails fast until retry."""
 
     async def provider() -> IssuedToken:
         raise OSError("identity provider unreachable")
 
-    policy = BearerToken(provider=provider)
+    clock = ManualClock()
+    policy = BearerToken(provider=provider, retry_after_s=5, clock=clock)
     with pytest.raises(UnauthenticatedError) as error:
         await _attach(policy)
     assert _reason(error) == "TOKEN_UNAVAILABLE"
     assert repr(policy) == "BearerToken(provider)"
+    with pytest.raises(UnauthenticatedError, match=r"next attempt in 5\.0 s"):
+        await _attach(policy)  # fails fast: the provider is not asked again yet
+    assert policy.fetches == 1
+    clock.advance(5)
+    with pytest.raises(UnauthenticatedError):
+        await _attach(policy)
+    assert policy.fetches == 2
+
+
+async def test_rejections_refresh_at_most_once_per_retry_interval() -> None:
+    """A server rejecting every token gets one provider fetch per retry interval, not per call."""
+    clock = ManualClock()
+    counter = iter(range(1000))
+
+    async def provider() -> IssuedToken:
+        return IssuedToken(f"t{next(counter)}")
+
+    policy = BearerToken(provider=provider, retry_after_s=5, clock=clock)
+    rejected = UnauthenticatedError("nope", reason="TOKEN_BAD_SIGNATURE")
+    for _ in range(10):
+        call = Call(_METHOD, Side.CLIENT)
+        exit_ = await policy._enter_provided(call)
+        assert exit_ is not None
+        exit_(rejected)
+        await asyncio.sleep(0)
+    assert policy.fetches == 2  # the first token, and one refresh after the first rejection
+    clock.advance(5)
+    exit_ = await policy._enter_provided(Call(_METHOD, Side.CLIENT))
+    assert exit_ is not None
+    exit_(rejected)
+    assert policy.fetches == 3
+    await policy.close()
 
 
 def test_code_overrides_add_scopes_and_public_methods(rsa_key: Any, ec_key: Any) -> None:
