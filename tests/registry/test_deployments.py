@@ -45,10 +45,17 @@ async def _set_weights(node: RegistryNode, weights: dict[str, int]) -> None:
         await channel.close()
 
 
-async def _send(channel: BalancedChannel, n: int) -> None:
+async def _send(channel: BalancedChannel, n: int, concurrency: int = 8) -> None:
     stub = EchoServiceStub(channel)
-    for _ in range(n):
-        await stub.Echo(EchoRequest(text="x"), timeout=5)
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await stub.Echo(EchoRequest(text="x"), timeout=5)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 async def test_canary_weight_sends_ten_percent_then_blue_green_switches(
