@@ -7,8 +7,11 @@ With a provider, the token is fetched on first use and refreshed in the
 background `refresh_before_s` before it expires, so calls never wait for a
 refresh while a valid token exists; a call waits only when there is no valid
 token (first call, or the provider kept failing until expiry).  Concurrent
-callers share one in-flight fetch.  When a server answers UNAUTHENTICATED the
-token is refreshed in the background for the next calls.
+callers share one in-flight fetch.  When a server answers UNAUTHENTICATED to the
+current token it is refreshed in the background for the next calls.  Guard-rails
+for the identity provider: at most one rejection-driven fetch per
+`retry_after_s`, and after a failed fetch, calls without a valid token fail fast
+(`TOKEN_UNAVAILABLE`) until `retry_after_s` has passed.
 """
 
 from __future__ import annotations
