@@ -132,6 +132,16 @@ class OutboxRelay:
         """Run in the background (also usable as a server `on_started` hook)."""
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self._config.name}")
+            self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.last_error = error
+            logger.error(
+                "relay %s stopped on an unexpected error; events stay unpublished",
+                self._config.name,
+                exc_info=error,
+            )
 
     async def close(self, *_: object) -> None:
         """Stop the background run; the cursor stays at the last acknowledged batch."""

@@ -105,3 +105,28 @@ async def test_failing_relay_reports_lag_to_its_health_check(store: Any) -> None
     assert await relay.lag() == 3
     assert await relay.cursor() == 0
     assert bus.accepted == []
+
+
+class BrokenBus(FlakyBus):
+    """A bus with a bug: raises something the relay does not expect."""
+
+    async def publish(self, envelopes: Sequence[EventEnvelope]) -> None:
+        raise RuntimeError("bug in the bus (test)")
+
+
+async def test_relay_stopped_by_a_bug_is_reported(store: Any) -> None:
+    """An unexpected error stops the relay loudly: last_error is set and check() fails."""
+    await _append(store, "a", 1)
+    relay = OutboxRelay(store, BrokenBus(0), RelayConfig(poll_interval_s=0.05))
+    await relay.start()
+    try:
+
+        async def stopped() -> bool:
+            return relay.last_error is not None
+
+        await _until(stopped)
+    finally:
+        await relay.close()
+    assert isinstance(relay.last_error, RuntimeError)
+    with pytest.raises(UnavailableError, match="bug in the bus"):
+        await relay.check(max_lag=0)
