@@ -38,6 +38,7 @@ __all__ = [
     "build",
     "inventory_policies",
     "main",
+    "store_check",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,14 +79,23 @@ class InventoryConfig:
         )
 
 
-def inventory_policies(tokens: DevTokens) -> list[Policy]:
-    """The server chain, outermost first: log, authenticate, limit per caller, validate."""
+def inventory_policies(tokens: DevTokens, *, clock: Clock | None = None) -> list[Policy]:
+    """The server chain, outermost first: log, authenticate, limit per caller, validate.
+
+    Rate limits come from the contract (`AddStock`: 50/s, burst 100, per verified
+    subject), so the limit runs after authentication.
+    """
     return [
         AccessLogPolicy(),
         AuthPolicy(tokens.verifier()),
-        RateLimitPolicy(),
+        RateLimitPolicy(clock=clock),
         ValidationPolicy(),
     ]
+
+
+def store_check(store: SqliteInventoryStore) -> Check:
+    """Required health check: the SQLite store answers a query."""
+    return Check("sqlite", store.ping, interval_s=5.0, timeout_s=2.0)
 
 
 class _CloseStore:
@@ -121,9 +131,9 @@ async def build(
     tokens = DevTokens(config.jwt_secret)
     server = Server(
         config.server,
-        policies=[*inventory_policies(tokens), *extra_policies],
+        policies=[*inventory_policies(tokens, clock=clock), *extra_policies],
         # framework.health.Check is frozen but HealthCheck declares settable members
-        health_checks=[Check("sqlite", store.ping, interval_s=5.0, timeout_s=2.0)],  # type: ignore[list-item]
+        health_checks=[store_check(store)],  # type: ignore[list-item]
         hooks=[_CloseStore(store)],
     )
     server.add(InventoryServicer(inventory))

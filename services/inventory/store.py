@@ -160,6 +160,7 @@ class SqliteInventoryStore:
         self.path = path
         self._thread = DedicatedThread(f"inventory-sqlite:{path}")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -196,6 +197,11 @@ class SqliteInventoryStore:
         await self._thread.run(lambda: self._connection().execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        """Close the connection and end the thread; closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()

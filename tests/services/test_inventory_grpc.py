@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framework.auth import BearerToken
+from framework.clock import ManualClock
 from framework.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     UnauthenticatedError,
 )
 from framework.testing import TestServer, serve
@@ -24,7 +27,7 @@ from gen.inventory.v1.inventory_pb2_grpc import InventoryServiceStub
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
 from services.inventory.domain import Line
-from services.inventory.main import DEV_SECRET, inventory_policies
+from services.inventory.main import DEV_SECRET, inventory_policies, store_check
 from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
 
@@ -203,3 +206,41 @@ async def test_concurrent_reservations_never_oversell(harness: TestServer) -> No
     assert all(isinstance(r, pb.ReserveStockResponse | FailedPreconditionError) for r in results)
     stock = (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock
     assert (stock.reserved, stock.available) == (5, 0)
+
+
+async def test_add_stock_rate_limit_from_the_contract() -> None:
+    """AddStock's contract limit (burst 100) refuses the 101st call with RESOURCE_EXHAUSTED."""
+    store = SqliteInventoryStore(":memory:")
+    policies = inventory_policies(TOKENS, clock=ManualClock())
+    try:
+        async with serve(
+            InventoryServicer(Inventory(store)),
+            policies=policies,
+            client_policies=[BearerToken(WRITE)],
+        ) as t:
+            stub = t.stub(InventoryServiceStub)
+            request = pb.AddStockRequest(sku="A", quantity=1)
+            for _ in range(100):
+                await stub.AddStock(request, metadata=_key())
+            with pytest.raises(RateLimitedError) as caught:
+                await stub.AddStock(request, metadata=_key())
+            assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+            assert (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock.on_hand == 100
+    finally:
+        await store.close()
+
+
+async def test_health_follows_the_store() -> None:
+    """Standard health turns NOT_SERVING for the inventory service when its store fails."""
+    store = SqliteInventoryStore(":memory:")
+    async with serve(
+        InventoryServicer(Inventory(store)),
+        policies=inventory_policies(TOKENS),
+        health_checks=[store_check(store)],
+    ) as t:
+        health = health_pb2_grpc.HealthStub(t.channel)
+        ask = health_pb2.HealthCheckRequest(service="inventory.v1.InventoryService")
+        assert (await health.Check(ask)).status == health_pb2.HealthCheckResponse.SERVING
+        await store.close()
+        await t.server.health.check_now()
+        assert (await health.Check(ask)).status == health_pb2.HealthCheckResponse.NOT_SERVING
