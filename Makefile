@@ -30,7 +30,7 @@ check-protos: protos
 	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make protos' and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen && echo "gen/ has untracked files" && exit 1)
 
-test: protos
+test: protos $(BUF)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv $(BUF)
