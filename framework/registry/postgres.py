@@ -4,11 +4,13 @@ Every change bumps a revision row and sends `NOTIFY` with the new revision in
 the same transaction, so a replica's watchers wake as soon as another replica
 commits.  If the listening connection is lost, `wait_for_change` still polls
 the revision row once per wait, so watchers are never stuck longer than their
-poll bound.  All tables live in one schema (`schema=`), created on `open()`.
+poll bound, and the next poll opens a new listening connection.  All tables
+live in one schema (`schema=`), created on `open()`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,6 +79,7 @@ class PostgresStore:
         self._pool: Any = None
         self._listener: Any = None
         self._signal = RevisionSignal()
+        self._relisten_lock = asyncio.Lock()
 
     # ----------------------------------------------------------- plumbing
     async def open(self) -> None:
@@ -293,7 +296,24 @@ class PostgresStore:
         revision = await self._signal.wait(after, timeout_s)
         if revision <= after:  # no notification: poll, in case the listener was lost
             self._signal.publish(await self.revision())
+            await self._relisten()
         return self._signal.revision
+
+    async def _relisten(self) -> None:
+        """Open a new LISTEN connection if the old one closed (one attempt per poll)."""
+        if self._pool is None or (self._listener is not None and not self._listener.is_closed()):
+            return
+        async with self._relisten_lock:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            try:
+                listener = await asyncpg.connect(self.dsn)
+                await listener.add_listener(self.channel, self._on_notify)
+            except (OSError, asyncpg.PostgresError) as error:
+                logger.warning("registry LISTEN connection lost (%s); polling meanwhile", error)
+                return
+            self._listener = listener
+            logger.info("registry LISTEN connection re-established")
 
     async def drop(self) -> None:
         """Remove the schema and everything in it (tests, decommissioning)."""

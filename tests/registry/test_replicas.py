@@ -42,3 +42,32 @@ async def test_watch_on_one_replica_sees_changes_made_through_the_other(
         await b.stop()
         cleanup = PostgresStore(postgres_dsn, schema=schema)
         await cleanup.drop()
+
+
+async def test_replica_without_notifications_still_sees_changes_by_polling(
+    postgres_dsn: str,
+) -> None:
+    """With its LISTEN connection gone, a replica's watcher catches up within the poll bound
+    (and the replica listens again)."""
+    schema = f"reg_{uuid.uuid4().hex[:12]}"
+    store_b = PostgresStore(postgres_dsn, schema=schema)
+    a = await start_registry(PostgresStore(postgres_dsn, schema=schema))
+    b = await start_registry(store_b)
+    channel_a, channel_b = connect(a.address), connect(b.address)
+    try:
+        await store_b._listener.close()  # notifications from A no longer reach B
+        stream = RegistryServiceStub(channel_b).Watch(pb.WatchRequest(service="orders"))
+        assert not (await asyncio.wait_for(stream.read(), 5)).instances
+        await RegistryServiceStub(channel_a).Register(
+            pb.RegisterRequest(service="orders", address="127.0.0.1:7001")
+        )
+        seen = await asyncio.wait_for(stream.read(), 5)  # poll bound: watch_poll_s = 0.5
+        assert [i.address for i in seen.instances] == ["127.0.0.1:7001"]
+        assert not store_b._listener.is_closed()
+        stream.cancel()
+    finally:
+        await channel_a.close()
+        await channel_b.close()
+        await a.stop()
+        await b.stop()
+        await PostgresStore(postgres_dsn, schema=schema).drop()
