@@ -34,6 +34,17 @@ _EXPORTS: dict[str, str] = {
     "AccessLogPolicy": "framework.accesslog",
     "ErrorMappingPolicy": "framework.error_mapping",
     "DeadlinePolicy": "framework.deadline",
+    # security
+    "AuthPolicy": "framework.auth",
+    "current_principal": "framework.auth",
+    "Principal": "framework.verifier",
+    "JwtVerifier": "framework.verifier",
+    "JwtConfig": "framework.verifier",
+    "BearerToken": "framework.bearer",
+    "ServerTls": "framework.tls",
+    "ClientTls": "framework.tls",
+    "server_credentials": "framework.tls",
+    "channel_credentials": "framework.tls",
     # health
     "Check": "framework.health",
     "HealthMonitor": "framework.health",

@@ -81,18 +81,30 @@ async def serve(
     config: ServerConfig | None = None,
     client_config: ClientConfig | None = None,
     hooks: Sequence[object] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    client_credentials: grpc.ChannelCredentials | None = None,
 ) -> AsyncIterator[TestServer]:
-    """Start `servicers` on 127.0.0.1:0 with `policies`; yield a `TestServer`."""
+    """Start `servicers` on 127.0.0.1:0 with `policies`; yield a `TestServer`.
+
+    `credentials` serve TLS/mTLS (see framework.tls); `client_credentials` are used
+    by the default channel.
+    """
     server = Server(
         config or ServerConfig(name="test", host="127.0.0.1", port=0, grace_s=1.0),
         policies=policies,
         health_checks=health_checks,
         hooks=hooks,
+        credentials=credentials,
     )
     for servicer in servicers:
         server.add(servicer)
     await server.start()
-    channel = connect(server.address, policies=client_policies, config=client_config)
+    channel = connect(
+        server.address,
+        policies=client_policies,
+        config=client_config,
+        credentials=client_credentials,
+    )
     harness = TestServer(server, channel)
     try:
         yield harness
