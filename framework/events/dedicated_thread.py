@@ -13,12 +13,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from functools import partial
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_Item = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+
+class _Callback:
+    __slots__ = ("done",)
+
+    def __init__(self, done: Callable[[Any, BaseException | None], None]) -> None:
+        self.done = done
+
+
+_Item = tuple[Callable[[], Any], "asyncio.Future[Any] | _Callback", asyncio.AbstractEventLoop]
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -41,13 +50,23 @@ class DedicatedThread:
 
     def _main(self) -> None:
         while (item := self._queue.get()) is not None:
-            fn, future, loop = item
+            fn, target, loop = item
+            deliver = target.done if isinstance(target, _Callback) else partial(_resolve, target)
             try:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_resolve, future, None, exc)
+                loop.call_soon_threadsafe(deliver, None, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, future, result, None)
+                loop.call_soon_threadsafe(deliver, result, None)
+
+    def submit(
+        self, fn: Callable[[], T], done: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """Run `fn()` on the thread; then `done(result, error)` runs on the caller's loop."""
+        if self._closed:
+            raise RuntimeError("the thread is stopped; no more calls are accepted")
+        loop = asyncio.get_running_loop()
+        self._queue.put((fn, _Callback(done), loop))
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the thread after everything submitted before it; return its result."""

@@ -1,11 +1,15 @@
-"""The embedded event store: stdlib sqlite3 in WAL mode on one dedicated thread.
+"""The embedded event store: stdlib sqlite3 in WAL mode, off the event loop.
 
-Every database call runs on one dedicated thread, so the event loop never
-blocks on disk.  An append is one `BEGIN IMMEDIATE ... COMMIT` transaction
-(all or nothing, also across a kill -9: WAL recovery drops the uncommitted
-tail); `UNIQUE(stream_id, version)` is enforced by the database and the global
-position is `INTEGER PRIMARY KEY AUTOINCREMENT`, assigned under SQLite's single
-writer lock, so positions commit in increasing order and are never reused.
+Every database call runs on a dedicated thread (`sqlite_writer.ThreadConnection`),
+so the event loop never blocks on disk.  Appends are group-committed: one
+append alone is one `BEGIN IMMEDIATE ... COMMIT`; appends that arrive while a
+commit is in flight share the next transaction, each inside its own savepoint
+(`sqlite_writer.GroupCommit`).  Every batch is all or nothing, also across a
+kill -9 (WAL recovery drops the uncommitted tail).  `UNIQUE(stream_id, version)`
+is enforced by the database; the global position is `INTEGER PRIMARY KEY
+AUTOINCREMENT`, assigned under SQLite's single writer lock, so positions commit
+in increasing order and are never reused.  Projection transactions
+(`transaction()`) run on a second connection with its own thread.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from framework.errors import UnavailableError
-from framework.events.dedicated_thread import DedicatedThread
-from framework.events.envelope import Codec, EventRow, StoredRow, from_micros, to_micros
+from framework.events.envelope import Codec, StoredRow, from_micros, to_micros
 from framework.events.notify import AppendSignal
+from framework.events.sqlite_writer import VERSION_SQL, GroupCommit, ThreadConnection
 from framework.events.store import (
     DEFAULT_PAGE_SIZE,
     AppendResult,
@@ -31,7 +34,6 @@ from framework.events.store import (
     check_limit,
     check_non_negative,
     check_stream_id,
-    conflict,
 )
 from framework.events.typeregistry import EventTypeRegistry
 from framework.events.upcast import Upcasters
@@ -71,11 +73,6 @@ _COLUMNS = (
     "position, stream_id, aggregate_type, version, event_id, type, schema_version,"
     " metadata, payload, recorded_at"
 )
-_INSERT = (
-    "INSERT INTO events (stream_id, version, aggregate_type, event_id, type,"
-    " schema_version, metadata, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_VERSION = "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?"
 _SAVE_SNAPSHOT = (
     "INSERT INTO snapshots (stream_id, version, type, state, recorded_at) VALUES (?, ?, ?, ?, ?)"
     " ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, type = excluded.type,"
@@ -101,8 +98,11 @@ class SqliteConfig:
     busy_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("path must name a database file (or ':memory:')")
+        if not self.path or self.path == ":memory:":
+            raise ValueError(
+                f"path must name a database file, got {self.path!r} (the store opens two"
+                " connections; use a temporary file for throwaway stores)"
+            )
         if self.synchronous not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {self.synchronous!r}")
         if self.busy_timeout_s < 0:
@@ -110,29 +110,30 @@ class SqliteConfig:
 
 
 class SqliteTransaction:
-    """An open transaction on the store's connection, for projections sharing the database.
+    """An open transaction on the events database, for projections and consumers.
 
-    Calls run on the store's thread; nothing else uses the connection until
-    the transaction ends.
+    Runs on the store's second connection (and thread); commits or rolls back
+    as a whole when the `transaction()` block ends.  Do not append to the store
+    from inside it: the append would wait for this transaction's write lock.
     """
 
-    __slots__ = ("_store",)
+    __slots__ = ("_connection",)
 
-    def __init__(self, store: SqliteEventStore) -> None:
-        self._store = store
+    def __init__(self, connection: ThreadConnection) -> None:
+        self._connection = connection
 
     async def execute(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement; returns the number of rows it changed."""
-        return await self._store._run(lambda c: c.execute(sql, params).rowcount)
+        return await self._connection.call(lambda c: c.execute(sql, params).rowcount)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        await self._store._run(lambda c: c.executemany(sql, rows))
+        await self._connection.call(lambda c: c.executemany(sql, rows))
 
     async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
-        return await self._store._run(lambda c: c.execute(sql, params).fetchall())
+        return await self._connection.call(lambda c: c.execute(sql, params).fetchall())
 
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
-        return await self._store._run(lambda c: c.execute(sql, params).fetchone())
+        return await self._connection.call(lambda c: c.execute(sql, params).fetchone())
 
 
 class SqliteEventStore:
@@ -146,22 +147,23 @@ class SqliteEventStore:
     ) -> None:
         self.config = config
         self.codec = Codec(types, upcasters or Upcasters())
-        self._thread = DedicatedThread("sqlite-events")
-        self._conn: sqlite3.Connection | None = None
-        self._lock = asyncio.Lock()
         self._signal = AppendSignal()
+        self._main = ThreadConnection("sqlite-events")
+        self._appends = GroupCommit(self._main, self._signal.notify)
+        self._tx_connection: ThreadConnection | None = None
+        self._tx_lock = asyncio.Lock()
 
     @classmethod
     async def open(
         cls, config: SqliteConfig, types: EventTypeRegistry, upcasters: Upcasters | None = None
     ) -> SqliteEventStore:
         store = cls(config, types, upcasters)
-        await store._thread.run(store._connect)
+        await store._main.open(store._connect)
         return store
 
     # ------------------------------------------------------------ plumbing
 
-    def _connect(self) -> None:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.config.path,
             timeout=self.config.busy_timeout_s,
@@ -171,27 +173,10 @@ class SqliteEventStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.config.synchronous}")
         conn.executescript(SCHEMA)
-        self._conn = conn
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise UnavailableError("the SQLite event store is closed (or was never opened)")
-        return self._conn
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on the store's thread (caller holds the lock)."""
-
-        def call() -> T:
-            try:
-                return fn(self._connection())
-            except sqlite3.OperationalError as exc:
-                raise UnavailableError(f"SQLite event store: {exc}; retry later") from exc
-
-        return await self._thread.run(call)
+        return conn
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._lock:
-            return await self._run(fn)
+        return await self._main.call(fn)
 
     # ------------------------------------------------------------ writes
 
@@ -204,11 +189,9 @@ class SqliteEventStore:
         aggregate_type: str = "",
     ) -> AppendResult:
         rows = self.codec.rows(stream_id, events, expected_version)
-        now = to_micros(datetime.now(UTC))
-        first, version = await self._call(
-            lambda c: _append(c, stream_id, aggregate_type, rows, expected_version, now)
+        first, version = await self._appends.append(
+            stream_id, aggregate_type, rows, expected_version
         )
-        self._signal.notify()
         return AppendResult(tuple(range(first, first + len(rows))), version)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -252,7 +235,9 @@ class SqliteEventStore:
 
     async def stream_version(self, stream_id: str) -> int:
         check_stream_id(stream_id)
-        version: int = await self._call(lambda c: c.execute(_VERSION, (stream_id,)).fetchone()[0])
+        version: int = await self._call(
+            lambda c: c.execute(VERSION_SQL, (stream_id,)).fetchone()[0]
+        )
         return version
 
     async def head_position(self) -> int:
@@ -281,14 +266,19 @@ class SqliteEventStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
         """A transaction on the events database (commit on success, rollback on error)."""
-        async with self._lock:
-            await self._run(lambda c: c.execute("BEGIN IMMEDIATE"))
+        async with self._tx_lock:
+            connection = self._tx_connection
+            if connection is None:
+                connection = ThreadConnection("sqlite-events-tx")
+                await connection.open(self._connect)
+                self._tx_connection = connection
+            await connection.call(lambda c: c.execute("BEGIN IMMEDIATE"))
             try:
-                yield SqliteTransaction(self)
+                yield SqliteTransaction(connection)
             except BaseException:
-                await asyncio.shield(self._run(lambda c: c.execute("ROLLBACK")))
+                await asyncio.shield(connection.call(lambda c: c.execute("ROLLBACK")))
                 raise
-            await self._run(lambda c: c.execute("COMMIT"))
+            await connection.call(lambda c: c.execute("COMMIT"))
 
     async def checkpoint_in(self, tx: SqliteTransaction, name: str) -> int:
         row = await tx.fetchone("SELECT position FROM checkpoints WHERE name = ?", (name,))
@@ -298,49 +288,9 @@ class SqliteEventStore:
         await tx.execute(_SAVE_CHECKPOINT, (name, position))
 
     async def close(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            async with self._lock:
-                await self._run(lambda c: c.close())
-            self._conn = None
-        await self._thread.stop()
-
-
-def _append(
-    conn: sqlite3.Connection,
-    stream_id: str,
-    aggregate_type: str,
-    rows: list[EventRow],
-    expected: int | None,
-    now_us: int,
-) -> tuple[int, int]:
-    """One transaction: check the version, insert the batch; (first position, new version)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if expected == 0:
-            actual = 0  # a new stream: UNIQUE(stream_id, version) alone refuses an old one
-        else:
-            actual = conn.execute(_VERSION, (stream_id,)).fetchone()[0]
-            if expected is not None and actual != expected:
-                raise conflict(stream_id, expected, actual)
-        values = [
-            (stream_id, actual + i, aggregate_type, *row, now_us)
-            for i, row in enumerate(rows, start=1)
-        ]
-        if len(values) == 1:
-            last = conn.execute(_INSERT, values[0]).lastrowid
-        else:
-            conn.executemany(_INSERT, values)
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        assert last is not None
-        conn.execute("COMMIT")
-    except sqlite3.IntegrityError as exc:
-        conn.execute("ROLLBACK")
-        raise conflict(
-            stream_id, expected, conn.execute(_VERSION, (stream_id,)).fetchone()[0]
-        ) from exc
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return last - len(rows) + 1, actual + len(rows)
+        await self._appends.drain()
+        async with self._tx_lock:
+            if self._tx_connection is not None:
+                await self._tx_connection.close()
+                self._tx_connection = None
+        await self._main.close()
