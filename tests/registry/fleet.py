@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from framework.clock import Clock, SystemClock
 from framework.config import ServerConfig
+from framework.policy import Policy
 from framework.registry.agent import AgentConfig, RegistrationAgent
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.registry import Registry, RegistryConfig
@@ -43,6 +44,7 @@ async def start_registry(
     probe: ProbeConfig = NO_PROBE,
     sweep_interval_s: float = 1.0,
     port: int = 0,
+    policies: Sequence[Policy] = (),
 ) -> RegistryNode:
     registry = Registry(
         store,
@@ -51,7 +53,9 @@ async def start_registry(
         probe_clock=SystemClock(),
     )
     await registry.start()
-    server = Server(ServerConfig(name="registry", port=port, grace_s=0, reflection=False))
+    server = Server(
+        ServerConfig(name="registry", port=port, grace_s=0, reflection=False), policies=policies
+    )
     server.add(RegistryServicer(registry))
     await server.start()
     return RegistryNode(registry, server)
