@@ -3,8 +3,10 @@
 The events table is the outbox (see README.md): an append commits the events
 and nothing else has to happen in the same transaction.  `OutboxRelay` reads
 `store.read_all(after=cursor)` and hands each batch to a bus; only once the bus
-has acknowledged the whole batch does it save the cursor
-(`store.save_checkpoint("relay:<name>", last position)`).
+has acknowledged the whole batch does the cursor move, and it is saved
+(`store.save_checkpoint("relay:<name>", last position)`) at least every
+`checkpoint_interval_s` while catching up and whenever the relay is idle, so
+a crash re-publishes at most that much (de-duplicated by the bus).
 
 * A crash after the append and before the publish loses nothing: the cursor is
   still behind the events, the next run publishes them, exactly as stored.
@@ -21,6 +23,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from framework.clock import Clock, SystemClock
 from framework.errors import FrameworkError, UnavailableError
 from framework.events.bus import EventBus
 from framework.events.consumer_group import CheckpointedStore
@@ -37,12 +40,18 @@ class RelayConfig:
     batch_size: int = 256
     poll_interval_s: float = 0.5
     retry_delay_s: float = 1.0
+    checkpoint_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
             raise ValueError(f"name must be 1-64 letters, digits, '_', '.', '-': {self.name!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(
+                f"checkpoint_interval_s must be >= 0 (0: after every batch), "
+                f"got {self.checkpoint_interval_s}"
+            )
         for name in ("poll_interval_s", "retry_delay_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -57,21 +66,38 @@ class OutboxRelay:
     """
 
     def __init__(
-        self, store: CheckpointedStore, bus: EventBus, config: RelayConfig | None = None
+        self,
+        store: CheckpointedStore,
+        bus: EventBus,
+        config: RelayConfig | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
         self._config = config or RelayConfig()
+        self._clock = clock or SystemClock()
         self._checkpoint = f"relay:{self._config.name}"
         self._task: asyncio.Task[None] | None = None
-        self._cursor: int | None = None  # cached: this relay is the only writer of it
+        self._cursor: int | None = None  # acknowledged by the bus (this relay is the only writer)
+        self._saved: int | None = None  # durable in the store
+        self._saved_at = 0.0
         self.last_error: BaseException | None = None  # last failed publish, None once one works
 
     async def cursor(self) -> int:
         """Position of the last event the bus acknowledged."""
         if self._cursor is None:
-            self._cursor = await self._store.load_checkpoint(self._checkpoint)
+            self._cursor = self._saved = await self._store.load_checkpoint(self._checkpoint)
+            self._saved_at = self._clock.monotonic()
         return self._cursor
+
+    async def save(self) -> None:
+        """Make the cursor durable now (run_once and close do it; batches in between)."""
+        cursor = await self.cursor()
+        if cursor != self._saved:
+            await self._store.save_checkpoint(self._checkpoint, cursor)
+            self._saved = cursor
+        self._saved_at = self._clock.monotonic()
 
     async def lag(self) -> int:
         """How many positions the bus is behind the store."""
@@ -95,17 +121,19 @@ class OutboxRelay:
         if not events:
             return 0
         await self._bus.publish([to_envelope(event) for event in events])
-        await self._store.save_checkpoint(self._checkpoint, events[-1].position)
         self._cursor = events[-1].position
+        if self._clock.monotonic() - self._saved_at >= self._config.checkpoint_interval_s:
+            await self.save()
         return len(events)
 
     async def run_once(self) -> int:
-        """Publish everything stored up to now; return how many events were published."""
+        """Publish everything stored up to now, save the cursor; return how many were published."""
         total = 0
         while True:
             count = await self.publish_batch()
             total += count
             if count < self._config.batch_size:
+                await self.save()
                 return total
 
     async def run(self) -> None:
@@ -149,6 +177,15 @@ class OutboxRelay:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            try:
+                await self.save()
+            except (FrameworkError, OSError) as error:
+                logger.warning(
+                    "relay %s: cursor not saved on close (%s); its last events will be "
+                    "published again (de-duplicated)",
+                    self._config.name,
+                    error,
+                )
 
     on_started = start
     on_stopped = close

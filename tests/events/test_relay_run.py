@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from framework.clock import ManualClock
 from framework.errors import UnavailableError
 from framework.events.envelope import to_envelope
 from framework.events.relay import OutboxRelay, RelayConfig
@@ -130,3 +131,24 @@ async def test_relay_stopped_by_a_bug_is_reported(store: Any) -> None:
     assert isinstance(relay.last_error, RuntimeError)
     with pytest.raises(UnavailableError, match="bug in the bus"):
         await relay.check(max_lag=0)
+
+
+async def test_cursor_is_saved_per_interval_and_when_idle(store: Any) -> None:
+    """Batches in between only move the in-memory cursor; the interval or run_once saves it."""
+    await _append(store, "a", 4)  # positions 1..5
+    bus = FlakyBus(failures=0)
+    clock = ManualClock()
+    relay = OutboxRelay(
+        store, bus, RelayConfig(name="i", batch_size=2, checkpoint_interval_s=10.0), clock=clock
+    )
+    await relay.publish_batch()
+    await relay.publish_batch()
+    saved_early = await store.load_checkpoint("relay:i")
+    clock.advance(10.0)
+    await relay.publish_batch()
+    saved_late = await store.load_checkpoint("relay:i")
+    await _append(store, "b", 0)  # position 6
+    await relay.run_once()
+    assert (saved_early, saved_late) == (0, 5)
+    assert await store.load_checkpoint("relay:i") == await relay.cursor() == 6
+    assert [e.position for e in bus.accepted] == [1, 2, 3, 4, 5, 6]
