@@ -43,7 +43,14 @@ CONCURRENCY = 32
 TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
 VARIANTS: tuple[str, ...] = ("bare", "framework", "ours", "contrib")
 if os.environ.get("BENCH_TRACING_DETAIL"):  # split "ours" into its two policies
-    VARIANTS = (*VARIANTS, "tracing_only", "tracing_sync_export", "metrics_only")
+    VARIANTS = (
+        *VARIANTS,
+        "framework_late",
+        "noop_policy",
+        "tracing_only",
+        "tracing_sync_export",
+        "metrics_only",
+    )
 
 
 class Echo(echo_pb2_grpc.EchoServiceServicer):
@@ -52,6 +59,19 @@ class Echo(echo_pb2_grpc.EchoServiceServicer):
 
 
 # ------------------------------------------------------------------ server side
+
+
+class NoopPolicy:
+    """An enter with an exit that do nothing: the cost of the chain machinery itself."""
+
+    def bind(self, method: Any) -> Any:
+        def exit_(error: BaseException | None) -> None:
+            return None
+
+        def enter(call: Any) -> Any:
+            return exit_
+
+        return enter
 
 
 async def serve() -> None:
@@ -105,6 +125,7 @@ async def serve() -> None:
             span_exporter=Drop(),
         )
         for variant, policies in (
+            ("noop_policy", [NoopPolicy()]),
             ("tracing_only", telemetry.policies()[:1]),
             ("tracing_sync_export", sync_telemetry.policies()[:1]),
             ("metrics_only", telemetry.policies()[1:]),
@@ -125,6 +146,17 @@ async def serve() -> None:
     ports["contrib"] = contrib.add_insecure_port("127.0.0.1:0")
     await contrib.start()
 
+    if "framework_late" in VARIANTS:  # same as "framework", started last: position effects
+        late = Server(ServerConfig(name="late", host="127.0.0.1", port=0, grace_s=0.5))
+        late.add(Echo())
+        ports["framework_late"] = await late.start()
+        keep.append(late)
+
+    if os.environ.get("BENCH_TRACING_GC"):  # deployment tuning, same for every variant
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
     print(json.dumps(ports), flush=True)
     await asyncio.to_thread(sys.stdin.read)  # the client closes stdin when done
     telemetry.flush()
