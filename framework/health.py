@@ -36,11 +36,21 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthCheck(Protocol):
     """A dependency probe: `probe()` returns when healthy and raises when not."""
 
-    name: str
-    required: bool
-    services: tuple[str, ...]  # empty: gates every service of the process
-    interval_s: float
-    timeout_s: float
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def required(self) -> bool: ...
+
+    @property
+    def services(self) -> tuple[str, ...]:  # empty: gates every service of the process
+        ...
+
+    @property
+    def interval_s(self) -> float: ...
+
+    @property
+    def timeout_s(self) -> float: ...
 
     async def probe(self) -> None: ...
 

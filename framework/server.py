@@ -199,21 +199,26 @@ class Server:
     async def serve(self) -> None:
         """Start, then run until SIGTERM/SIGINT (or `stop()`), then drain and stop."""
         self._stopping = asyncio.Event()
-        await self.start()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         stop_task: asyncio.Task[None] | None = None
+        signalled = asyncio.Event()
 
         def on_signal() -> None:
             nonlocal stop_task
-            if stop_task is None:
+            signalled.set()
+            if stop_task is None and self._port is not None:
                 logger.info("%s: signal received, draining", self.config.name)
                 stop_task = loop.create_task(self.stop())
 
+        # handlers first: a signal that arrives while starting still drains cleanly
         for sig in signals:
             with contextlib.suppress(NotImplementedError):  # not on Windows
                 loop.add_signal_handler(sig, on_signal)
         try:
+            await self.start()
+            if signalled.is_set() and stop_task is None:
+                stop_task = loop.create_task(self.stop())
             await self._stopping.wait()
             if stop_task is not None:
                 await stop_task

@@ -84,7 +84,7 @@ def _announce(service: InventoryService, token: str) -> None:
         f'  {python} -c "{call}"',
         "Stop with Ctrl-C (SIGINT) or SIGTERM: health turns NOT_SERVING, calls drain.",
     ]
-    print("\n".join(lines), flush=True)  # noqa: T201 - this module is a CLI
+    print("\n".join(lines), flush=True)  # this module is a CLI
 
 
 async def run(environ: Mapping[str, str]) -> None:

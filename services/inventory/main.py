@@ -133,7 +133,7 @@ async def build(
         config.server,
         policies=[*inventory_policies(tokens, clock=clock), *extra_policies],
         # framework.health.Check is frozen but HealthCheck declares settable members
-        health_checks=[store_check(store)],  # type: ignore[list-item]
+        health_checks=[store_check(store)],
         hooks=[_CloseStore(store)],
     )
     server.add(InventoryServicer(inventory))
