@@ -28,8 +28,8 @@ from tests.bench.harness import (
     median_rate,
 )
 
-ROUNDS = 16
-CALLS_PER_ROUND = 1000
+ROUNDS = 40
+CALLS_PER_ROUND = 400
 CONCURRENCY = 16
 
 
