@@ -36,7 +36,7 @@ import grpc.aio
 from gen.echo.v1 import echo_pb2, echo_pb2_grpc
 from tests.bench.harness import Sample, bench_line, closed_loop, interleave, pin_to_cpu
 
-ROUNDS = 7
+ROUNDS = 9
 CALLS_PER_ROUND = 2000
 WARMUP_CALLS = 500
 CONCURRENCY = 32
