@@ -10,12 +10,14 @@ The shape (one small protocol, several adapters):
 * A `Delivery` is acknowledged with `ack()` once handled; `nack()` (or no
   answer within the adapter's ack wait) makes the bus deliver it again, to
   this member or another one.  The group's position is durable: a restarted
-  member resumes after the last acknowledged event, never before the first
-  unacknowledged one.
+  group resumes at its first unacknowledged event, never past it (events
+  acknowledged after that one may come again: handlers are idempotent).
 
-Adapters: `StoreBus` (`framework.events.consumer_group`, embedded default: a group is a
-durable cursor over the store's global order) and `JetStreamBus`
-(`framework.events.nats`, many processes and machines).
+Adapters: `StoreBus` (`framework.events.consumer_group`, embedded default: a
+group is a durable cursor over the store's global order), `JetStreamBus`
+(`framework.events.nats`, many processes and machines), and on the consuming
+side `RemoteSubscription` (`framework.events.consumer_grpc`, a member over
+`EventStoreService.Subscribe`).
 """
 
 from __future__ import annotations
@@ -106,10 +108,3 @@ class EventBus(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def iterate(subscription: Subscription, timeout_s: float = 1.0) -> AsyncIterator[Delivery]:
-    """Deliveries one by one, forever (until cancelled or the subscription closes)."""
-    while True:
-        for delivery in await subscription.fetch(timeout_s=timeout_s):
-            yield delivery
