@@ -10,6 +10,8 @@ Same database, same run, interleaved rounds, medians:
 * `event_append_pg_b1|b100`: `PostgresEventStore.append` (one round trip, advisory
   xact lock for ordered positions) vs asyncpg `INSERT`s (b1: one autocommit
   statement; b100: `executemany` in one transaction) into a same-shape table.
+* printed only: 8 concurrent appenders per store (SQLite group commit; PostgreSQL
+  appends serialized by the ordering lock) against the raw loops.
 * `event_store_vs_eventsourcing`: a new aggregate with one event saved through a
   repository, ours (`Repository.save`, SQLite) vs eventsourcing's
   `Application.save` with its SQLite persistence (WAL, default synchronous=FULL),
@@ -123,8 +125,42 @@ async def _sqlite(directory: Path) -> None:
             batch,
             "raw_sqlite3_insert_loop_same_db",
         )
+    await _sqlite_concurrent(store, raw, insert)
     raw.close()
     await store.close()
+
+
+async def _sqlite_concurrent(store: SqliteEventStore, raw: Any, insert: str) -> None:
+    """Group commit: 8 concurrent single-event appenders on one store vs the raw loop.
+
+    The raw baseline cannot overlap commits on one connection (it is sequential);
+    ours shares one transaction (one WAL sync) among the appends waiting. Printed.
+    """
+    writers, each = 8, 60
+
+    async def ours_run() -> int:
+        async def one() -> None:
+            stream = uuid.uuid4().hex
+            for i in range(each):
+                await store.append(stream, _events(1), i)
+
+        await asyncio.gather(*(one() for _ in range(writers)))
+        return writers * each
+
+    async def raw_run() -> int:
+        stream = uuid.uuid4().hex
+        for i in range(writers * each):
+            raw.execute(insert, _rows(stream, i + 1, _events(1))[0])
+        return writers * each
+
+    results = await interleave(3, ours=lambda: timed(ours_run), raw=lambda: timed(raw_run))
+    ours_rate, raw_rate = median_rate(results["ours"]), median_rate(results["raw"])
+    print(
+        f"  sqlite b1 x{writers} concurrent writers (group commit): ours {ours_rate:,.0f}"
+        f" events/s, raw sequential commits {raw_rate:,.0f} events/s"
+        f" (ratio {ours_rate / raw_rate:.2f})",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------- PostgreSQL
