@@ -116,3 +116,13 @@ async def test_subscribe_without_bus_is_unimplemented(store: Any) -> None:
         with pytest.raises(UnimplementedError):
             async for _ in call:
                 pass
+
+
+async def test_negative_read_positions_are_invalid_over_grpc(store: Any) -> None:
+    """ReadStream/ReadAll with negative positions come back INVALID_ARGUMENT."""
+    async with serve(EventStoreServicer(store)) as t:
+        stub = t.stub(EventStoreServiceStub)
+        with pytest.raises(InvalidArgumentError, match="from_version must be >= 0"):
+            await stub.ReadStream(store_pb2.ReadStreamRequest(stream_id="a", from_version=-2))
+        with pytest.raises(InvalidArgumentError, match="after_position must be >= 0"):
+            await stub.ReadAll(store_pb2.ReadAllRequest(after_position=-1))
