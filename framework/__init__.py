@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "ClientTls": "framework.tls",
     "server_credentials": "framework.tls",
     "channel_credentials": "framework.tls",
+    "ValidationPolicy": "framework.validation",
+    "IdempotencyKeyPolicy": "framework.idempotency",
     # health
     "Check": "framework.health",
     "HealthMonitor": "framework.health",

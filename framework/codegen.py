@@ -38,7 +38,7 @@ class CodegenConfig:
             raise ValueError(f"package must be a Python identifier, got {self.package!r}")
 
 
-def _include_dirs() -> list[Path]:
+def include_dirs() -> list[Path]:
     """Directories holding google/protobuf/*.proto and google/rpc, google/api protos."""
     import grpc_tools
 
@@ -77,7 +77,7 @@ def generate(config: CodegenConfig) -> list[Path]:
         args = [
             "grpc_tools.protoc",
             f"-I{config.proto_root}",
-            *(f"-I{d}" for d in _include_dirs()),
+            *(f"-I{d}" for d in include_dirs()),
             f"--python_out={scratch}",
             f"--grpc_python_out={scratch}",
         ]
