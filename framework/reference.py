@@ -53,7 +53,7 @@ def compile_contracts(proto_root: Path) -> descriptor_pb2.FileDescriptorSet:
     """Every contract under `proto_root` (and its imports), with comments."""
     from grpc_tools import protoc
 
-    from framework.codegen import include_dirs as include_dirs
+    from framework.codegen import include_dirs
 
     protos = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
     if not protos:
