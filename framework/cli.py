@@ -3,6 +3,7 @@
 Commands:
   protos   compile protos/ into gen/ (what `make protos` runs)
   health   print a server's standard health status and its detailed report
+  registry run or query the service registry (`python -m framework registry --help`)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
 """
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("target", help="host:port of a framework server")
     h.add_argument("--timeout-s", type=float, default=5.0)
     h.set_defaults(func=_health)
+    sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")
@@ -60,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["registry"]:
+        from framework.registry.cli import main as registry_main
+
+        return int(registry_main(args_list[1:]))
+    args = build_parser().parse_args(args_list)
     result: int = args.func(args)
     return result
 
