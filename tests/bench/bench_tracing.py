@@ -1,6 +1,6 @@
 """Cost of tracing + metrics on unary calls, against bare grpc.aio and the OTel contrib.
 
-One server process (pinned to core 0) runs three servers on the same minimal Echo
+One server process (pinned to core 0) runs four servers on the same minimal Echo
 servicer:
 - bare: `grpc.aio.server()` with no interceptor;
 - ours: `framework.server.Server` with `TracingPolicy` + `MetricsPolicy`
@@ -12,8 +12,14 @@ servicer:
   is the server adapter rather than tracing + metrics).
 The client process (this one, pinned to core 1) drives each server in turn with
 a closed loop of bare grpc.aio calls carrying the same `traceparent`, several
-interleaved rounds; medians.  Server CPU per call is read from /proc for the
-server process, so it shows where the time goes.
+interleaved rounds; ratios of the medians (per-round paired ratios are printed
+too).  Server CPU per call is read from /proc for the server process, so it shows
+where the time goes.
+
+BENCH_TRACING_DETAIL=1 adds servers with a no-op policy, tracing only (batch and
+synchronous export), metrics only, and a late-started copy of "framework" (to see
+position effects); BENCH_TRACING_GC=1 applies gc.freeze() and a higher gen-0
+threshold in the server process, for every variant alike.
 
 BENCH tracing_unary           ratio = ours / bare      (calls/s)
 BENCH tracing_vs_otel_contrib ratio = ours / contrib   (calls/s)
@@ -239,7 +245,7 @@ async def drive(
 
 
 def paired_ratio(results: dict[str, list[Sample]], a: str, b: str) -> float:
-    """Median over rounds of a/b, each from the same round (adjacent runs): drift cancels."""
+    """Median over rounds of a/b within each round (shown next to the ratio of medians)."""
     return statistics.median(x.rate / y.rate for x, y in zip(results[a], results[b], strict=True))
 
 
@@ -260,13 +266,18 @@ def report(results: dict[str, list[Sample]], server_cpu: dict[str, list[float]],
         f"bare/framework {cpu['bare'] / cpu['framework']:.3f}",
         flush=True,
     )
+    print(
+        f"paired per-round ratios (median): ours/bare {paired_ratio(results, 'ours', 'bare'):.3f}"
+        f"  ours/contrib {paired_ratio(results, 'ours', 'contrib'):.3f}",
+        flush=True,
+    )
+    # The conventions' estimator: ratio of the per-variant medians over interleaved rounds.
     bench_line(
-        "tracing_unary", paired_ratio(results, "ours", "bare"), rate["ours"], "calls/s",
-        "bare grpc.aio",
-    )  # fmt: skip
+        "tracing_unary", rate["ours"] / rate["bare"], rate["ours"], "calls/s", "bare grpc.aio"
+    )
     bench_line(
         "tracing_vs_otel_contrib",
-        paired_ratio(results, "ours", "contrib"),
+        rate["ours"] / rate["contrib"],
         rate["ours"],
         "calls/s",
         "opentelemetry-instrumentation-grpc aio server interceptor",
