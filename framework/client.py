@@ -165,69 +165,42 @@ def _observed(error: BaseException) -> BaseException:
     return error
 
 
-class _Multicallable:
-    __slots__ = ("_bound", "_raw", "_target")
-
-    def __init__(self, raw: Any, bound: BoundChain, target: str) -> None:
-        self._raw = raw
-        self._bound = bound
-        self._target = target
-
-    def _call(self, request: object | None, timeout: float | None, metadata: Any) -> Call:
-        return Call(
-            self._bound.method,
-            Side.CLIENT,
-            request=request,
-            metadata=tuple(metadata) if metadata else None,
-            timeout=timeout,
-            target=self._target,
-        )
-
-
-class _UnaryResponseCall:
-    """What a unary-response call returns: await it for the response."""
+class _ResponseCall:
+    """Shared by the two call shapes: the raw grpc.aio call, its exits, run once."""
 
     __slots__ = ("_begin", "_exits", "_finished", "_raw")
 
     def __init__(self, raw: Any, exits: list[Exit] | None, begin: Any = None) -> None:
         self._raw = raw
         self._exits = exits
-        self._begin = begin  # coroutine producing (raw, exits) when the chain is async
+        self._begin = begin  # coroutine giving (raw, exits) when the chain is async
         self._finished = False
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._result().__await__()
-
-    async def _result(self) -> Any:
+    async def _started(self) -> Any:
         if self._raw is None:
             self._raw, self._exits = await self._begin
-        exits = self._exits or []
-        try:
-            response = await self._raw
-        except grpc.aio.AioRpcError as rpc_error:
-            typed = from_rpc_error(rpc_error)
-            self._end(exits, typed)
-            raise typed from rpc_error
-        except BaseException as error:
-            self._end(exits, _observed(error))
-            raise
-        self._end(exits, None)
-        return response
+        return self._raw
 
-    def _end(self, exits: list[Exit], error: BaseException | None) -> None:
+    def _end(self, error: BaseException | None) -> None:
         if not self._finished:
             self._finished = True
-            run_exits(exits, error)
+            run_exits(self._exits or [], error)
+
+    def _failed(self, error: BaseException) -> BaseException:
+        """Run the exits for `error`; return what to raise (typed for grpc failures)."""
+        if isinstance(error, grpc.aio.AioRpcError):
+            typed = from_rpc_error(error)
+            self._end(typed)
+            typed.__cause__ = error
+            return typed
+        self._end(_observed(error))
+        return error
 
     async def write(self, request: Any) -> None:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        await self._raw.write(request)
+        await (await self._started()).write(request)
 
     async def done_writing(self) -> None:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        await self._raw.done_writing()
+        await (await self._started()).done_writing()
 
     def __getattr__(self, name: str) -> Any:
         if self._raw is None:
@@ -235,194 +208,130 @@ class _UnaryResponseCall:
         return getattr(self._raw, name)
 
 
-class _StreamResponseCall:
-    """What a streamed-response call returns: iterate it with `async for`."""
+class _UnaryResponseCall(_ResponseCall):
+    """What a unary-response call returns: await it for the response."""
 
-    __slots__ = ("_begin", "_exits", "_finished", "_raw")
+    __slots__ = ()
 
-    def __init__(self, raw: Any, exits: list[Exit] | None, begin: Any = None) -> None:
-        self._raw = raw
-        self._exits = exits
-        self._begin = begin
-        self._finished = False
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        raw = await self._started()
+        try:
+            response = await raw
+        except BaseException as error:
+            raised = self._failed(error)
+            if raised is error:
+                raise
+            raise raised from error
+        self._end(None)
+        return response
+
+
+class _StreamResponseCall(_ResponseCall):
+    """What a streamed-response call returns: iterate it with `async for`, or `read()`."""
+
+    __slots__ = ()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
 
     async def _responses(self) -> AsyncIterator[Any]:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        exits = self._exits or []
+        raw = await self._started()
         try:
-            async for response in self._raw:
+            async for response in raw:
                 yield response
-        except grpc.aio.AioRpcError as rpc_error:
-            typed = from_rpc_error(rpc_error)
-            self._end(exits, typed)
-            raise typed from rpc_error
         except BaseException as error:
-            self._end(exits, _observed(error))
-            raise
-        self._end(exits, None)
+            raised = self._failed(error)
+            if raised is error:
+                raise
+            raise raised from error
+        self._end(None)
 
     async def read(self) -> Any:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        exits = self._exits or []
+        raw = await self._started()
         try:
-            response = await self._raw.read()
-        except grpc.aio.AioRpcError as rpc_error:
-            typed = from_rpc_error(rpc_error)
-            self._end(exits, typed)
-            raise typed from rpc_error
+            response = await raw.read()
+        except BaseException as error:
+            raised = self._failed(error)
+            if raised is error:
+                raise
+            raise raised from error
         if response is grpc.aio.EOF:
-            self._end(exits, None)
+            self._end(None)
         return response
 
-    def _end(self, exits: list[Exit], error: BaseException | None) -> None:
-        if not self._finished:
-            self._finished = True
-            run_exits(exits, error)
 
-    async def write(self, request: Any) -> None:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        await self._raw.write(request)
+class _Multicallable:
+    """One method of one arity: runs the bound chain, then the raw grpc.aio multicallable."""
 
-    async def done_writing(self) -> None:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin
-        await self._raw.done_writing()
+    __slots__ = ("_bound", "_raw", "_target")
+    _shape: type[_ResponseCall] = _UnaryResponseCall
+    _unary_request = True
 
-    def __getattr__(self, name: str) -> Any:
-        if self._raw is None:
-            raise AttributeError(f"{name} is available once the call has started")
-        return getattr(self._raw, name)
+    def __init__(self, raw: Any, bound: BoundChain, target: str) -> None:
+        self._raw = raw
+        self._bound = bound
+        self._target = target
 
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        """`request` is the message, or for streamed requests an iterator (or None + write())."""
+        call = Call(
+            self._bound.method,
+            Side.CLIENT,
+            request=request if self._unary_request else None,
+            metadata=tuple(metadata) if metadata else None,
+            timeout=timeout,
+            target=self._target,
+        )
+        bound, raw, shape = self._bound, self._raw, self._shape
 
-def _kwargs(call: Call, credentials: Any, wait_for_ready: Any, compression: Any) -> dict[str, Any]:
-    return {
-        "timeout": call.timeout,
-        "metadata": call.outbound_metadata(),
-        "credentials": credentials,
-        "wait_for_ready": wait_for_ready,
-        "compression": compression,
-    }
+        def start() -> Any:
+            return raw(
+                request,
+                timeout=call.timeout,
+                metadata=call.outbound_metadata(),
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+
+        if bound.is_async:
+
+            async def begin() -> tuple[Any, list[Exit]]:
+                exits = await bound.aenter(call)
+                return start(), exits
+
+            return shape(None, None, begin())
+        exits = bound.enter(call)
+        return shape(start(), exits)
 
 
 class _UnaryUnary(_Multicallable):
     __slots__ = ()
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _UnaryResponseCall:
-        call = self._call(request, timeout, metadata)
-        bound, raw = self._bound, self._raw
-        if bound.is_async:
-
-            async def begin() -> tuple[Any, list[Exit]]:
-                exits = await bound.aenter(call)
-                return raw(
-                    request, **_kwargs(call, credentials, wait_for_ready, compression)
-                ), exits
-
-            return _UnaryResponseCall(None, None, begin())
-        exits = bound.enter(call)
-        return _UnaryResponseCall(
-            raw(request, **_kwargs(call, credentials, wait_for_ready, compression)), exits
-        )
-
 
 class _StreamUnary(_Multicallable):
     __slots__ = ()
-
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _UnaryResponseCall:
-        call = self._call(None, timeout, metadata)
-        bound, raw = self._bound, self._raw
-        if bound.is_async:
-
-            async def begin() -> tuple[Any, list[Exit]]:
-                exits = await bound.aenter(call)
-                kwargs = _kwargs(call, credentials, wait_for_ready, compression)
-                return raw(request_iterator, **kwargs), exits
-
-            return _UnaryResponseCall(None, None, begin())
-        exits = bound.enter(call)
-        return _UnaryResponseCall(
-            raw(request_iterator, **_kwargs(call, credentials, wait_for_ready, compression)), exits
-        )
+    _unary_request = False
 
 
 class _UnaryStream(_Multicallable):
     __slots__ = ()
-
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _StreamResponseCall:
-        call = self._call(request, timeout, metadata)
-        bound, raw = self._bound, self._raw
-        if bound.is_async:
-
-            async def begin() -> tuple[Any, list[Exit]]:
-                exits = await bound.aenter(call)
-                return raw(
-                    request, **_kwargs(call, credentials, wait_for_ready, compression)
-                ), exits
-
-            return _StreamResponseCall(None, None, begin())
-        exits = bound.enter(call)
-        return _StreamResponseCall(
-            raw(request, **_kwargs(call, credentials, wait_for_ready, compression)), exits
-        )
+    _shape = _StreamResponseCall
 
 
 class _StreamStream(_Multicallable):
     __slots__ = ()
-
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _StreamResponseCall:
-        call = self._call(None, timeout, metadata)
-        bound, raw = self._bound, self._raw
-        if bound.is_async:
-
-            async def begin() -> tuple[Any, list[Exit]]:
-                exits = await bound.aenter(call)
-                kwargs = _kwargs(call, credentials, wait_for_ready, compression)
-                return raw(request_iterator, **kwargs), exits
-
-            return _StreamResponseCall(None, None, begin())
-        exits = bound.enter(call)
-        return _StreamResponseCall(
-            raw(request_iterator, **_kwargs(call, credentials, wait_for_ready, compression)), exits
-        )
+    _shape = _StreamResponseCall
+    _unary_request = False
