@@ -204,15 +204,25 @@ class SpanFactory:
         links: Sequence[Link] = (),
         *,
         shared: bool = False,
+        remote_parent: SpanContext | None = None,
     ) -> trace_api.Span:
         """A started span; `attributes` is owned by the span from now on, or, with
         `shared=True`, copied by the span before its first change (pass a dict that
-        is never mutated, e.g. one computed per method)."""
+        is never mutated, e.g. one computed per method).  `remote_parent`, when given,
+        is the parent instead of the span in `parent_context` (saves building a
+        Context just to carry it)."""
+        if remote_parent is not None and (not self.lean or not self.default_sampling):
+            parent_context = trace_api.set_span_in_context(
+                trace_api.NonRecordingSpan(remote_parent), parent_context
+            )
+            remote_parent = None
         if not self.lean:
             return self.tracer.start_span(  # the SDK copies the attributes itself
                 name, parent_context, kind=kind, attributes=attributes, links=links
             )
-        parent: SpanContext | None = trace_api.get_current_span(parent_context).get_span_context()
+        parent: SpanContext | None = (
+            remote_parent or trace_api.get_current_span(parent_context).get_span_context()
+        )
         trace_state: TraceState | None
         if parent is not None and parent.is_valid:
             trace_id = parent.trace_id

@@ -207,21 +207,22 @@ class TracingPolicy:
                 self._targets[target] = attrs
         return attrs
 
-    def _extract(self, call: Call) -> Context | None:
+    def _extract(self, call: Call) -> tuple[Context | None, SpanContext | None]:
+        """The propagated context, or (fast path) just the caller's span context."""
         if self._w3c:
             traceparent = call.header("traceparent")
             if traceparent is None:
                 if call.header("baggage") is None:
-                    return None
+                    return None, None
             elif call.header("baggage") is None:
                 parent = _parse_traceparent(traceparent, call.header("tracestate"))
                 if parent is not None:
-                    return trace_api.set_span_in_context(trace_api.NonRecordingSpan(parent))
-            return self._propagator.extract(call, getter=_GETTER)
+                    return None, parent
+            return self._propagator.extract(call, getter=_GETTER), None
         for key in self._fields:
             if call.header(key) is not None:
-                return self._propagator.extract(call, getter=_GETTER)
-        return None  # nothing propagated: a root span, no extraction work
+                return self._propagator.extract(call, getter=_GETTER), None
+        return None, None  # nothing propagated: a root span, no extraction work
 
 
 class _Enter:
@@ -250,12 +251,14 @@ class _Enter:
 
     def _server(self, call: Call) -> Exit:
         policy = self.policy
-        parent = policy._extract(call)
+        parent, remote = policy._extract(call)
         server_attrs = policy._server_attrs
         if self.server_base[0] is not server_attrs:  # once, or after on_started
             self.server_base = (server_attrs, {**self.base, **server_attrs})
         attrs = self.server_base[1]  # shared, never mutated: the span copies on write
-        span = self.factory.start(self.name, SpanKind.SERVER, parent, attrs, shared=True)
+        span = self.factory.start(
+            self.name, SpanKind.SERVER, parent, attrs, shared=True, remote_parent=remote
+        )
         if call.header(_RETRY_HEADER) is not None:
             span.add_event("retry attempt", {"previous_attempts": str(call.header(_RETRY_HEADER))})
         token = context_api.attach(trace_api.set_span_in_context(span, parent))

@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from framework.errors import CircuitOpenError, NotFoundError, RateLimitedError
 from framework.metrics import MetricsPolicy
 from framework.policy import Call, Method, Side
-from framework.telemetry import Telemetry
+from framework.telemetry import Telemetry, TelemetryConfig
 from framework.tracing import TracingPolicy, split_address
 
 ECHO = Method.resolve("/echo.v1.EchoService/Echo")
@@ -185,3 +185,21 @@ def test_metric_hooks_for_other_policies(telemetry: Telemetry) -> None:
 def test_split_address(target: str, expected: tuple[str, int | None]) -> None:
     """Targets in gRPC's forms split into server.address / server.port."""
     assert split_address(target) == expected
+
+
+def test_configured_sampler_is_asked() -> None:
+    """A non-default sampler decides: parentbased_always_off keeps sampled callers only."""
+    telemetry = Telemetry.build(
+        TelemetryConfig(
+            service_name="t", traces_exporter="memory", sampler="parentbased_always_off"
+        )
+    )
+    enter = TracingPolicy(telemetry.tracer_provider).bind(ECHO)
+    assert enter is not None
+    enter(Call(ECHO, Side.SERVER))(None)  # root: not sampled
+    traced = (("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"),)
+    enter(Call(ECHO, Side.SERVER, metadata=traced))(None)  # sampled caller: kept
+    (span,) = spans(telemetry)
+    assert f"{span.context.trace_id:032x}" == TRACE_ID
+    assert f"{span.parent.span_id:016x}" == PARENT_ID
+    telemetry.shutdown()
