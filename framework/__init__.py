@@ -47,6 +47,12 @@ _EXPORTS: dict[str, str] = {
     "channel_credentials": "framework.tls",
     "ValidationPolicy": "framework.validation",
     "IdempotencyKeyPolicy": "framework.idempotency",
+    # observability
+    "Telemetry": "framework.telemetry",
+    "TelemetryConfig": "framework.telemetry",
+    "TracingPolicy": "framework.tracing",
+    "MetricsPolicy": "framework.metrics",
+    "configure_logging": "framework.logs",
     # health
     "Check": "framework.health",
     "HealthMonitor": "framework.health",

@@ -111,6 +111,16 @@ class Server:
         """Add an object with any of `on_started`, `on_draining`, `on_stopped` (async)."""
         self._hooks.append(hook)
 
+    def _all_hooks(self) -> list[object]:
+        """Hooks, then policies that define hook methods (e.g. tracing learns the address)."""
+        seen: set[int] = set()
+        ordered: list[object] = []
+        for obj in [*self._hooks, *self.chain.policies]:
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                ordered.append(obj)
+        return ordered
+
     @property
     def services(self) -> tuple[str, ...]:
         return tuple(self._services)
@@ -162,7 +172,7 @@ class Server:
         await self._grpc.start()
         self._port = port
         await self.health.start([s for s in self._services if not s.startswith("grpc.")])
-        for hook in self._hooks:
+        for hook in self._all_hooks():
             await _call_hook(hook, "on_started", self)
         logger.info(
             "%s serving on %s (%s)",
@@ -179,7 +189,7 @@ class Server:
             return
         self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
-        for hook in self._hooks:
+        for hook in self._all_hooks():
             await _call_hook(hook, "on_draining", self)
         await self.health.drain()
         if self.config.drain_delay_s > 0:
@@ -190,7 +200,7 @@ class Server:
             close = getattr(policy, "close", None)
             if close is not None:
                 await close()
-        for hook in self._hooks:
+        for hook in self._all_hooks():
             await _call_hook(hook, "on_stopped", self)
         if self._stopping is not None:
             self._stopping.set()
