@@ -18,7 +18,8 @@ Diagnosis knobs: `PROFILE=server` (or `client`) runs cProfile in that process
 (one profile per variant, over every round) and prints the top functions by own
 time;
 `SKIP=accesslog,auth,ratelimit,bulkhead,breaker,retry,bearer` leaves those
-policies out, to price each one.
+policies out, to price each one; `LOG_HANDLER=buffered` writes access records
+through a `MemoryHandler` (batches of 512, WARNING and above at once).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import logging
+import logging.handlers
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -80,11 +82,14 @@ def _server_chain(access_log: bool = True) -> tuple[list[Any], str]:
     from framework.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 
     access = logging.getLogger("bench.access")
-    access.setLevel(logging.INFO)
-    access.propagate = False
-    handler = logging.FileHandler(os.devnull)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    access.addHandler(handler)
+    if not access.handlers:  # one handler, however many servers share the logger
+        access.setLevel(logging.INFO)
+        access.propagate = False
+        handler: logging.Handler = logging.FileHandler(os.devnull)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        if os.environ.get("LOG_HANDLER") == "buffered":  # write in batches; WARNING+ at once
+            handler = logging.handlers.MemoryHandler(512, logging.WARNING, target=handler)
+        access.addHandler(handler)
     logged = access_log and "accesslog" not in SKIP
     policies: list[Any] = [AccessLogPolicy(access)] if logged else []
     try:
