@@ -53,8 +53,8 @@ from tests.bench.harness import (
 )
 
 CONCURRENCY = 32
-CALLS_PER_ROUND = 3000
-ROUNDS = 5
+CALLS_PER_ROUND = 4000
+ROUNDS = 7
 SERIAL_CALLS_PER_ROUND = 400  # one call in flight: latency without queueing
 WARMUP_CALLS = 1000
 SECRET = b"bench-secret-bench-secret-bench-secret!!"
