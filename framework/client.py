@@ -196,6 +196,11 @@ class _ResponseCall:
         self._end(_observed(error))
         return error
 
+    def cancel(self) -> bool:
+        """Cancel the RPC; the exits see CallCancelledError (a bulkhead slot is freed)."""
+        self._end(CallCancelledError("the caller cancelled the call"))
+        return bool(self._raw.cancel()) if self._raw is not None else False
+
     async def write(self, request: Any) -> None:
         await (await self._started()).write(request)
 
@@ -243,6 +248,8 @@ class _StreamResponseCall(_ResponseCall):
             async for response in raw:
                 yield response
         except BaseException as error:
+            if isinstance(error, GeneratorExit | asyncio.CancelledError):
+                raw.cancel()  # the caller stopped reading: stop the server's stream too
             raised = self._failed(error)
             if raised is error:
                 raise
@@ -306,15 +313,22 @@ class _Multicallable:
                 compression=compression,
             )
 
+        def started(exits: list[Exit]) -> Any:
+            try:
+                return start()
+            except BaseException as error:  # e.g. the channel is closed: exits still run
+                run_exits(exits, _observed(error))
+                raise
+
         if bound.is_async:
 
             async def begin() -> tuple[Any, list[Exit]]:
                 exits = await bound.aenter(call)
-                return start(), exits
+                return started(exits), exits
 
             return shape(None, None, begin())
         exits = bound.enter(call)
-        return shape(start(), exits)
+        return shape(started(exits), exits)
 
 
 class _UnaryUnary(_Multicallable):

@@ -34,6 +34,8 @@ class DeadlinePolicy(BasePolicy):
                 timeout = default
             if propagate:
                 inbound = current_call()
+                if inbound is not None and inbound.finished:
+                    inbound = None  # a task that outlived the call that spawned it
                 remaining = inbound.time_remaining() if inbound is not None else None
                 if remaining is not None:
                     if remaining <= 0.0:

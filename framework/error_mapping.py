@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from framework.errors import (
     DeadlineExceededError,
     FrameworkError,
+    InternalError,
     UnimplementedError,
     internal_status,
     to_status,
@@ -21,6 +24,20 @@ from framework.errors import (
 from framework.policy import BasePolicy, Call, Exit, Side
 
 logger = logging.getLogger(__name__)
+
+# Codes from a downstream call that describe this service's own call, not the caller's
+# request: passed on as INTERNAL. Others (NOT_FOUND, ABORTED, UNAVAILABLE, ...) pass through.
+_NOT_OURS = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+DEPENDENCY_MESSAGE = "a dependency of this service failed; the server logged the details"
 
 
 def current_trace_id() -> str:
@@ -42,7 +59,19 @@ class ErrorMappingPolicy(BasePolicy):
                 return
             if _is_abort(error):
                 return  # the handler called context.abort(): its status stands
-            if isinstance(error, FrameworkError):
+            if isinstance(error, FrameworkError) and error.remote and error.code in _NOT_OURS:
+                # a dependency refused *this service's* call: the caller's request is not
+                # at fault and must not learn the dependency's auth or internals
+                logger.error(
+                    "%s: a dependency answered %s (%s): %s",
+                    call.method.full_name,
+                    error.code.name,
+                    error.reason,
+                    error.message,
+                    extra={"method": call.method.full_name, "code": "INTERNAL"},
+                )
+                call.status = to_status(InternalError(DEPENDENCY_MESSAGE))
+            elif isinstance(error, FrameworkError):
                 call.status = to_status(error)
             elif isinstance(error, NotImplementedError):
                 call.status = to_status(

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
@@ -61,6 +62,8 @@ class FrameworkError(Exception):
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
         self.domain = domain
+        # True when rebuilt by a client from another service's answer
+        self.remote = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
@@ -277,8 +280,15 @@ def _classes_by_code() -> Mapping[grpc.StatusCode, type[FrameworkError]]:
 
 
 def error_class(reason: str, code: grpc.StatusCode) -> type[FrameworkError]:
-    """The class a (reason, code) pair stands for; falls back on the code alone."""
+    """The class a (reason, code) pair stands for; falls back on the code alone.
+
+    Error classes defined after the first lookup (a service's own) are found too:
+    an unknown reason rebuilds the table once.
+    """
     cls = _classes_by_reason().get(reason)
+    if cls is None:
+        _classes_by_reason.cache_clear()
+        cls = _classes_by_reason().get(reason)
     if cls is not None and cls.code == code:
         return cls
     return _classes_by_code().get(code, UnknownError)
@@ -300,8 +310,12 @@ def from_status(
                 retry_after = None
     reason, domain, meta = code.name, DEFAULT_DOMAIN, {}
     violations: list[FieldViolation] = []
+    status = status_pb2.Status()
     if details:
-        status = status_pb2.Status.FromString(details)
+        try:
+            status.ParseFromString(details)
+        except DecodeError:
+            status.Clear()  # corrupt details from a peer: map by the status code alone
         for item in status.details:
             if item.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -331,5 +345,7 @@ def from_status(
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> FrameworkError:
-    """Rebuild the typed error a server raised, from a grpc.aio failure."""
-    return from_status(error.code(), error.details() or "", error.trailing_metadata())
+    """Rebuild the typed error a server raised, from a grpc.aio failure (marked `remote`)."""
+    typed = from_status(error.code(), error.details() or "", error.trailing_metadata())
+    typed.remote = True
+    return typed

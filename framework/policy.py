@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 
+from framework.errors import RpcStatus
 from gen.framework.v1 import options_pb2
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ class Call:
         "_inbound",
         "_outbound",
         "context",
+        "finished",
         "method",
         "request",
         "side",
@@ -175,7 +177,8 @@ class Call:
         self.started = time.perf_counter()
         self.timeout = timeout  # client: seconds the RPC may take; policies may lower it
         self.target = target  # client: the channel target
-        self.status: object | None = None  # server: the status the error mapping chose
+        self.status: RpcStatus | None = None  # server: the status the error mapping chose
+        self.finished = False  # server: the handler has returned
         self._inbound: dict[str, str | bytes] | None = None
         self._outbound: list[tuple[str, str | bytes]] | None = None
         if side is Side.CLIENT:

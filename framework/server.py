@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from framework.config import ServerConfig
 from framework.error_mapping import ErrorMappingPolicy
-from framework.errors import CallCancelledError
+from framework.errors import CallCancelledError, DeadlineExceededError, error_class
 from framework.health import HealthCheck, HealthMonitor
 from framework.policy import (
     Arity,
@@ -40,6 +40,7 @@ from framework.policy import (
     Method,
     Policy,
     Side,
+    reset_current_call,
     run_exits,
     set_current_call,
 )
@@ -169,9 +170,11 @@ class Server:
             start = getattr(policy, "start", None)
             if start is not None:
                 await start()
+        # dependency checks run once before the first call can be served, so health never
+        # says SERVING for a service whose required dependency is down
+        await self.health.start([s for s in self._services if not s.startswith("grpc.")])
         await self._grpc.start()
         self._port = port
-        await self.health.start([s for s in self._services if not s.startswith("grpc.")])
         for hook in self._all_hooks():
             await _call_hook(hook, "on_started", self)
         logger.info(
@@ -184,26 +187,32 @@ class Server:
         return int(port)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain and stop: hooks, NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        """Drain and stop: NOT_SERVING, hooks' on_draining (deregister), refuse new calls,
+        let in-flight ones finish within the grace period.
+
+        A failing hook or policy `close()` is logged and does not stop the shutdown.
+        """
         if self._stopped or self._port is None:
             return
         self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
-        for hook in self._all_hooks():
-            await _call_hook(hook, "on_draining", self)
-        await self.health.drain()
-        if self.config.drain_delay_s > 0:
-            await asyncio.sleep(self.config.drain_delay_s)
-        await self._grpc.stop(grace)
-        await self.health.close()
-        for policy in self.chain.policies:
-            close = getattr(policy, "close", None)
-            if close is not None:
-                await close()
-        for hook in self._all_hooks():
-            await _call_hook(hook, "on_stopped", self)
-        if self._stopping is not None:
-            self._stopping.set()
+        try:
+            await self.health.drain()
+            for hook in self._all_hooks():
+                await _call_hook(hook, "on_draining", self)
+            if self.config.drain_delay_s > 0:
+                await asyncio.sleep(self.config.drain_delay_s)
+        finally:
+            try:
+                await self._grpc.stop(grace)
+                await self.health.close()
+                for policy in self.chain.policies:
+                    await _call_hook(policy, "close")
+                for hook in self._all_hooks():
+                    await _call_hook(hook, "on_stopped", self)
+            finally:
+                if self._stopping is not None:
+                    self._stopping.set()
         logger.info("%s stopped", self.config.name, extra={"service": self.config.name})
 
     async def serve(self) -> None:
@@ -245,10 +254,20 @@ class Server:
         await self.stop()
 
 
-async def _call_hook(hook: object, name: str, server: Server) -> None:
+async def _call_hook(hook: object, name: str, *args: object) -> None:
+    """Call an optional async lifecycle method; during shutdown a failure is only logged."""
     method = getattr(hook, name, None)
-    if method is not None:
-        await method(server)
+    if method is None:
+        return
+    if name == "on_started":
+        await method(*args)
+        return
+    try:
+        await method(*args)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # shutdown goes on; the failure is logged with its traceback
+        logger.exception("%s.%s failed during shutdown", type(hook).__name__, name)
 
 
 def _is_loopback(host: str) -> bool:
@@ -314,18 +333,19 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, chain: Chain) -> None:
         self._inner = inner
         self._chain = chain
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method not in self._cache:
+        wrapped = self._cache.get(method)
+        if wrapped is None:
             handler = self._inner.service(handler_call_details)
-            self._cache[method] = (
-                None if handler is None else wrap_handler(handler, self._chain, method)
-            )
-        return self._cache[method]
+            if handler is None:
+                return None  # unknown names are not cached: a client cannot grow the cache
+            wrapped = self._cache[method] = wrap_handler(handler, self._chain, method)
+        return wrapped
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, chain: Chain, full_name: str) -> Any:
@@ -341,9 +361,16 @@ def wrap_handler(handler: grpc.RpcMethodHandler, chain: Chain, full_name: str) -
     return handler._replace(stream_stream=_stream_response(bound, handler.stream_stream, False))
 
 
-def _observed(error: BaseException) -> BaseException:
+def _observed(error: BaseException, context: Any) -> BaseException:
+    """What the exits see: the outcome as the caller will see it."""
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return CallCancelledError("the call was cancelled before it finished")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return DeadlineExceededError("the caller's deadline passed before the call finished")
+        return CallCancelledError("the caller cancelled the call before it finished")
+    if isinstance(error, grpc.aio.AbortError):  # the handler called context.abort(code, ...)
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        return error_class(code.name, code)(str(context.details() or ""))
     return error
 
 
@@ -353,7 +380,7 @@ async def _fail(
     """Send the status the error mapping chose; a cancelled call has no one to tell."""
     status = call.status
     if status is not None and not isinstance(error, asyncio.CancelledError | GeneratorExit):
-        await context.abort(status.code, status.message, status.trailing_metadata)  # type: ignore[attr-defined]
+        await context.abort(status.code, status.message, status.trailing_metadata)
 
 
 async def _enter(bound: BoundChain, call: Call, context: Any) -> list[Any]:
@@ -365,67 +392,75 @@ async def _enter(bound: BoundChain, call: Call, context: Any) -> list[Any]:
         raise
 
 
+def _begin(method: Method, context: Any, request: Any) -> tuple[Call, object]:
+    call = Call(method, Side.SERVER, context=context, request=request)
+    return call, set_current_call(call)
+
+
+def _done(call: Call, token: object) -> None:
+    """The inbound call is over: tasks it spawned stop inheriting its deadline."""
+    call.finished = True
+    with contextlib.suppress(ValueError):  # an async generator closed from another context
+        reset_current_call(token)
+
+
 def _unary_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> _Handler:
     method = bound.method
 
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = Call(
-            method, Side.SERVER, context=context, request=request if unary_request else None
-        )
-        set_current_call(call)
-        exits = await _enter(bound, call, context)
+        call, token = _begin(method, context, request if unary_request else None)
         try:
-            response = inner(request, context)
-            if inspect.isawaitable(response):
-                response = await response
-        except BaseException as error:
-            run_exits(exits, _observed(error))
-            await _fail(context, call, error)
-            raise
-        run_exits(exits, None)
-        return response
+            exits = await _enter(bound, call, context)
+            try:
+                response = inner(request, context)
+                if inspect.isawaitable(response):
+                    response = await response
+            except BaseException as error:
+                run_exits(exits, _observed(error, context))
+                await _fail(context, call, error)
+                raise
+            run_exits(exits, None)
+            return response
+        finally:
+            _done(call, token)
 
     return handle
 
 
+async def _as_async(items: Any) -> AsyncIterator[Any]:
+    """Responses from a sync iterable or an async iterable, as one async iterator."""
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
 def _stream_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> _Handler:
+    """Streamed responses: async generators, sync generators, returned iterables, or
+    handlers that write with `context.write()` all work; exits run when the stream ends."""
     method = bound.method
 
-    if inspect.isasyncgenfunction(inner):
-
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            call = Call(
-                method, Side.SERVER, context=context, request=request if unary_request else None
-            )
-            set_current_call(call)
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        call, token = _begin(method, context, request if unary_request else None)
+        try:
             exits = await _enter(bound, call, context)
             try:
-                async for item in inner(request, context):
-                    yield item
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result  # write-based handler (returns None) or a coroutine
+                if result is not None:
+                    async for item in _as_async(result):
+                        yield item
             except BaseException as error:
-                run_exits(exits, _observed(error))
+                run_exits(exits, _observed(error, context))
                 await _fail(context, call, error)
                 raise
             run_exits(exits, None)
+        finally:
+            _done(call, token)
 
-        return stream
-
-    async def write_based(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        call = Call(
-            method, Side.SERVER, context=context, request=request if unary_request else None
-        )
-        set_current_call(call)
-        exits = await _enter(bound, call, context)
-        try:
-            result = inner(request, context)
-            if inspect.isawaitable(result):
-                await result
-        except BaseException as error:
-            run_exits(exits, _observed(error))
-            await _fail(context, call, error)
-            raise
-        run_exits(exits, None)
-
-    return write_based
+    return stream
