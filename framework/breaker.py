@@ -9,7 +9,8 @@ status in `failure_codes`, or a call slower than `slow_call_s` when set.  OPEN,
 I/O.  After `open_wait_s` the next call moves it to HALF_OPEN, which lets
 `half_open_probes` calls through: if they all succeed it CLOSEs (with a fresh
 window), the first failure re-OPENs it.  Outcomes that say nothing about the
-target's health (the caller cancelled) are ignored.
+target's health (the caller cancelled, or a local policy rejected the call
+before it left the process) are not failures.
 
 State changes are logged and passed to `on_state_change(target, method, old,
 new)` (metrics hook there).  Time comes from the injected `Clock`.
@@ -164,7 +165,11 @@ class CircuitBreaker:
                 self._probes_left += 1  # the probe told us nothing; let another one try
             return
         else:
-            failed = code_of(error) in self.config.failure_codes
+            # An error raised in this process before the call left it (a policy
+            # further in, e.g. an expired inbound deadline) says nothing about the
+            # target: only answers rebuilt from the wire (`remote`) count.
+            remote = bool(getattr(error, "remote", True))
+            failed = remote and code_of(error) in self.config.failure_codes
         slow = self.config.slow_call_s
         if not failed and slow is not None and self._clock.monotonic() - started > slow:
             failed = True

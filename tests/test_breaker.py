@@ -32,7 +32,10 @@ def _breaker(clock: ManualClock, log: list[Transition], **kw: object) -> Circuit
     )
 
 
-def _call(breaker: CircuitBreaker, error: BaseException | None) -> None:
+def _call(breaker: CircuitBreaker, error: BaseException | None, remote: bool = True) -> None:
+    """One call through the breaker; `error` as the client would see it from the wire."""
+    if error is not None:
+        error.remote = remote  # type: ignore[attr-defined]  # the client marks rebuilt errors
     probe = breaker.before()
     breaker.after(error, breaker._clock.monotonic(), probe)
 
@@ -171,3 +174,13 @@ def test_a_failing_listener_does_not_change_the_outcome(caplog: pytest.LogCaptur
     assert "listener" in caplog.text
     with pytest.raises(CircuitOpenError):
         breaker.before()
+
+
+def test_local_rejections_are_not_failures_of_the_target() -> None:
+    """An error raised in-process before the call left (remote=False) never opens the circuit."""
+    clock, log = ManualClock(), []
+    breaker = _breaker(clock, log)
+    for _ in range(8):
+        _call(breaker, UnavailableError("rejected by a policy further in"), remote=False)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failure_rate == 0.0
