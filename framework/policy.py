@@ -300,15 +300,29 @@ def run_exits(exits: Sequence[Exit], error: BaseException | None) -> None:
             logger.exception("policy exit %r failed; the call's outcome is unchanged", exit_)
 
 
+MessageCheck = Callable[[Any], None]
+
+
 class BoundChain:
-    """A chain resolved for one method: the enters that apply, in order."""
+    """A chain resolved for one method: the enters that apply, in order.
 
-    __slots__ = ("enters", "is_async", "method")
+    `message_checks` run on every message of a streamed request (server side),
+    from policies that offer `bind_messages(method)`; a check rejects a message by
+    raising a framework error, which ends the call with that status.
+    """
 
-    def __init__(self, method: Method, enters: Sequence[Enter | AsyncEnter]) -> None:
+    __slots__ = ("enters", "is_async", "message_checks", "method")
+
+    def __init__(
+        self,
+        method: Method,
+        enters: Sequence[Enter | AsyncEnter],
+        message_checks: Sequence[MessageCheck] = (),
+    ) -> None:
         self.method = method
         self.enters = tuple(enters)
         self.is_async = any(_is_async(e) for e in self.enters)
+        self.message_checks = tuple(message_checks)
 
     def enter(self, call: Call) -> list[Exit]:
         """Run every enter; if one rejects, the exits collected so far see its error."""
@@ -361,7 +375,14 @@ class Chain:
 
     def bind(self, method: Method) -> BoundChain:
         enters = [e for e in (p.bind(method) for p in self.policies) if e is not None]
-        bound = BoundChain(method, enters)
+        checks: list[MessageCheck] = []
+        if method.arity.request_streaming:
+            for policy in self.policies:
+                bind_messages = getattr(policy, "bind_messages", None)
+                check = bind_messages(method) if bind_messages is not None else None
+                if check is not None:
+                    checks.append(check)
+        bound = BoundChain(method, enters, checks)
         if bound.is_async and not self.allow_async:
             names = [type(p).__name__ for p in self.policies]
             raise TypeError(

@@ -404,8 +404,28 @@ def _done(call: Call, token: object) -> None:
         reset_current_call(token)
 
 
+async def _checked(requests: AsyncIterator[Any], checks: tuple[Any, ...]) -> AsyncIterator[Any]:
+    """A streamed request with the chain's per-message checks applied to each message."""
+    async for message in requests:
+        for check in checks:
+            check(message)
+        yield message
+
+
+def _with_checks(inner: _Handler, bound: BoundChain, unary_request: bool) -> _Handler:
+    checks = bound.message_checks
+    if unary_request or not checks:
+        return inner
+
+    def checked(requests: Any, context: Any) -> Any:
+        return inner(_checked(requests, checks), context)
+
+    return checked
+
+
 def _unary_response(bound: BoundChain, inner: _Handler, unary_request: bool) -> _Handler:
     method = bound.method
+    inner = _with_checks(inner, bound, unary_request)
 
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call, token = _begin(method, context, request if unary_request else None)
@@ -441,6 +461,7 @@ def _stream_response(bound: BoundChain, inner: _Handler, unary_request: bool) ->
     """Streamed responses: async generators, sync generators, returned iterables, or
     handlers that write with `context.write()` all work; exits run when the stream ends."""
     method = bound.method
+    inner = _with_checks(inner, bound, unary_request)
 
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]

@@ -15,9 +15,9 @@ a bad request becomes `InvalidArgumentError` (INVALID_ARGUMENT) with one
 and the rule id such as `string.uuid`), which the error mapping sends as a
 `google.rpc.BadRequest`.
 
-Client-streaming methods are not validated by the policy: its enter runs
-before the first message arrives.  Their handlers validate each message with
-`Validators.validate(message)`.
+Streamed requests (client-streaming and bidi methods) are validated on the
+server message by message, through the chain's per-message hook
+(`bind_messages`): the first bad message ends the call with INVALID_ARGUMENT.
 
 Rule ids mirror protovalidate's (`required`, `string.min_len`, `int64.gt`,
 `repeated.min_items`, `enum.defined_only` ...), so moving the annotations to
@@ -164,8 +164,8 @@ class ValidationPolicy(BasePolicy):
     On the server it runs before the handler. It may also go in a client chain,
     to fail fast without a network hop; the caller gets the same
     `InvalidArgumentError` either way. Bound once per method: methods whose
-    request type declares no rules, and client-streaming methods (see the
-    module doc), get no enter at all.
+    request type declares no rules get no enter at all; streamed requests are
+    checked per message (see the module doc).
     """
 
     sides = frozenset({Side.SERVER, Side.CLIENT})
@@ -187,6 +187,14 @@ class ValidationPolicy(BasePolicy):
             return None
 
         return enter
+
+    def bind_messages(self, method: Method) -> Callable[[Any], None] | None:
+        """Server side, streamed requests: validate every message as it arrives."""
+        descriptor = method.descriptor
+        if descriptor is None:
+            return None
+        validator = self.validators.for_descriptor(descriptor.input_type)
+        return None if validator.empty else validator.validate
 
     def __repr__(self) -> str:
         return "ValidationPolicy()"

@@ -165,7 +165,7 @@ def test_policy_binds_nothing_where_there_is_nothing_to_check() -> None:
     """No rules, no descriptor, or a client stream: the method gets no enter at all."""
     policy = ValidationPolicy()
     assert policy.bind(Method.resolve("/unknown.v1.Service/Call")) is None
-    assert policy.bind(Method.resolve("/echo.v1.EchoService/Echo")) is None
+    assert policy.bind(Method.resolve("/echo.v1.EchoService/Fail")) is None
     from gen.inventory.v1 import inventory_pb2  # noqa: F401 - registers the service
 
     bound = Method.resolve("/inventory.v1.InventoryService/GetStock")

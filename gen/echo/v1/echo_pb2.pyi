@@ -28,6 +28,7 @@ class EchoRequest(_message.Message):
     DELAY_S_FIELD_NUMBER: _builtins.int
     REPEAT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """Text to echo back (validation demo: at most 1000 characters)."""
     delay_s: _builtins.float
     """Server-side delay before answering, for deadline and drain tests."""
     repeat: _builtins.int

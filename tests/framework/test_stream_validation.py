@@ -1,0 +1,57 @@
+"""Streamed requests are validated message by message on the server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from framework.errors import InvalidArgumentError
+from framework.testing import serve
+from framework.validation import ValidationPolicy
+from gen.echo.v1 import echo_pb2, echo_pb2_grpc
+
+
+class Counting(echo_pb2_grpc.EchoServiceServicer):
+    """Counts the streamed messages that reached the handler."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    async def Collect(self, request_iterator: Any, context: Any) -> echo_pb2.EchoResponse:
+        async for _ in request_iterator:
+            self.seen += 1
+        return echo_pb2.EchoResponse()
+
+    async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            self.seen += 1
+            yield echo_pb2.EchoResponse(text=request.text)
+
+
+async def requests() -> AsyncIterator[echo_pb2.EchoRequest]:
+    yield echo_pb2.EchoRequest(text="fine")
+    yield echo_pb2.EchoRequest(text="x" * 1001)
+    yield echo_pb2.EchoRequest(text="never read")
+
+
+async def test_client_streaming_stops_at_the_first_bad_message() -> None:
+    """Collect sees the good message; the bad one ends the call with its violation."""
+    servicer = Counting()
+    async with serve(servicer, policies=[ValidationPolicy()]) as t:
+        with pytest.raises(InvalidArgumentError) as caught:
+            await t.stub(echo_pb2_grpc.EchoServiceStub).Collect(requests())
+    assert servicer.seen == 1
+    assert [(v.field, v.rule) for v in caught.value.violations] == [("text", "string.max_len")]
+
+
+async def test_bidi_streaming_validates_each_message() -> None:
+    """Chat answers the good message, then fails on the bad one."""
+    servicer = Counting()
+    got: list[str] = []
+    async with serve(servicer, policies=[ValidationPolicy()]) as t:
+        with pytest.raises(InvalidArgumentError):
+            async for reply in t.stub(echo_pb2_grpc.EchoServiceStub).Chat(requests()):
+                got.append(reply.text)
+    assert got == ["fine"] and servicer.seen == 1
