@@ -173,12 +173,12 @@ class _ResponseCall:
     def __init__(self, raw: Any, exits: list[Exit] | None, begin: Any = None) -> None:
         self._raw = raw
         self._exits = exits
-        self._begin = begin  # coroutine giving (raw, exits) when the chain is async
+        self._begin = begin  # function -> awaitable of (raw, exits): async chain or rejection
         self._finished = False
 
     async def _started(self) -> Any:
         if self._raw is None:
-            self._raw, self._exits = await self._begin
+            self._raw, self._exits = await self._begin()
         return self._raw
 
     def _end(self, error: BaseException | None) -> None:
@@ -326,8 +326,16 @@ class _Multicallable:
                 exits = await bound.aenter(call)
                 return started(exits), exits
 
-            return shape(None, None, begin())
-        exits = bound.enter(call)
+            return shape(None, None, begin)
+        try:
+            exits = bound.enter(call)
+        except Exception as error:  # noqa: BLE001 - re-raised when the call is awaited, as in grpc
+            rejection = error
+
+            async def rejected() -> tuple[Any, list[Exit]]:
+                raise rejection
+
+            return shape(None, None, rejected)
         return shape(started(exits), exits)
 
 

@@ -133,3 +133,19 @@ async def test_error_classes_defined_later_come_back_typed() -> None:
     status = errors.to_status(StockShortError("only 2 left"))
     back = errors.from_status(status.code, status.message, status.trailing_metadata)
     assert type(back) is StockShortError
+
+
+class Refuse(BasePolicy):
+    """Rejects every call in its enter."""
+
+    def enter(self, call: Call) -> Exit | None:
+        raise errors.BulkheadFullError("no slot free for the test")
+
+
+async def test_a_client_rejection_surfaces_when_the_call_is_awaited() -> None:
+    """Like grpc.aio, creating the call never raises; awaiting it does."""
+    async with serve(EchoServicer(), client_policies=[Refuse()]) as t:
+        call = t.stub(echo_pb2_grpc.EchoServiceStub).Echo(echo_pb2.EchoRequest())
+        future = asyncio.ensure_future(call)
+        with pytest.raises(errors.BulkheadFullError):
+            await future
