@@ -11,6 +11,10 @@
   Other policies reject by raising typed errors, so counting reasons here counts
   their decisions without coupling them to metrics.
 - hooks other policies may call directly: `breaker_state()`, `rejected()`, `retry()`.
+  `breaker_listener()` adapts `breaker_state()` to the circuit breaker's
+  `on_state_change(target, method, old, new)` callback, so wiring a breaker is
+  `CircuitBreakerPolicy(config, on_state_change=metrics.breaker_listener())`
+  and neither module imports the other.
 
 Why a store instead of calling the SDK's synchronous instruments per call: one
 SDK `Histogram.record()` copies and hashes the attribute dict, takes a lock and
@@ -31,7 +35,7 @@ import asyncio
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -60,6 +64,14 @@ DEFAULT_BOUNDS_MS: tuple[float, ...] = (
 )  # fmt: skip
 SCOPE = InstrumentationScope("framework.metrics")
 _N_CODES = 17
+
+# The shape of `framework.breaker.StateListener`: (target, method, old, new), where
+# the states are enums whose `.value` is "closed" / "open" / "half_open".
+BreakerListener = Callable[[str, str, Any, Any], None]
+
+
+def _ignore_breaker(target: str, method: str, old: Any, new: Any) -> None:
+    """The listener of disabled metrics: nothing to record."""
 
 
 def outcome_code(error: BaseException) -> grpc.StatusCode:
@@ -197,6 +209,18 @@ class RpcMetrics:
         with self._lock:
             _, known = self._breakers.get(breaker, ("", set()))
             self._breakers[breaker] = (state, known | {state})
+
+    def breaker_listener(self) -> BreakerListener:
+        """A `CircuitBreakerPolicy(on_state_change=...)` callback feeding `breaker_state`.
+
+        The breaker is named `<target><method>` (e.g. `127.0.0.1:5000/echo.v1.EchoService/Echo`);
+        the state is the enum's value, so this module needs no import of the breaker.
+        """
+
+        def listener(target: str, method: str, old: Any, new: Any) -> None:
+            self.breaker_state(f"{target}{method}", str(getattr(new, "value", new)))
+
+        return listener
 
     def rejected(self, policy: str, reason: str) -> None:
         """A policy refused a call (counted also by `rpc.*.errors` when it raised)."""
@@ -339,6 +363,12 @@ class MetricsPolicy:
         if self.store is None:
             return None
         return _MetricsEnter(self.store, method)
+
+    def breaker_listener(self) -> BreakerListener:
+        """`RpcMetrics.breaker_listener()` of this policy's store (a no-op when disabled)."""
+        if self.store is None:
+            return _ignore_breaker
+        return self.store.breaker_listener()
 
 
 class _MetricsEnter:

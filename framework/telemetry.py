@@ -3,6 +3,7 @@
     config = TelemetryConfig.from_env()          # at start-up, in the composition root
     telemetry = Telemetry.build(config)
     server = Server(..., policies=[*telemetry.policies(), ...])
+    breaker = CircuitBreakerPolicy(config, on_state_change=telemetry.breaker_listener())
     ...
     telemetry.shutdown()
 
@@ -44,7 +45,13 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from framework.metrics import MetricsPolicy, RpcMetrics, StorePeriodicReader, StoreReader
+from framework.metrics import (
+    BreakerListener,
+    MetricsPolicy,
+    RpcMetrics,
+    StorePeriodicReader,
+    StoreReader,
+)
 from framework.policy import Policy
 from framework.tracing import TracingPolicy
 
@@ -229,6 +236,13 @@ class Telemetry:
     def policies(self) -> list[Policy]:
         """[TracingPolicy, MetricsPolicy], in that order; put them first in a chain."""
         return [TracingPolicy(self.tracer_provider), MetricsPolicy(self.rpc_metrics)]
+
+    def breaker_listener(self) -> BreakerListener:
+        """The breaker callback feeding the `breaker.state` gauge (a no-op when disabled).
+
+        `CircuitBreakerPolicy(config, on_state_change=telemetry.breaker_listener())`.
+        """
+        return MetricsPolicy(self.rpc_metrics).breaker_listener()
 
     def flush(self) -> None:
         if self.tracer_provider is not None:

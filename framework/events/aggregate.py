@@ -17,15 +17,28 @@ version the aggregate was loaded at as the expected version.
         @applies(AccountOpened)
         def _opened(self, event: AccountOpened) -> None:
             self.opened, self.owner = True, event.owner
+
+Trace context: `Repository.save` writes the current span's `traceparent` /
+`tracestate` (and baggage) into every pending event whose metadata carries no
+`traceparent`, keeping the caller's correlation/causation ids and extra
+fields.  So an RPC handler that saves an aggregate records its trace in the
+events with no metadata built by hand, and a consumer or projection continues
+it (`framework.tracing.continue_trace`).  The repository is the single place:
+it runs in the request's context at the moment of recording, while the store
+may be reached from elsewhere (relays, imports, the gRPC Append service, whose
+callers send their own metadata).  Outside any span nothing is added and the
+cost is one context lookup.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from opentelemetry import trace as trace_api
 
 from framework.errors import DataLossError, FailedPreconditionError, InternalError, NotFoundError
 from framework.events.store import (
@@ -151,6 +164,40 @@ class Aggregate:
         return entry
 
 
+def with_trace_context(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
+    """`events` with the current trace context in the metadata of those that have none.
+
+    An event whose metadata already names a `traceparent` is kept as is (the
+    caller chose its context); the others get `traceparent`, `tracestate` and
+    baggage (`extra["baggage"]`, unless the caller set one) from the current
+    span through the configured propagator, keeping every other field.
+    Outside a valid span the same sequence is returned untouched.
+    """
+    if not trace_api.get_current_span().get_span_context().is_valid:
+        return events
+    if all(event.metadata.traceparent for event in events):
+        return events
+    # Imported here: the SDK-backed tracing module is loaded by whoever made the span.
+    from framework.tracing import trace_fields
+
+    fields = trace_fields()
+    if not fields["traceparent"]:
+        return events  # a propagator that writes no W3C traceparent
+    baggage = fields.get("extra", {})
+    filled: list[NewEvent] = []
+    for event in events:
+        meta = event.metadata
+        if meta.traceparent:
+            filled.append(event)
+            continue
+        extra = {**baggage, **meta.extra} if baggage else meta.extra
+        meta = dataclasses.replace(
+            meta, traceparent=fields["traceparent"], tracestate=fields["tracestate"], extra=extra
+        )
+        filled.append(dataclasses.replace(event, metadata=meta))
+    return filled
+
+
 class Repository(Generic[A]):
     """Loads aggregates (latest snapshot, then later events) and saves their new events.
 
@@ -203,13 +250,20 @@ class Repository(Generic[A]):
         return aggregate
 
     async def save(self, aggregate: A) -> AppendResult | None:
-        """Append the pending events expecting the loaded version; ConflictError if stale."""
+        """Append the pending events expecting the loaded version; ConflictError if stale.
+
+        Events recorded without a `traceparent` get the current trace context
+        (see the module docstring), so handlers downstream continue this trace.
+        """
         pending = aggregate.pending_events
         if not pending:
             return None
         expected = aggregate.loaded_version
         result = await self.store.append(
-            aggregate.id, pending, expected, aggregate_type=aggregate.aggregate_type
+            aggregate.id,
+            with_trace_context(pending),
+            expected,
+            aggregate_type=aggregate.aggregate_type,
         )
         aggregate.mark_saved()
         every = self.snapshot_every

@@ -11,6 +11,18 @@ at once by appends through the same store, otherwise by bounded polling), and
 
 A projection is written for one backend's transaction type: the SQLite store
 hands it a `SqliteTransaction`, the PostgreSQL store an asyncpg connection.
+
+Tracing: each `apply` runs inside a CONSUMER span continuing the trace recorded
+in the event's metadata (`framework.tracing.continue_trace`, named
+`project <type>`, attributes `projection.name`, `event.position`,
+`event.stream_id`).  Live events (`run()` after the catch-up, `step()`) are
+handled as *children* of the span that recorded them: the read model moving is
+part of the request that caused it, and one trace then shows the RPC and its
+read-side effect.  Catch-up and rebuild use `link_only=True`: they replay
+history long after the requests, where joining each old trace would stretch it
+over hours (or hang a rebuild's thousands of spans on requests long finished),
+so each span starts its own trace and only *links* to the producer.
+`trace=False` skips the spans (a large offline rebuild without telemetry).
 """
 
 from __future__ import annotations
@@ -19,9 +31,12 @@ import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from framework.events.store import RecordedEvent
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +97,23 @@ class ProjectionRunner(Generic[TxT]):
         host: ProjectionHost[TxT],
         projection: Projection[TxT],
         config: ProjectionConfig | None = None,
+        *,
+        trace: bool = True,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.host = host
         self.projection = projection
         self.config = config or ProjectionConfig()
         self.position = 0
+        self.trace = trace
+        self.tracer_provider = tracer_provider
 
-    async def step(self) -> int:
-        """Apply the next batch after the checkpoint in one transaction; events applied."""
+    async def step(self, *, link_only: bool = False) -> int:
+        """Apply the next batch after the checkpoint in one transaction; events applied.
+
+        Each event's span is a child of its producer's, or with `link_only`
+        (catch-up, rebuild) a new trace linking to it; see the module docstring.
+        """
         events = await self.host.read_all(self.position, self.config.batch_size)
         if not events:
             return 0
@@ -99,12 +123,33 @@ class ProjectionRunner(Generic[TxT]):
             checkpoint = await self.host.checkpoint_in(tx, name)
             for event in events:
                 if event.position > checkpoint:
-                    await self.projection.apply(tx, event)
+                    await self._apply(tx, event, link_only)
                     applied += 1
             last = max(checkpoint, events[-1].position)
             await self.host.set_checkpoint_in(tx, name, last)
         self.position = last
         return applied
+
+    async def _apply(self, tx: TxT, event: RecordedEvent, link_only: bool) -> None:
+        if not self.trace:
+            await self.projection.apply(tx, event)
+            return
+        # Imported here so `import framework.events` does not load the tracing SDK.
+        from framework.tracing import continue_trace
+
+        with continue_trace(
+            event.metadata,
+            f"project {event.type}",
+            tracer_provider=self.tracer_provider,
+            link_only=link_only,
+            attributes={
+                "projection.name": self.projection.name,
+                "event.position": event.position,
+                "event.stream_id": event.stream_id,
+                "messaging.message.id": event.event_id,
+            },
+        ):
+            await self.projection.apply(tx, event)
 
     async def load_position(self) -> int:
         """Refresh the in-memory position from the stored checkpoint."""
@@ -119,13 +164,13 @@ class ProjectionRunner(Generic[TxT]):
         total = 0
         while self.position < head:
             before = self.position
-            total += await self.step()
+            total += await self.step(link_only=True)
             if self.position == before:  # nothing readable below head (holes): done
                 break
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Catch up, then follow new events until `stop` is set."""
+        """Catch up (spans linked only), then follow new events (child spans) until `stop`."""
         await self.catch_up()
         while not stop.is_set():
             if await self.host.wait_for_events(self.position, self.config.idle_wait_s):
