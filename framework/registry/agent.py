@@ -6,8 +6,12 @@
   lease every `ttl_s * renew_fraction` seconds;
 * a renewal answered NOT_FOUND (the lease expired, or the registry lost it)
   registers again; an unreachable registry is retried on the next period;
-* `on_draining` (before the server drains): stops renewing and deregisters, so
-  clients stop picking this instance while its calls in flight finish.
+* `on_draining` (the server already answers health NOT_SERVING and still
+  accepts calls): stops renewing, deregisters, then holds the drain for
+  `deregister_wait_s` so that watching clients see the instance leave before
+  the server stops accepting calls. With the default `ServerConfig`
+  (`drain_delay_s=0`) a rolling restart then fails no call, even a call that
+  is not retried.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class AgentConfig:
     # Address to register instead of the server's bound one (e.g. behind NAT).
     advertise_address: str = ""
     call_timeout_s: float = 3.0
+    # After deregistering at drain, wait this long (wall time) before the server stops
+    # accepting calls: the registry pushes the change to every watcher, and clients
+    # stop picking this instance once they have it. 0 = no wait.
+    deregister_wait_s: float = 0.25
 
     def __post_init__(self) -> None:
         check_weight(self.weight)
@@ -57,6 +65,8 @@ class AgentConfig:
             raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
         if self.call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
+        if self.deregister_wait_s < 0:
+            raise ValueError(f"deregister_wait_s must be >= 0, got {self.deregister_wait_s}")
 
 
 class RegistrationAgent:
@@ -99,7 +109,10 @@ class RegistrationAgent:
         await self.start(address)
 
     async def on_draining(self, server: Any) -> None:
-        await self.stop()
+        if await self.stop() and self.config.deregister_wait_s > 0:
+            # Real time, not `self.clock`: this covers the change reaching other
+            # processes (a ManualClock would never let the drain proceed).
+            await asyncio.sleep(self.config.deregister_wait_s)
 
     async def on_stopped(self, server: Any) -> None:
         await self.stop()
@@ -130,19 +143,24 @@ class RegistrationAgent:
             )
         self._task = asyncio.create_task(self._renew_loop(), name=f"registry-agent-{address}")
 
-    async def stop(self) -> None:
-        """Stop renewing and deregister (once); the registry being down is logged, not raised."""
+    async def stop(self) -> bool:
+        """Stop renewing and deregister (once); the registry being down is logged, not raised.
+
+        True when this call deregistered the instance.
+        """
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         lease, self.lease_id = self.lease_id, ""
+        deregistered = False
         if lease and self._stub is not None:
             try:
                 await self._stub.Deregister(
                     pb.DeregisterRequest(lease_id=lease), timeout=self.config.call_timeout_s
                 )
+                deregistered = True
                 logger.info("deregistered %s at %s", self.service, self.address)
             except (grpc.aio.AioRpcError, FrameworkError) as error:
                 logger.warning(
@@ -154,6 +172,7 @@ class RegistrationAgent:
         if isinstance(self._registry, str) and self._channel is not None:
             await self._channel.close()
         self._channel, self._stub = None, None
+        return deregistered
 
     async def register(self) -> None:
         cfg = self.config

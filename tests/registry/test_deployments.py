@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from framework.client import connect
+from framework.config import ServerConfig
 from framework.errors import FrameworkError
-from framework.registry.channel import BalancedChannel, balanced_channel
+from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
 from framework.registry.sqlite import SqliteStore
 from gen.echo.v1.echo_pb2 import EchoRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
@@ -93,10 +94,13 @@ async def test_canary_weight_sends_ten_percent_then_blue_green_switches(
 
 
 async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> None:
-    """Each of three instances in turn deregisters, drains and is replaced; 0 calls fail."""
-    fleet = [await start_echo(node.address, grace_s=2.0, drain_delay_s=0.05) for _ in range(3)]
+    """Each of three instances in turn deregisters, drains and is replaced; 0 calls fail with
+    the default ServerConfig and AgentConfig, even with retries off (the agent's
+    deregister_wait_s keeps the server accepting calls until clients have moved away)."""
+    fleet = [await start_echo(node.address) for _ in range(3)]
+    assert fleet[0].server.config.drain_delay_s == ServerConfig().drain_delay_s == 0
     retired: list[EchoInstance] = []
-    channel = await balanced_channel(node.address, ECHO)
+    channel = await balanced_channel(node.address, ECHO, config=BalancerConfig(max_attempts=1))
     await wait_until(lambda: len(channel.endpoints) == 3)
     stub = EchoServiceStub(channel)
     done = asyncio.Event()
@@ -118,7 +122,7 @@ async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> N
             await wait_until(lambda before=before: results["ok"] >= before + 50)  # type: ignore[misc]
             await old.stop()  # agent deregisters at on_draining, then the server drains
             retired.append(old)
-            fleet[index] = await start_echo(node.address, grace_s=2.0, drain_delay_s=0.05)
+            fleet[index] = await start_echo(node.address)
             await wait_until(lambda: set(channel.endpoints) == {i.address for i in fleet})
         before = results["ok"]
         await wait_until(lambda: results["ok"] >= before + 100)
