@@ -37,33 +37,33 @@ class AccessLogPolicy(BasePolicy):
             return None
         logger, level = self.logger, self.level
         base = {"service": method.service, "method": method.name, "rpc": method.full_name}
+        templates = {
+            side.value: f"{side.value} {method.full_name} %s %.2fms peer=%s" for side in Side
+        }
 
         def enter(call: Call) -> Exit | None:
             if not logger.isEnabledFor(level):
                 return None
             side = call.side.value
+            template = templates[side]
 
             def exit_(error: BaseException | None) -> None:
                 code = code_of(error).name
                 duration_ms = (time.perf_counter() - call.started) * 1000
                 peer = call.peer
                 lvl = logging.WARNING if code in _SERVER_FAULTS else level
-                logger.log(
-                    lvl,
-                    "%s %s %s %.2fms peer=%s",
-                    side,
-                    method.full_name,
-                    code,
-                    duration_ms,
-                    peer,
-                    extra={
-                        **base,
-                        "side": side,
-                        "code": code,
-                        "duration_ms": round(duration_ms, 3),
-                        "peer": peer,
-                    },
+                # makeRecord + handle: no caller lookup (a stack walk) for a record whose
+                # origin is always this line; the structured fields go straight on it
+                record = logger.makeRecord(
+                    logger.name, lvl, __file__, 0, template, (code, duration_ms, peer), None
                 )
+                fields = record.__dict__
+                fields.update(base)
+                fields["side"] = side
+                fields["code"] = code
+                fields["duration_ms"] = round(duration_ms, 3)
+                fields["peer"] = peer
+                logger.handle(record)
 
             return exit_
 
