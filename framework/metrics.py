@@ -218,7 +218,12 @@ class RpcMetrics:
         """
 
         def listener(target: str, method: str, old: Any, new: Any) -> None:
-            self.breaker_state(f"{target}{method}", str(getattr(new, "value", new)))
+            name = f"{target}{method}"
+            with self._lock:
+                known = name in self._breakers
+            if not known:  # first change: show the state it left at 0, not nothing
+                self.breaker_state(name, str(getattr(old, "value", old)))
+            self.breaker_state(name, str(getattr(new, "value", new)))
 
         return listener
 
