@@ -10,6 +10,7 @@ import pytest
 
 from framework.registry.sqlite import SqliteStore
 from framework.registry.store import RegistryStore
+from tests.registry.fleet import Backend
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -31,3 +32,20 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     finally:
         await pg.drop()
         await pg.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A SQLite file or a PostgreSQL schema of the test's own (dropped afterwards)."""
+    if request.param == "sqlite":
+        path = tmp_path / "registry.sqlite"
+        yield Backend("sqlite", lambda: SqliteStore(path))
+        return
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    from framework.registry.postgres import PostgresStore
+
+    schema = f"reg_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Backend("postgres", lambda: PostgresStore(dsn, schema=schema))
+    finally:
+        await PostgresStore(dsn, schema=schema).drop()

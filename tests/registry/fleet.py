@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
+
 from framework.clock import Clock, SystemClock
 from framework.config import ServerConfig
 from framework.policy import Policy
@@ -19,6 +21,19 @@ from framework.testing.echo import EchoServicer
 
 ECHO = "echo.v1.EchoService"
 NO_PROBE = ProbeConfig(interval_s=0)
+
+# For a test taking the `backend` fixture: run on SQLite only (what it tests does not
+# depend on the store, and it is slow enough that a second run would cost).
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test's registry keeps its state (`backend` fixture): `make()` gives a new,
+    unopened store on that same state, so a restarted registry finds what it had."""
+
+    name: str
+    make: Callable[[], RegistryStore]
 
 
 @dataclass

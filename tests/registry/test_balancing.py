@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
+from asyncio.subprocess import Process
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 from framework.client import connect
 from framework.clock import ManualClock
 from framework.errors import FrameworkError, UnavailableError
+from framework.policy import BasePolicy, Call, Side
 from framework.registry.balancer import LeastOutstanding, OutlierConfig, WeightedRandom
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
 from framework.registry.discovery import DiscoveryConfig
@@ -23,19 +27,24 @@ from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
 from tests.registry.fleet import (
     ECHO,
+    Backend,
     EchoInstance,
     RegistryNode,
+    eventually,
+    sqlite_only,
     start_echo,
     start_registry,
     wait_until,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[RegistryNode]:
-    """A registry on a SQLite file, checking instance health every 50 ms (3 failures: out)."""
+async def node(backend: Backend) -> AsyncIterator[RegistryNode]:
+    """A registry on each backend, checking instance health every 50 ms (3 failures: out)."""
     n = await start_registry(
-        SqliteStore(tmp_path / "r.sqlite"),
+        backend.make(),
         probe=ProbeConfig(interval_s=0.05, timeout_s=5.0, unhealthy_after=3),
     )
     yield n
@@ -47,8 +56,7 @@ async def fleet(node: RegistryNode) -> AsyncIterator[list[EchoInstance]]:
     """Three self-registered echo instances (v1)."""
     instances = [await start_echo(node.address) for _ in range(3)]
     yield instances
-    for instance in instances:
-        await instance.stop(grace_s=0)
+    await asyncio.gather(*(i.stop(grace_s=0) for i in instances))
 
 
 async def _client(node: RegistryNode, count: int, **kwargs: object) -> BalancedChannel:
@@ -88,6 +96,7 @@ async def test_round_robin_shares_traffic_evenly(
     assert all(90 <= i.calls <= 110 for i in fleet), [i.calls for i in fleet]
 
 
+@sqlite_only
 @pytest.mark.parametrize("balancer", [LeastOutstanding(), WeightedRandom()])
 async def test_other_balancers_use_every_instance(
     node: RegistryNode, fleet: list[EchoInstance], balancer: object
@@ -101,6 +110,7 @@ async def test_other_balancers_use_every_instance(
     assert all(50 <= i.calls <= 150 for i in fleet), [i.calls for i in fleet]
 
 
+@sqlite_only
 async def test_instance_weight_sets_its_share(node: RegistryNode) -> None:
     """With the weighted balancer, weights 300:100 give about 75%:25% of calls."""
     heavy = await start_echo(node.address, weight=300)
@@ -110,31 +120,111 @@ async def test_instance_weight_sets_its_share(node: RegistryNode) -> None:
         assert await _calls(channel, 1000, concurrency=4) == 0
     finally:
         await channel.close()
-        await heavy.stop(0)
-        await light.stop(0)
+        await asyncio.gather(heavy.stop(0), light.stop(0))
     assert 220 <= light.calls <= 280, light.calls
 
 
-async def test_killed_instance_is_dropped_and_no_call_fails(
-    node: RegistryNode, fleet: list[EchoInstance]
-) -> None:
-    """A server killed without deregistering fails its health check and is dropped; retries
-    on other instances mean no call fails meanwhile."""
-    channel = await _client(node, 3)
-    victim = fleet[0]
-    assert victim.agent is not None
-    victim.agent.lease_id = ""  # killed: no deregistration when it stops
-    load = asyncio.create_task(_calls(channel, 600, concurrency=4))
-    await wait_until(lambda: sum(i.calls for i in fleet) >= 100)
-    await victim.stop(grace_s=0)
+class Attempts(BasePolicy):
+    """Client policy counting attempts per instance (each instance channel runs it)."""
+
+    sides = frozenset({Side.CLIENT})
+
+    def __init__(self) -> None:
+        self.targets: Counter[str] = Counter()
+
+    def enter(self, call: Call) -> None:
+        self.targets[call.target] += 1
+
+
+async def _spawn_killable(registry: str, ttl_s: float, log: Path) -> tuple[Process, str]:
+    """An echo instance in its own process, registered with `registry`; returns its address."""
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.registry.killable",
+            registry,
+            str(ttl_s),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+    assert process.stdout is not None
     try:
-        await wait_until(lambda: victim.address not in channel.endpoints)
-        assert await load == 0
-        before = victim.calls
-        assert await _calls(channel, 60) == 0
-        assert victim.calls == before
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        output = await asyncio.to_thread(log.read_text)
+        raise AssertionError(f"killable instance did not start: {output}") from None
+    if not line:
+        await process.wait()
+        output = await asyncio.to_thread(log.read_text)
+        raise AssertionError(f"killable instance exited: {output}")
+    return process, line.decode().strip()
+
+
+async def test_killed_instance_is_dropped_and_no_call_fails(
+    node: RegistryNode, tmp_path: Path
+) -> None:
+    """An instance SIGKILLed under load (no deregistration, no GOAWAY) fails its health check
+    and its lease expires; Echo calls are retried elsewhere, none fails, and it gets no more
+    traffic once dropped."""
+    survivors = [await start_echo(node.address) for _ in range(2)]
+    process, victim = await _spawn_killable(node.address, 1.0, tmp_path / "killable.log")
+    attempts = Attempts()
+    channel = await _client(node, 3, policies=[attempts])
+    stub = EchoServiceStub(channel)
+    done = asyncio.Event()
+    ok, failures = 0, []
+
+    def served_here() -> int:
+        return sum(i.calls for i in survivors)
+
+    async def worker() -> None:
+        nonlocal ok
+        for _ in range(5000):  # bounded; normally stopped by `done` long before
+            if done.is_set():
+                return
+            try:
+                await stub.Echo(EchoRequest(text="x"), timeout=5)
+                ok += 1
+            except FrameworkError as error:  # counted: the assertion below shows them
+                failures.append(repr(error))
+
+    workers = [asyncio.create_task(worker()) for _ in range(4)]
+    try:
+        await wait_until(lambda: ok >= 150)
+        assert ok - served_here() > 0  # the victim took its share before the kill
+        killed_at, tried_before = ok, attempts.targets[victim]
+        process.kill()  # SIGKILL: no deregistration, no GOAWAY, no NOT_SERVING
+        await process.wait()
+        await wait_until(lambda: victim not in channel.endpoints)  # health check failed
+        assert attempts.targets[victim] > tried_before  # calls did hit the dead instance
+        await wait_until(lambda: ok >= killed_at + 150)  # load went on meanwhile
+        done.set()
+        await asyncio.gather(*workers)
+        assert failures == []
+        # the lease ends too: gone from the registry altogether (TTL 1 s, sweep every 1 s)
+        await eventually(lambda: _registered(node, victim), timeout_s=10)
+        before, tried = served_here(), attempts.targets[victim]
+        assert await _calls(channel, 60, concurrency=4) == 0
+        assert served_here() - before == 60
+        assert attempts.targets[victim] == tried  # no attempt goes to the victim any more
     finally:
+        done.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
         await channel.close()
+        await asyncio.gather(*(i.stop(grace_s=0) for i in survivors))
+
+
+async def _registered(node: RegistryNode, address: str) -> bool:
+    """True once `address` is no longer registered at all (healthy or not)."""
+    view = await node.registry.discover(ECHO, include_unhealthy=True)
+    return address not in {i.address for i in view.instances}
 
 
 async def test_expired_lease_removes_a_silent_instance(tmp_path: Path) -> None:
@@ -155,8 +245,7 @@ async def test_expired_lease_removes_a_silent_instance(tmp_path: Path) -> None:
     finally:
         await channel.close()
         await stub_channel.close()
-        await silent.stop(0)
-        await live.stop(0)
+        await asyncio.gather(silent.stop(0), live.stop(0))
         await node.stop()
 
 
@@ -197,12 +286,11 @@ async def test_outlier_is_ejected_after_consecutive_failures(tmp_path: Path) -> 
 
 
 async def test_client_follows_a_restarted_registry_and_keeps_its_instances(
-    tmp_path: Path,
+    backend: Backend,
 ) -> None:
-    """Registry restarted on the same file and port: no registration lost, the client's
+    """Registry restarted on the same state and port: no registration lost, the client's
     watch resumes and sees instances registered after the restart."""
-    path = tmp_path / "r.sqlite"
-    node = await start_registry(SqliteStore(path))
+    node = await start_registry(backend.make())
     port = node.server.port
     first = await start_echo(node.address)
     channel = await _client(node, 1, discovery_config=DiscoveryConfig(reconnect_max_s=0.2))
@@ -211,7 +299,7 @@ async def test_client_follows_a_restarted_registry_and_keeps_its_instances(
         await node.stop()
         await wait_until(lambda: not channel.discovery.connected)
         assert await _calls(channel, 10) == 0  # the last view keeps serving
-        node = await start_registry(SqliteStore(path), port=port)
+        node = await start_registry(backend.make(), port=port)
         assert [i.address for i in (await node.registry.discover(ECHO)).instances] == [
             first.address
         ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -13,13 +12,13 @@ from framework.client import connect
 from framework.config import ServerConfig
 from framework.errors import FrameworkError
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
-from framework.registry.sqlite import SqliteStore
 from gen.echo.v1.echo_pb2 import EchoRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
 from tests.registry.fleet import (
     ECHO,
+    Backend,
     EchoInstance,
     RegistryNode,
     start_echo,
@@ -29,9 +28,9 @@ from tests.registry.fleet import (
 
 
 @pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[RegistryNode]:
-    """A registry on a SQLite file (no health probing: these tests drive changes themselves)."""
-    n = await start_registry(SqliteStore(tmp_path / "r.sqlite"))
+async def node(backend: Backend) -> AsyncIterator[RegistryNode]:
+    """A registry on each backend (no health probing: these tests drive changes themselves)."""
+    n = await start_registry(backend.make())
     yield n
     await n.stop()
 
@@ -89,8 +88,7 @@ async def test_canary_weight_sends_ten_percent_then_blue_green_switches(
         assert moved[2] == 0 and moved[0] + moved[1] == 200
     finally:
         await channel.close()
-        for instance in fleet:
-            await instance.stop(0)
+        await asyncio.gather(*(i.stop(0) for i in fleet))
 
 
 async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> None:
@@ -130,7 +128,6 @@ async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> N
         done.set()
         await asyncio.gather(*workers)
         await channel.close()
-        for instance in [*fleet, *retired]:
-            await instance.stop(0)
+        await asyncio.gather(*(i.stop(0) for i in [*fleet, *retired]))
     assert results["failed"] == 0
     assert all(i.calls > 0 for i in fleet), [i.calls for i in fleet]
