@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -117,8 +117,10 @@ async def start_echo(
     weight: int = 100,
     grace_s: float = 2.0,
     drain_delay_s: float = 0.0,
+    deregister_wait_s: float | None = None,
 ) -> EchoInstance:
-    """An echo server; with a registry address it registers itself (agent hook)."""
+    """An echo server; with a registry address it registers itself (agent hook; the
+    agent's deregister_wait_s is AgentConfig's default unless given)."""
     servicer = EchoServicer()
     server = Server(
         ServerConfig(
@@ -128,9 +130,10 @@ async def start_echo(
     server.add(servicer)
     agent = None
     if registry_address is not None:
-        agent = RegistrationAgent(
-            registry_address, ECHO, AgentConfig(version=version, ttl_s=ttl_s, weight=weight)
-        )
+        config = AgentConfig(version=version, ttl_s=ttl_s, weight=weight)
+        if deregister_wait_s is not None:
+            config = replace(config, deregister_wait_s=deregister_wait_s)
+        agent = RegistrationAgent(registry_address, ECHO, config)
         server.add_hook(agent)
     await server.start()
     return EchoInstance(server, servicer, agent, version)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from framework.client import connect
 from framework.clock import ManualClock
 from framework.config import ServerConfig
 from framework.registry.agent import AgentConfig, RegistrationAgent
@@ -125,3 +127,31 @@ async def test_every_call_arity_goes_through_the_balanced_channel(node: Registry
     finally:
         await channel.close()
         await instance.stop(0)
+
+
+async def test_agent_keeps_the_server_accepting_until_clients_had_time_to_move(
+    node: RegistryNode,
+) -> None:
+    """At drain the agent deregisters, then for deregister_wait_s the server still serves
+    calls (health NOT_SERVING) before it stops accepting; the stop then completes."""
+    instance = await start_echo(node.address, deregister_wait_s=1.0)
+    channel = connect(instance.address)
+    try:
+        stopping = asyncio.create_task(instance.stop())
+        await eventually(lambda: _gone(node, instance.address))
+        reply = await EchoServiceStub(channel).Echo(EchoRequest(text="late"), timeout=5)
+        assert reply.text == "late" and not stopping.done()
+        await asyncio.wait_for(stopping, timeout=10)
+    finally:
+        await channel.close()
+        await instance.stop(0)
+
+
+async def _gone(node: RegistryNode, address: str) -> bool:
+    return address not in await _instances(node)
+
+
+def test_agent_config_rejects_a_negative_deregister_wait() -> None:
+    """A negative deregister_wait_s is refused with a message naming the field."""
+    with pytest.raises(ValueError, match="deregister_wait_s"):
+        AgentConfig(deregister_wait_s=-1)
