@@ -4,6 +4,7 @@ Commands:
   protos   compile protos/ into gen/ (what `make protos` runs)
   health   print a server's standard health status and its detailed report
   registry run or query the service registry (`python -m framework registry --help`)
+  events   event store tools, e.g. rebuild a projection (`python -m framework events --help`)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
 """
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout-s", type=float, default=5.0)
     h.set_defaults(func=_health)
     sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
+    sub.add_parser("events", help="event store tools: rebuild a projection (see --help)")
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")
@@ -67,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from framework.registry.cli import main as registry_main
 
         return int(registry_main(args_list[1:]))
+    if args_list[:1] == ["events"]:
+        from framework.events.cli import main as events_main
+
+        return int(events_main(args_list[1:]))
     args = build_parser().parse_args(args_list)
     result: int = args.func(args)
     return result
