@@ -194,8 +194,7 @@ async def test_killed_instance_is_dropped_and_no_call_fails(
 
     workers = [asyncio.create_task(worker()) for _ in range(4)]
     try:
-        await wait_until(lambda: ok >= 150)
-        assert ok - served_here() > 0  # the victim took its share before the kill
+        await wait_until(lambda: ok >= 150 and attempts.targets[victim] >= 20)  # its share
         killed_at, tried_before = ok, attempts.targets[victim]
         process.kill()  # SIGKILL: no deregistration, no GOAWAY, no NOT_SERVING
         await process.wait()
