@@ -107,6 +107,8 @@ class ProjectionRunner(Generic[TxT]):
         self.position = 0
         self.trace = trace
         self.tracer_provider = tracer_provider
+        # set once `run()` has caught up and follows live appends
+        self.live = asyncio.Event()
 
     async def step(self, *, link_only: bool = False) -> int:
         """Apply the next batch after the checkpoint in one transaction; events applied.
@@ -172,6 +174,7 @@ class ProjectionRunner(Generic[TxT]):
     async def run(self, stop: asyncio.Event) -> None:
         """Catch up (spans linked only), then follow new events (child spans) until `stop`."""
         await self.catch_up()
+        self.live.set()
         while not stop.is_set():
             if await self.host.wait_for_events(self.position, self.config.idle_wait_s):
                 await self.step()

@@ -165,6 +165,7 @@ async def test_projection_live_joins_trace_and_rebuild_only_links(
     runner = ProjectionRunner(store, owners, tracer_provider=telemetry.tracer_provider)
     stop = asyncio.Event()
     live = asyncio.create_task(runner.run(stop))
+    await asyncio.wait_for(runner.live.wait(), 10)  # events from now on are live, not catch-up
     try:
         async with serve(
             OpenAccounts(Repository(store, Account)), policies=telemetry.policies()
