@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import grpc.aio
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from framework.health import Check, HealthMonitor
+from framework.health import Check, HealthMonitor, LoadCheck
 from framework.testing import serve
 from framework.testing.echo import EchoServicer
 from gen.framework.v1 import health_pb2 as report_pb2
@@ -63,6 +65,10 @@ async def test_a_failing_required_check_turns_services_not_serving_until_it_reco
         assert await asyncio.wait_for(next_status(updates, SERVING), 5) == SERVING
         db.up = False
         assert await asyncio.wait_for(next_status(updates, NOT_SERVING), 5) == NOT_SERVING
+        checked = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=ECHO)
+        )
+        assert checked.status == NOT_SERVING
         report = await report_pb2_grpc.HealthReportServiceStub(channel).GetHealthReport(
             report_pb2.GetHealthReportRequest()
         )
@@ -126,3 +132,30 @@ async def test_reflection_lists_the_services() -> None:
     names = {s.name for s in responses[0].list_services_response.service}
     assert {ECHO, "grpc.health.v1.Health", "framework.v1.HealthReportService"} <= names
     assert "grpc.reflection.v1alpha.ServerReflection" in names
+
+
+async def test_load_check_fails_above_its_threshold() -> None:
+    """LoadCheck reads the real load average; an impossible threshold fails with the value."""
+    failing = HealthMonitor([LoadCheck(max_load_per_cpu=-1.0, required=True)])
+    await failing.start([ECHO])
+    try:
+        assert failing.status(ECHO) == NOT_SERVING
+        assert "per CPU exceeds" in failing.report().checks[0].last_error
+    finally:
+        await failing.close()
+    passing = HealthMonitor([LoadCheck(max_load_per_cpu=1e9, required=True)])
+    await passing.start([ECHO])
+    try:
+        assert passing.status(ECHO) == SERVING
+    finally:
+        await passing.close()
+
+
+async def test_unknown_services_are_not_found() -> None:
+    """Check for a service this server does not run answers NOT_FOUND."""
+    async with serve(EchoServicer()) as t, grpc.aio.insecure_channel(t.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="nope.v1.Missing")
+            )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
