@@ -96,6 +96,35 @@ class Subscription(Protocol):
     ) -> None: ...
 
 
+class SubscriptionBase:
+    """What every `Subscription` shares: iterate fetched deliveries until closed, and
+    `async with` closes it. Subclasses provide `fetch()`, `close()` and `_closed`."""
+
+    _closed: bool
+
+    async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aiter__(self) -> AsyncIterator[Delivery]:
+        while not self._closed:
+            for delivery in await self.fetch():
+                yield delivery
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
 class EventBus(Protocol):
     """Publishes stored envelopes and delivers them to consumer groups."""
 

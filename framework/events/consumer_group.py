@@ -21,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from framework.errors import FailedPreconditionError, FrameworkError, UnavailableError
-from framework.events.bus import Delivery, check_event_types, check_group
+from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from framework.events.envelope import to_envelope
 from framework.events.store import EventStore
 from gen.events.v1.envelope_pb2 import EventEnvelope
@@ -318,7 +317,7 @@ class _Group:
                 self._saved = position
 
 
-class StoreSubscription:
+class StoreSubscription(SubscriptionBase):
     """A member of a `StoreBus` group."""
 
     def __init__(self, bus: StoreBus, group: _Group) -> None:
@@ -335,26 +334,10 @@ class StoreSubscription:
             raise FailedPreconditionError("the subscription is closed; subscribe again")
         return await self._group.fetch(self, max_count, timeout_s)
 
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
-        while not self._closed:
-            for delivery in await self.fetch():
-                yield delivery
-
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._group.leave(self)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 class StoreBus:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection
-from types import TracebackType
-from typing import Any, Self
+from collections.abc import Collection
+from typing import Any
 
 import grpc
 
 from framework.errors import FailedPreconditionError, FrameworkError
-from framework.events.bus import Delivery, check_event_types, check_group
+from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.store_pb2 import SubscribeRequest
 from gen.events.v1.store_pb2_grpc import EventStoreServiceStub
@@ -54,7 +53,7 @@ class RemoteDelivery:
         logger.debug("position %s not acked; the server redelivers it", self._envelope.position)
 
 
-class RemoteSubscription:
+class RemoteSubscription(SubscriptionBase):
     """A `Subscription` over a gRPC Subscribe stream."""
 
     def __init__(self, call: Any) -> None:
@@ -122,11 +121,6 @@ class RemoteSubscription:
             out.append(RemoteDelivery(self, item))
         return out
 
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
-        while not self._closed:
-            for delivery in await self.fetch():
-                yield delivery
-
     async def close(self) -> None:
         """Leave the group: the server hands unacked events to the other members."""
         if not self._closed:
@@ -134,14 +128,3 @@ class RemoteSubscription:
             self._call.cancel()
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import nats
 import nats.errors
@@ -36,7 +34,7 @@ from framework.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
-from framework.events.bus import Delivery, check_event_types, check_group
+from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from gen.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -125,7 +123,7 @@ class JetStreamDelivery:
                 await self._msg.nak(delay=delay_s if delay_s > 0 else None)
 
 
-class JetStreamSubscription:
+class JetStreamSubscription(SubscriptionBase):
     """A member of a group: a binding to the group's durable pull consumer."""
 
     def __init__(
@@ -160,11 +158,6 @@ class JetStreamSubscription:
             out.append(JetStreamDelivery(msg, envelope, self._pending))
         return out
 
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
-        while not self._closed:
-            for delivery in await self.fetch():
-                yield delivery
-
     async def close(self) -> None:
         """Leave the group: unacked deliveries are nak'ed so other members get them now."""
         if not self._closed:
@@ -172,17 +165,6 @@ class JetStreamSubscription:
             for delivery in list(self._pending.values()):
                 await delivery.nack()
             await self._sub.unsubscribe()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 class JetStreamBus:
