@@ -52,6 +52,24 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.001, deadline - time.monotonic())
 
 
+def _retry_allowed(
+    multicallable: Multicallable,
+    error: BaseException,
+    endpoint: Endpoint,
+    tried: list[Endpoint],
+    deadline: float | None,
+) -> bool:
+    """Record the failure on the instance; retry elsewhere if the code, attempts and time allow."""
+    code = code_of(error)
+    multicallable._owner.pool.observe(endpoint, code)
+    tried.append(endpoint)
+    return (
+        code in _RETRY_ON
+        and len(tried) < multicallable._attempts
+        and (deadline is None or time.monotonic() < deadline)
+    )
+
+
 class UnaryUnary(Multicallable):
     __slots__ = ()
     kind = "unary_unary"
@@ -71,14 +89,7 @@ class UnaryUnary(Multicallable):
                     request, timeout=_remaining(deadline), **kwargs
                 )
             except (grpc.aio.AioRpcError, FrameworkError) as error:
-                code = code_of(error)
-                owner.pool.observe(endpoint, code)
-                tried.append(endpoint)
-                if (
-                    code in _RETRY_ON
-                    and len(tried) < self._attempts
-                    and (deadline is None or time.monotonic() < deadline)
-                ):
+                if _retry_allowed(self, error, endpoint, tried, deadline):
                     continue
                 raise
             finally:
@@ -112,15 +123,8 @@ class UnaryStream(Multicallable):
                     received = True
                     yield response
             except (grpc.aio.AioRpcError, FrameworkError) as error:
-                code = code_of(error)
-                owner.pool.observe(endpoint, code)
-                tried.append(endpoint)
-                if (
-                    code in _RETRY_ON
-                    and not received
-                    and len(tried) < self._attempts
-                    and (deadline is None or time.monotonic() < deadline)
-                ):
+                # record the failure always; retry only if nothing was streamed yet
+                if _retry_allowed(self, error, endpoint, tried, deadline) and not received:
                     continue
                 raise
             finally:
