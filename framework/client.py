@@ -27,8 +27,8 @@ import grpc
 import grpc.aio
 
 from framework.config import ClientConfig
-from framework.deadline import DeadlinePolicy
 from framework.errors import CallCancelledError, from_rpc_error
+from framework.policies.deadline import DeadlinePolicy
 from framework.policy import Arity, BoundChain, Call, Chain, Exit, Policy, Side, run_exits
 
 __all__ = ["Channel", "ClientConfig", "connect"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from framework.field_rules import rule_specs
+from framework.policies.field_rules import rule_specs
 from gen.framework.v1 import options_pb2, validate_pb2
 
 __all__ = ["ReferenceConfig", "compile_contracts", "render", "write_reference"]

@@ -27,8 +27,8 @@ import grpc.aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from framework.config import ServerConfig
-from framework.error_mapping import ErrorMappingPolicy
 from framework.health import HealthCheck, HealthMonitor
+from framework.policies.error_mapping import ErrorMappingPolicy
 from framework.policy import Chain, Policy, Side
 from framework.server_adapter import Registrar
 
@@ -145,7 +145,7 @@ class Server:
             if not _is_loopback(self.config.host):
                 logger.warning(
                     "serving PLAINTEXT on %s: any host on the network can read and forge calls; "
-                    "pass credentials= (framework.tls) outside local development",
+                    "pass credentials= (framework.auth.tls) outside local development",
                     bind,
                 )
             port = self._grpc.add_insecure_port(bind)

@@ -23,7 +23,7 @@ Trace context: `Repository.save` writes the current span's `traceparent` /
 `traceparent`, keeping the caller's correlation/causation ids and extra
 fields.  So an RPC handler that saves an aggregate records its trace in the
 events with no metadata built by hand, and a consumer or projection continues
-it (`framework.tracing.continue_trace`).  The repository is the single place:
+it (`framework.telemetry.tracing.continue_trace`).  The repository is the single place:
 it runs in the request's context at the moment of recording, while the store
 may be reached from elsewhere (relays, imports, the gRPC Append service, whose
 callers send their own metadata).  Outside any span nothing is added and the
@@ -178,7 +178,7 @@ def with_trace_context(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
     if all(event.metadata.traceparent for event in events):
         return events
     # Imported here: the SDK-backed tracing module is loaded by whoever made the span.
-    from framework.tracing import trace_fields
+    from framework.telemetry.tracing import trace_fields
 
     fields = trace_fields()
     if not fields["traceparent"]:

@@ -24,7 +24,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 from opentelemetry.trace import TracerProvider
 
 from framework.events.bus import Subscription
-from framework.tracing import continue_trace
+from framework.telemetry.tracing import continue_trace
 from gen.events.v1.envelope_pb2 import EventEnvelope
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ async def consume(
     is handed to `dead_letter(envelope, error)` (logged if None) and acked, so a
     poison event cannot hold its group back forever.  With `trace`, each
     handling runs in a CONSUMER span continuing the trace the event was
-    recorded in (`framework.tracing.continue_trace` on the envelope metadata).
+    recorded in (`framework.telemetry.tracing.continue_trace` on the envelope metadata).
     """
     if max_attempts < 0:
         raise ValueError(f"max_attempts must be >= 0 (0: retry forever), got {max_attempts}")

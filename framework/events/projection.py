@@ -13,7 +13,7 @@ A projection is written for one backend's transaction type: the SQLite store
 hands it a `SqliteTransaction`, the PostgreSQL store an asyncpg connection.
 
 Tracing: each `apply` runs inside a CONSUMER span continuing the trace recorded
-in the event's metadata (`framework.tracing.continue_trace`, named
+in the event's metadata (`framework.telemetry.tracing.continue_trace`, named
 `project <type>`, attributes `projection.name`, `event.position`,
 `event.stream_id`).  Live events (`run()` after the catch-up, `step()`) are
 handled as *children* of the span that recorded them: the read model moving is
@@ -137,7 +137,7 @@ class ProjectionRunner(Generic[TxT]):
             await self.projection.apply(tx, event)
             return
         # Imported here so `import framework.events` does not load the tracing SDK.
-        from framework.tracing import continue_trace
+        from framework.telemetry.tracing import continue_trace
 
         with continue_trace(
             event.metadata,

@@ -11,18 +11,29 @@ grpc.aio's call-object extras (`initial_metadata()`, `cancel()`) are not offered
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
 from framework.errors import FrameworkError, code_of
 from framework.policy import Method
-from framework.registry.balancer import Endpoint
+from framework.registry.balancer import Endpoint, Pool
 
-if TYPE_CHECKING:
-    from framework.registry.channel import BalancedChannel
+
+class EndpointSource(Protocol):
+    """What the multicallables need of their channel (a `BalancedChannel`): the pool
+    that records outcomes, the attempt limit, and a pick per call."""
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+    async def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint: ...
+
 
 # Outcomes after which an idempotent call is tried on another instance: the instance
 # is unreachable or refusing, or it stopped and cancelled the call (our own task being
@@ -35,14 +46,14 @@ class Multicallable:
     kind = ""
 
     def __init__(
-        self, owner: BalancedChannel, method: str, serializer: Any, deserializer: Any
+        self, owner: EndpointSource, method: str, serializer: Any, deserializer: Any
     ) -> None:
         self._owner = owner
         self._method = method
         self._serializer = serializer
         self._deserializer = deserializer
         idempotent = Method.resolve(method).policy.idempotent
-        self._attempts = owner.config.max_attempts if idempotent else 1
+        self._attempts = owner.max_attempts if idempotent else 1
 
     def _target(self, endpoint: Endpoint) -> Any:
         return endpoint.callable(self.kind, self._method, self._serializer, self._deserializer)

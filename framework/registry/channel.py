@@ -169,6 +169,11 @@ class BalancedChannel:
         await self.discovery.wait_ready(self.config.ready_timeout_s)
 
     # -------------------------------------------------------------- picking
+    @property
+    def max_attempts(self) -> int:
+        """Attempts per call of an idempotent method (one try plus retries elsewhere)."""
+        return self.config.max_attempts
+
     async def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint:
         """An instance for one attempt; waits for the first view if none came yet."""
         endpoint = self.pool.pick(exclude)

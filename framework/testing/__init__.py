@@ -86,7 +86,7 @@ async def serve(
 ) -> AsyncIterator[TestServer]:
     """Start `servicers` on 127.0.0.1:0 with `policies`; yield a `TestServer`.
 
-    `credentials` serve TLS/mTLS (see framework.tls); `client_credentials` are used
+    `credentials` serve TLS/mTLS (see framework.auth.tls); `client_credentials` are used
     by the default channel.
     """
     server = Server(

@@ -1,7 +1,7 @@
 """Development tokens: one shared HS256 secret that both verifies and mints bearer JWTs.
 
 For local runs and tests only; production verifies tokens from an identity
-provider's key set (`framework.keyset.JwksFile`) and never holds a signing key.
+provider's key set (`framework.auth.keyset.JwksFile`) and never holds a signing key.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import jwt
 
-from framework.keyset import KeySet, StaticKeys, VerificationKey
-from framework.verifier import JwtConfig, JwtVerifier
+from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
+from framework.auth.verifier import JwtConfig, JwtVerifier
 
 __all__ = ["DEV_AUDIENCE", "DEV_ISSUER", "DEV_KID", "DevTokens"]
 

@@ -17,15 +17,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from framework.accesslog import AccessLogPolicy
-from framework.auth import AuthPolicy
+from framework.auth.policy import AuthPolicy
 from framework.clock import Clock
 from framework.config import ServerConfig
 from framework.health import Check
+from framework.policies.accesslog import AccessLogPolicy
+from framework.policies.ratelimit import RateLimitPolicy
+from framework.policies.validation import ValidationPolicy
 from framework.policy import Policy
-from framework.ratelimit import RateLimitPolicy
 from framework.server import Server
-from framework.validation import ValidationPolicy
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
 from services.inventory.servicer import InventoryServicer

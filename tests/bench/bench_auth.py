@@ -60,9 +60,9 @@ def _token(jti: int) -> str:
 
 
 async def _serve(conn: multiprocessing.connection.Connection) -> None:
-    from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
+    from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
+    from framework.auth.policy import AuthPolicy, JwtConfig, JwtVerifier
     from framework.config import ServerConfig
-    from framework.keyset import KeySet, StaticKeys, VerificationKey
     from framework.server import Server
     from framework.testing.echo import EchoServicer
 

@@ -77,9 +77,9 @@ SKIP = frozenset(filter(None, os.environ.get("SKIP", "").split(",")))
 
 def _server_chain(access_log: bool = True) -> tuple[list[Any], str]:
     """The server policies, and a note saying what is in the chain."""
-    from framework.accesslog import AccessLogPolicy
-    from framework.bulkhead import BulkheadConfig, BulkheadPolicy
-    from framework.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
+    from framework.policies.accesslog import AccessLogPolicy
+    from framework.policies.bulkhead import BulkheadConfig, BulkheadPolicy
+    from framework.policies.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 
     access = logging.getLogger("bench.access")
     if not access.handlers:  # one handler, however many servers share the logger
@@ -93,8 +93,8 @@ def _server_chain(access_log: bool = True) -> tuple[list[Any], str]:
     logged = access_log and "accesslog" not in SKIP
     policies: list[Any] = [AccessLogPolicy(access)] if logged else []
     try:
-        from framework.auth import AuthPolicy, JwtConfig, JwtVerifier
-        from framework.keyset import KeySet, StaticKeys, VerificationKey
+        from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
+        from framework.auth.policy import AuthPolicy, JwtConfig, JwtVerifier
     except ImportError:
         note = "auth=absent"
     else:
@@ -172,9 +172,9 @@ def _process_cpu_s(pid: int) -> float:
 
 
 async def _run(profile_server: bool, profile_client: bool) -> None:
-    from framework.breaker import BreakerConfig, CircuitBreakerPolicy
     from framework.client import connect
-    from framework.retry import RetryConfig, RetryPolicy
+    from framework.policies.breaker import BreakerConfig, CircuitBreakerPolicy
+    from framework.policies.retry import RetryConfig, RetryPolicy
     from gen.echo.v1.echo_pb2 import EchoRequest
     from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 
@@ -194,7 +194,7 @@ async def _run(profile_server: bool, profile_client: bool) -> None:
         if "retry" not in SKIP:
             client_policies.append(RetryPolicy(RetryConfig(services=["echo.v1.EchoService"])))
         try:
-            from framework.bearer import BearerToken
+            from framework.auth.bearer import BearerToken
         except ImportError:
             note += ",bearer=absent"
         else:

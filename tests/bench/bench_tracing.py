@@ -92,7 +92,7 @@ async def serve() -> None:
 
     from framework.config import ServerConfig
     from framework.server import Server
-    from framework.telemetry import Telemetry, TelemetryConfig
+    from framework.telemetry.sdk import Telemetry, TelemetryConfig
 
     class Drop(SpanExporter):
         def __init__(self) -> None:

@@ -16,8 +16,8 @@ import time
 import uuid
 from typing import Any
 
+from framework.policies.validation import ValidationPolicy, Validators
 from framework.testing import serve
-from framework.validation import ValidationPolicy, Validators
 from gen.payment.v1 import payment_pb2 as pay
 from gen.payment.v1 import payment_pb2_grpc as pay_grpc
 from tests.bench.harness import (

@@ -11,8 +11,8 @@ import pytest
 from google.protobuf.message import Message
 
 from framework.errors import FieldViolation, InvalidArgumentError
+from framework.policies.validation import ValidationPolicy, Validators
 from framework.testing import TestServer, serve
-from framework.validation import ValidationPolicy, Validators
 from gen.inventory.v1 import inventory_pb2 as inv
 from gen.inventory.v1 import inventory_pb2_grpc as inv_grpc
 from gen.notification.v1 import notification_pb2 as note

@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from framework.errors import InvalidArgumentError
+from framework.policies.validation import ValidationPolicy, Validators
 from framework.policy import Arity, Method
-from framework.validation import ValidationPolicy, Validators
 from gen.framework.v1 import validate_pb2
 
 FDP = descriptor_pb2.FieldDescriptorProto

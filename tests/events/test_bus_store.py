@@ -16,7 +16,7 @@ from framework.events.bus import Delivery
 from framework.events.consumer import IdempotentHandler, consume
 from framework.events.consumer_group import StoreBus, StoreBusConfig, StoreSubscription
 from framework.events.store import EventMetadata, NewEvent
-from framework.tracing import trace_fields
+from framework.telemetry.tracing import trace_fields
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.testing_pb2 import AccountOpened, AmountDeposited
 from tests.events.conftest import Backend

@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from framework.events.projection import ProjectionRunner
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
 from framework.events.store import EventMetadata, NewEvent, RecordedEvent
-from framework.tracing import trace_fields
+from framework.telemetry.tracing import trace_fields
 from gen.events.v1.testing_pb2 import AmountDeposited
 from tests.events.account import account_types
 

@@ -160,7 +160,7 @@ def test_a_sync_adapter_refuses_async_policies_when_the_chain_is_bound() -> None
 
 def test_a_policy_on_the_wrong_side_is_refused() -> None:
     """A server-only policy cannot be put in a client chain."""
-    from framework.error_mapping import ErrorMappingPolicy
+    from framework.policies.error_mapping import ErrorMappingPolicy
 
     with pytest.raises(TypeError, match="client side"):
         Chain([ErrorMappingPolicy()], Side.CLIENT)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from framework.errors import InvalidArgumentError
+from framework.policies.validation import ValidationPolicy
 from framework.testing import serve
-from framework.validation import ValidationPolicy
 from gen.echo.v1 import echo_pb2, echo_pb2_grpc
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import jwt
 import pytest
 
-from framework.auth import AuthPolicy, BearerToken, JwtConfig, JwtVerifier
+from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
+from framework.auth.policy import AuthPolicy, BearerToken, JwtConfig, JwtVerifier
 from framework.client import connect
 from framework.errors import PermissionDeniedError
-from framework.keyset import KeySet, StaticKeys, VerificationKey
 from framework.registry.agent import RegistrationAgent
 from framework.registry.sqlite import SqliteStore
 from gen.registry.v1 import registry_pb2 as pb

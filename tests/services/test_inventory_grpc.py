@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from framework.auth import BearerToken
+from framework.auth.policy import BearerToken
 from framework.clock import ManualClock
 from framework.errors import (
     AlreadyExistsError,
