@@ -44,6 +44,8 @@ SERVICES: tuple[ServiceDescriptor, ...] = tuple(
 # Past participles that do not end in "-ed".
 IRREGULAR_PAST = frozenset({"Sent", "Paid", "Made", "Held", "Sold", "Built", "Taken", "Given"})
 READ_PREFIXES = ("Get", "List")
+# Methods anyone may call without a token: signing up and logging in.
+PUBLIC_METHODS = frozenset({"user.v1.UserService.RegisterUser", "user.v1.UserService.LogIn"})
 
 
 def _service_policy(service: ServiceDescriptor) -> options_pb2.ServicePolicy:
@@ -123,9 +125,16 @@ def test_no_entity_has_two_owners() -> None:
     ids=lambda m: m.full_name,
 )
 def test_every_method_declares_scopes_timeout_and_standard_names(method: MethodDescriptor) -> None:
-    """Methods carry scopes and a default deadline; messages are named <Method>Request/Response."""
+    """Methods carry scopes (or are explicitly public) and a default deadline; messages are
+    named <Method>Request/Response."""
     policy = method.GetOptions().Extensions[options_pb2.method_policy]
-    assert list(policy.scopes), f"{method.full_name} requires no scope"
+    if method.full_name in PUBLIC_METHODS:
+        assert policy.HasField("auth_required") and not policy.auth_required
+        assert not list(policy.scopes), f"public {method.full_name} must not declare scopes"
+        assert policy.HasField("rate_limit"), f"public {method.full_name} needs a rate limit"
+    else:
+        assert not policy.HasField("auth_required") or policy.auth_required
+        assert list(policy.scopes), f"{method.full_name} requires no scope"
     assert all(re.fullmatch(r"[a-z]+:(read|write)", s) for s in policy.scopes)
     assert policy.timeout_s > 0
     assert method.input_type.name == f"{method.name}Request"

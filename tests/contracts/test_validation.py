@@ -94,13 +94,17 @@ async def _call(t: TestServer, request: Message) -> Message:
 
 
 GOOD: list[Message] = [
-    user.RegisterUserRequest(email="ada@example.com", display_name="Ada"),
+    user.RegisterUserRequest(email="ada@example.com", display_name="Ada", password="s3cret-pass"),
     user.GetUserRequest(user_id=ID),
+    user.LogInRequest(email="ada@example.com", password="s3cret-pass"),
+    user.UpdateProfileRequest(user_id=ID, display_name="Ada L."),
+    user.DeactivateUserRequest(user_id=ID, reason="moving away"),
     order.CreateOrderRequest(user_id=ID, currency="EUR"),
     order.AddOrderItemRequest(order_id=ID, sku="SKU-1", quantity=2, unit_price_minor=0),
     order.ConfirmOrderRequest(order_id=ID),
     order.CancelOrderRequest(order_id=ID, reason="changed my mind"),
     order.GetOrderRequest(order_id=ID),
+    order.ListOrdersRequest(user_id=ID, page_size=10),
     inv.AddStockRequest(sku="SKU-1", quantity=5),
     inv.ReserveStockRequest(
         reservation_id=ID, order_id=ID2, lines=[inv.StockLine(sku="SKU-1", quantity=1)]
@@ -120,15 +124,25 @@ GOOD: list[Message] = [
 
 # (bad request, [(field, rule)] the BadRequest detail must list, in order)
 BAD: list[tuple[Message, list[tuple[str, str]]]] = [
-    (user.RegisterUserRequest(display_name="Ada"), [("email", "required")]),
     (
-        user.RegisterUserRequest(email="ada@", display_name="A"),
-        [("email", "string.email"), ("display_name", "string.min_len")],
+        user.RegisterUserRequest(display_name="Ada", password="s3cret-pass"),
+        [("email", "required")],
     ),
     (
-        user.RegisterUserRequest(email="ada@example.com", display_name="x" * 101),
+        user.RegisterUserRequest(email="ada@", display_name="A", password="short"),
+        [
+            ("email", "string.email"),
+            ("display_name", "string.min_len"),
+            ("password", "string.min_len"),
+        ],
+    ),
+    (
+        user.RegisterUserRequest(
+            email="ada@example.com", display_name="x" * 101, password="s3cret-pass"
+        ),
         [("display_name", "string.max_len")],
     ),
+    (user.LogInRequest(email="ada@example.com"), [("password", "required")]),
     (user.GetUserRequest(user_id="not-a-uuid"), [("user_id", "string.uuid")]),
     (
         order.CreateOrderRequest(user_id=ID, currency="eur"),

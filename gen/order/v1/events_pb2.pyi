@@ -94,6 +94,46 @@ class OrderItemAdded(_message.Message):
 Global___OrderItemAdded: _TypeAlias = OrderItemAdded  # noqa: Y015
 
 @_typing.final
+class OrderConfirmationStarted(_message.Message):
+    """Confirmation began: the order saga was started to reserve stock and charge payment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """UUID of the order."""
+    saga_id: _builtins.str
+    """Id of the saga confirming the order."""
+    total_minor: _builtins.int
+    """Amount to charge, in minor units."""
+    currency: _builtins.str
+    """ISO 4217 currency code of the amount."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When confirmation began."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        saga_id: _builtins.str = ...,
+        total_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "order_id", b"order_id", "saga_id", b"saga_id", "started_at", b"started_at", "total_minor", b"total_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderConfirmationStarted: _TypeAlias = OrderConfirmationStarted  # noqa: Y015
+
+@_typing.final
 class OrderConfirmed(_message.Message):
     """Stock was reserved and payment charged: the order is final."""
 

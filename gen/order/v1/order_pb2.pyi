@@ -36,6 +36,8 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     """Stock reserved and payment charged; no more changes."""
     ORDER_STATUS_CANCELLED: _OrderStatus.ValueType  # 3
     """Cancelled by the customer or by a failed confirmation."""
+    ORDER_STATUS_CONFIRMING: _OrderStatus.ValueType  # 4
+    """Confirmation started: stock and payment are being taken (the order saga runs)."""
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
     """Where an order is in its life."""
@@ -48,6 +50,8 @@ ORDER_STATUS_CONFIRMED: OrderStatus.ValueType  # 2
 """Stock reserved and payment charged; no more changes."""
 ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 3
 """Cancelled by the customer or by a failed confirmation."""
+ORDER_STATUS_CONFIRMING: OrderStatus.ValueType  # 4
+"""Confirmation started: stock and payment are being taken (the order saga runs)."""
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
 @_typing.final
@@ -96,6 +100,7 @@ class Order(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """UUID of the order."""
     user_id: _builtins.str
@@ -110,6 +115,8 @@ class Order(_message.Message):
     """Why the order was cancelled (empty unless cancelled)."""
     version: _builtins.int
     """Version of the event-sourced aggregate (number of events applied)."""
+    saga_id: _builtins.str
+    """Saga that confirms (or compensated) the order; empty while DRAFT."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderItem]:
         """Lines in the order they were added."""
@@ -135,10 +142,11 @@ class Order(_message.Message):
         version: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        saga_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "currency", b"currency", "items", b"items", "order_id", b"order_id", "status", b"status", "total_minor", b"total_minor", "updated_at", b"updated_at", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "currency", b"currency", "items", b"items", "order_id", b"order_id", "saga_id", b"saga_id", "status", b"status", "total_minor", b"total_minor", "updated_at", b"updated_at", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -383,3 +391,63 @@ class GetOrderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetOrderResponse: _TypeAlias = GetOrderResponse  # noqa: Y015
+
+@_typing.final
+class ListOrdersRequest(_message.Message):
+    """List a customer's orders, newest first, a page at a time (the CQRS read model)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """UUID of the customer; a customer may list only their own orders."""
+    page_size: _builtins.int
+    """Most orders per page (1-100; 0 means the default, 20)."""
+    page_token: _builtins.str
+    """`next_page_token` of the previous page; empty for the first."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOrdersRequest: _TypeAlias = ListOrdersRequest  # noqa: Y015
+
+@_typing.final
+class ListOrdersResponse(_message.Message):
+    """One page of orders. The read model follows the events: a change shows up
+    here shortly after the call that made it returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___Order]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        orders: _abc.Iterable[Global___Order] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "orders", b"orders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOrdersResponse: _TypeAlias = ListOrdersResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class OrderServiceStub:
                 request_serializer=order_dot_v1_dot_order__pb2.GetOrderRequest.SerializeToString,
                 response_deserializer=order_dot_v1_dot_order__pb2.GetOrderResponse.FromString,
                 _registered_method=True)
+        self.ListOrders = channel.unary_unary(
+                '/order.v1.OrderService/ListOrders',
+                request_serializer=order_dot_v1_dot_order__pb2.ListOrdersRequest.SerializeToString,
+                response_deserializer=order_dot_v1_dot_order__pb2.ListOrdersResponse.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -101,6 +106,13 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOrders(self, request, context):
+        """List a customer's orders from the read model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.GetOrder,
                     request_deserializer=order_dot_v1_dot_order__pb2.GetOrderRequest.FromString,
                     response_serializer=order_dot_v1_dot_order__pb2.GetOrderResponse.SerializeToString,
+            ),
+            'ListOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOrders,
+                    request_deserializer=order_dot_v1_dot_order__pb2.ListOrdersRequest.FromString,
+                    response_serializer=order_dot_v1_dot_order__pb2.ListOrdersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class OrderService:
             '/order.v1.OrderService/GetOrder',
             order_dot_v1_dot_order__pb2.GetOrderRequest.SerializeToString,
             order_dot_v1_dot_order__pb2.GetOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/order.v1.OrderService/ListOrders',
+            order_dot_v1_dot_order__pb2.ListOrdersRequest.SerializeToString,
+            order_dot_v1_dot_order__pb2.ListOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class OrderServiceStub:
     """Cancel a draft order; cancelling twice is a no-op."""
     GetOrder: _grpc.UnaryUnaryMultiCallable[_order_pb2.GetOrderRequest, _order_pb2.GetOrderResponse]
     """Read one order; NOT_FOUND when unknown."""
+    ListOrders: _grpc.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]
+    """List a customer's orders from the read model."""
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -61,6 +63,8 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """Cancel a draft order; cancelling twice is a no-op."""
     GetOrder: _aio.UnaryUnaryMultiCallable[_order_pb2.GetOrderRequest, _order_pb2.GetOrderResponse]  # type: ignore[assignment]
     """Read one order; NOT_FOUND when unknown."""
+    ListOrders: _aio.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]  # type: ignore[assignment]
+    """List a customer's orders from the read model."""
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Orders: create, fill, confirm (saga over inventory and payment), cancel."""
@@ -104,5 +108,13 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.GetOrderResponse, _abc.Awaitable[_order_pb2.GetOrderResponse]]:
         """Read one order; NOT_FOUND when unknown."""
+
+    @_abc_1.abstractmethod
+    def ListOrders(
+        self,
+        request: _order_pb2.ListOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_pb2.ListOrdersResponse, _abc.Awaitable[_order_pb2.ListOrdersResponse]]:
+        """List a customer's orders from the read model."""
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

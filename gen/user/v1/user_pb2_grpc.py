@@ -45,6 +45,21 @@ class UserServiceStub:
                 request_serializer=user_dot_v1_dot_user__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=user_dot_v1_dot_user__pb2.GetUserResponse.FromString,
                 _registered_method=True)
+        self.LogIn = channel.unary_unary(
+                '/user.v1.UserService/LogIn',
+                request_serializer=user_dot_v1_dot_user__pb2.LogInRequest.SerializeToString,
+                response_deserializer=user_dot_v1_dot_user__pb2.LogInResponse.FromString,
+                _registered_method=True)
+        self.UpdateProfile = channel.unary_unary(
+                '/user.v1.UserService/UpdateProfile',
+                request_serializer=user_dot_v1_dot_user__pb2.UpdateProfileRequest.SerializeToString,
+                response_deserializer=user_dot_v1_dot_user__pb2.UpdateProfileResponse.FromString,
+                _registered_method=True)
+        self.DeactivateUser = channel.unary_unary(
+                '/user.v1.UserService/DeactivateUser',
+                request_serializer=user_dot_v1_dot_user__pb2.DeactivateUserRequest.SerializeToString,
+                response_deserializer=user_dot_v1_dot_user__pb2.DeactivateUserResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -52,14 +67,36 @@ class UserServiceServicer:
     """
 
     def RegisterUser(self, request, context):
-        """Create a user; ALREADY_EXISTS when the email is taken.
+        """Create a user; ALREADY_EXISTS when the email is taken. Public: no token needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUser(self, request, context):
-        """Read a user; NOT_FOUND when unknown.
+        """Read a user; NOT_FOUND when unknown. A customer may read only themselves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogIn(self, request, context):
+        """Check a password and issue an access token; UNAUTHENTICATED when the email
+        or password is wrong or the account is deactivated. Public: no token needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateProfile(self, request, context):
+        """Change the display name; FAILED_PRECONDITION once deactivated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeactivateUser(self, request, context):
+        """Deactivate an account; deactivating twice is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +114,21 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=user_dot_v1_dot_user__pb2.GetUserRequest.FromString,
                     response_serializer=user_dot_v1_dot_user__pb2.GetUserResponse.SerializeToString,
+            ),
+            'LogIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogIn,
+                    request_deserializer=user_dot_v1_dot_user__pb2.LogInRequest.FromString,
+                    response_serializer=user_dot_v1_dot_user__pb2.LogInResponse.SerializeToString,
+            ),
+            'UpdateProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProfile,
+                    request_deserializer=user_dot_v1_dot_user__pb2.UpdateProfileRequest.FromString,
+                    response_serializer=user_dot_v1_dot_user__pb2.UpdateProfileResponse.SerializeToString,
+            ),
+            'DeactivateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeactivateUser,
+                    request_deserializer=user_dot_v1_dot_user__pb2.DeactivateUserRequest.FromString,
+                    response_serializer=user_dot_v1_dot_user__pb2.DeactivateUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +186,87 @@ class UserService:
             '/user.v1.UserService/GetUser',
             user_dot_v1_dot_user__pb2.GetUserRequest.SerializeToString,
             user_dot_v1_dot_user__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/user.v1.UserService/LogIn',
+            user_dot_v1_dot_user__pb2.LogInRequest.SerializeToString,
+            user_dot_v1_dot_user__pb2.LogInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/user.v1.UserService/UpdateProfile',
+            user_dot_v1_dot_user__pb2.UpdateProfileRequest.SerializeToString,
+            user_dot_v1_dot_user__pb2.UpdateProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeactivateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/user.v1.UserService/DeactivateUser',
+            user_dot_v1_dot_user__pb2.DeactivateUserRequest.SerializeToString,
+            user_dot_v1_dot_user__pb2.DeactivateUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

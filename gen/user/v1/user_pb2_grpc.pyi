@@ -34,9 +34,17 @@ class UserServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
     RegisterUser: _grpc.UnaryUnaryMultiCallable[_user_pb2.RegisterUserRequest, _user_pb2.RegisterUserResponse]
-    """Create a user; ALREADY_EXISTS when the email is taken."""
+    """Create a user; ALREADY_EXISTS when the email is taken. Public: no token needed."""
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_pb2.GetUserRequest, _user_pb2.GetUserResponse]
-    """Read a user; NOT_FOUND when unknown."""
+    """Read a user; NOT_FOUND when unknown. A customer may read only themselves."""
+    LogIn: _grpc.UnaryUnaryMultiCallable[_user_pb2.LogInRequest, _user_pb2.LogInResponse]
+    """Check a password and issue an access token; UNAUTHENTICATED when the email
+    or password is wrong or the account is deactivated. Public: no token needed.
+    """
+    UpdateProfile: _grpc.UnaryUnaryMultiCallable[_user_pb2.UpdateProfileRequest, _user_pb2.UpdateProfileResponse]
+    """Change the display name; FAILED_PRECONDITION once deactivated."""
+    DeactivateUser: _grpc.UnaryUnaryMultiCallable[_user_pb2.DeactivateUserRequest, _user_pb2.DeactivateUserResponse]
+    """Deactivate an account; deactivating twice is a no-op."""
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -44,9 +52,17 @@ class UserServiceAsyncStub(UserServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterUser: _aio.UnaryUnaryMultiCallable[_user_pb2.RegisterUserRequest, _user_pb2.RegisterUserResponse]  # type: ignore[assignment]
-    """Create a user; ALREADY_EXISTS when the email is taken."""
+    """Create a user; ALREADY_EXISTS when the email is taken. Public: no token needed."""
     GetUser: _aio.UnaryUnaryMultiCallable[_user_pb2.GetUserRequest, _user_pb2.GetUserResponse]  # type: ignore[assignment]
-    """Read a user; NOT_FOUND when unknown."""
+    """Read a user; NOT_FOUND when unknown. A customer may read only themselves."""
+    LogIn: _aio.UnaryUnaryMultiCallable[_user_pb2.LogInRequest, _user_pb2.LogInResponse]  # type: ignore[assignment]
+    """Check a password and issue an access token; UNAUTHENTICATED when the email
+    or password is wrong or the account is deactivated. Public: no token needed.
+    """
+    UpdateProfile: _aio.UnaryUnaryMultiCallable[_user_pb2.UpdateProfileRequest, _user_pb2.UpdateProfileResponse]  # type: ignore[assignment]
+    """Change the display name; FAILED_PRECONDITION once deactivated."""
+    DeactivateUser: _aio.UnaryUnaryMultiCallable[_user_pb2.DeactivateUserRequest, _user_pb2.DeactivateUserResponse]  # type: ignore[assignment]
+    """Deactivate an account; deactivating twice is a no-op."""
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """Registration and lookup of customers."""
@@ -57,7 +73,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_pb2.RegisterUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_pb2.RegisterUserResponse, _abc.Awaitable[_user_pb2.RegisterUserResponse]]:
-        """Create a user; ALREADY_EXISTS when the email is taken."""
+        """Create a user; ALREADY_EXISTS when the email is taken. Public: no token needed."""
 
     @_abc_1.abstractmethod
     def GetUser(
@@ -65,6 +81,32 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_pb2.GetUserResponse, _abc.Awaitable[_user_pb2.GetUserResponse]]:
-        """Read a user; NOT_FOUND when unknown."""
+        """Read a user; NOT_FOUND when unknown. A customer may read only themselves."""
+
+    @_abc_1.abstractmethod
+    def LogIn(
+        self,
+        request: _user_pb2.LogInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_pb2.LogInResponse, _abc.Awaitable[_user_pb2.LogInResponse]]:
+        """Check a password and issue an access token; UNAUTHENTICATED when the email
+        or password is wrong or the account is deactivated. Public: no token needed.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateProfile(
+        self,
+        request: _user_pb2.UpdateProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_pb2.UpdateProfileResponse, _abc.Awaitable[_user_pb2.UpdateProfileResponse]]:
+        """Change the display name; FAILED_PRECONDITION once deactivated."""
+
+    @_abc_1.abstractmethod
+    def DeactivateUser(
+        self,
+        request: _user_pb2.DeactivateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_pb2.DeactivateUserResponse, _abc.Awaitable[_user_pb2.DeactivateUserResponse]]:
+        """Deactivate an account; deactivating twice is a no-op."""
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
