@@ -11,7 +11,7 @@ BUF := .tools/buf/node_modules/.bin/buf
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run bench clean check-protos buf docs check-docs
+.PHONY: venv protos test lint run bench clean check-protos buf docs check-docs analysis check-analysis
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,17 @@ docs: protos
 
 check-docs: docs
 	@git diff --exit-code --stat -- docs/reference.md || (echo "docs/reference.md is stale: run 'make docs' and commit" && exit 1)
+
+# The example system's map from its contracts and code (docs/system.svg, docs/system.mmd),
+# and the architecture check CI runs: no dependency cycle, no undeclared call.
+ANALYZE := $(BIN)/python -m framework analyze protos --code services --exclude-context testing,operations
+
+analysis: protos
+	$(ANALYZE) --graph docs/system.svg --graph docs/system.mmd > /dev/null
+
+check-analysis: analysis
+	$(ANALYZE) --fail-on cycle,undeclared
+	@git diff --exit-code --stat -- docs/system.svg docs/system.mmd || (echo "docs/system.* are stale: run 'make analysis' and commit" && exit 1)
 
 run: protos
 	$(BIN)/python -m services.demo

@@ -6,6 +6,7 @@ Commands:
   registry run or query the service registry (`python -m framework registry --help`)
   events   event store tools, e.g. rebuild a projection (`python -m framework events --help`)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
+  analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_health)
     sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
     sub.add_parser("events", help="event store tools: rebuild a projection (see --help)")
+    sub.add_parser("analyze", help="coupling and decomposition findings (see --help)")
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from framework.events.cli import main as events_main
 
         return int(events_main(args_list[1:]))
+    if args_list[:1] == ["analyze"]:
+        from framework.analysis.cli import main as analyze_main
+
+        return analyze_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     result: int = args.func(args)
     return result
