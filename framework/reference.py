@@ -53,9 +53,9 @@ def compile_contracts(proto_root: Path) -> descriptor_pb2.FileDescriptorSet:
     """Every contract under `proto_root` (and its imports), with comments."""
     from grpc_tools import protoc
 
-    from framework.codegen import include_dirs
+    from framework.codegen import contract_files, include_dirs
 
-    protos = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
+    protos = [str(p) for p in contract_files(proto_root)]
     if not protos:
         raise FileNotFoundError(f"no .proto files under {proto_root}")
     with tempfile.TemporaryDirectory(prefix="reference-") as scratch:

@@ -125,6 +125,9 @@ BREAKING_EDITS = [
         "      idempotent: true\n"
         "      timeout_s: 2\n"
         "    };\n"
+        "    option (google.api.http) = {\n"
+        '      get: "/v1/payments/{payment_id}"\n'
+        "    };\n"
         "  }\n",
         "",
         "RPC_NO_DELETE",
