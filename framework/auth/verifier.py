@@ -54,6 +54,18 @@ class Principal:
     def has_token(self) -> bool:
         return bool(self.claims)
 
+    @property
+    def key(self) -> str:
+        """A stable name for records this caller owns (e.g. registry leases).
+
+        A token's issuer and subject (`jwt|<iss>|<sub>`), else the certificate
+        identity (`x509|<identity>`); "" for a principal with neither.
+        """
+        if self.has_token:
+            issuer = self.claims.get("iss")
+            return f"jwt|{issuer if isinstance(issuer, str) else ''}|{self.subject}"
+        return f"x509|{self.identity}" if self.identity else ""
+
     def __hash__(self) -> int:  # claims (a read-only dict view) are not hashable
         return hash((self.subject, self.scopes, self.identity))
 

@@ -189,13 +189,7 @@ class RegistrationAgent:
             timeout=cfg.call_timeout_s,
         )
         self.lease_id, self.ttl_s = reply.lease_id, reply.ttl_s
-        logger.info(
-            "registered %s at %s (lease %s, ttl %.1fs)",
-            self.service,
-            self.address,
-            self.lease_id,
-            self.ttl_s,
-        )
+        logger.info("registered %s at %s (ttl %.1fs)", self.service, self.address, self.ttl_s)
 
     async def renew(self) -> None:
         """One heartbeat; registers again when the registry no longer knows the lease."""

@@ -33,7 +33,13 @@ class Health(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """One registered instance; `lease_id` identifies it."""
+    """One registered instance; `lease_id` identifies it.
+
+    `owner` names the principal that registered it (`framework.auth` principal key;
+    "" when the registry runs without authentication): only the owner, or a
+    caller with the registry's admin scope, renews or deregisters the lease.
+    Neither the lease id nor the owner is sent to discovery clients.
+    """
 
     service: str
     address: str
@@ -45,6 +51,7 @@ class Instance:
     weight: int = DEFAULT_WEIGHT
     metadata: Mapping[str, str] = field(default_factory=dict)
     health: Health = Health.UNKNOWN
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,26 @@ def check_address(address: str) -> str:
             raise _bad("address", f"address {address!r} has a malformed IPv6 host") from None
     elif not _HOST.match(host):
         raise _bad("address", f"address {address!r} has a malformed host {host!r}")
+    return address
+
+
+def check_address_network(address: str, networks: tuple[str, ...]) -> str:
+    """Accept an IP address inside one of `networks` (names are refused: they can move)."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise _bad(
+            "address",
+            f"address {address!r} must be an IP address in {', '.join(networks)}: "
+            "this registry does not accept host names",
+        ) from None
+    if not any(ip in ipaddress.ip_network(n) for n in networks):
+        raise _bad(
+            "address",
+            f"address {address!r} is outside the networks this registry accepts "
+            f"({', '.join(networks)})",
+        )
     return address
 
 

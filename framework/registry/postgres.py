@@ -56,8 +56,10 @@ CREATE TABLE IF NOT EXISTS {s}.registry_instances (
     health INTEGER NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL,
     ttl_s DOUBLE PRECISION NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
     UNIQUE (service, address)
 );
+ALTER TABLE {s}.registry_instances ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS registry_instances_expiry ON {s}.registry_instances (expires_at);
 """
 
@@ -138,20 +140,22 @@ class PostgresStore:
         return revision
 
     # ------------------------------------------------------------- writes
-    async def put(self, instance: Instance) -> int:
+    async def put(self, instance: Instance) -> int | None:
         s = self.schema
 
-        async def body(conn: Any) -> int:
-            revision = await self._bump(conn, instance.service)
-            await conn.execute(
+        async def body(conn: Any) -> int | None:
+            stored = await conn.fetchval(
                 f"INSERT INTO {s}.registry_instances ({INSTANCE_COLUMNS}) "
-                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {UPSERT_ON_ADDRESS}",
+                f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {UPSERT_ON_ADDRESS}",
                 *instance_row(instance),
             )
-            return revision
+            if stored is None:  # another owner holds this address
+                return None
+            return await self._bump(conn, instance.service)
 
         revision = await self._tx(body)
-        self._signal.publish(revision)
+        if revision is not None:
+            self._signal.publish(revision)
         return revision
 
     async def renew(self, lease_id: str, expires_at: float) -> Instance | None:

@@ -8,20 +8,28 @@ rules are explicit:
 * the sweeper removes expired leases every `sweep_interval_s`, so an instance
   that stops renewing disappears within `ttl_s + sweep_interval_s`;
 * renewing an expired (not yet swept) lease fails with NOT_FOUND and removes it:
-  the instance must register again (the agent does so by itself).
+  the instance must register again (the agent does so by itself);
+* a lease belongs to the principal that registered it (`owner`): renewing or
+  deregistering it as another principal is PERMISSION_DENIED, and so is
+  registering an address of the same service another principal holds.  Callers
+  that pass no owner (in-process code, a registry without authentication, an
+  admin) are not checked;
+* lease ids are bearer secrets of their owner: they are never logged and never
+  put in discovery views.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from framework.clock import Clock, SystemClock
-from framework.errors import NotFoundError
+from framework.errors import NotFoundError, PermissionDeniedError
 from framework.registry.health_probe import (
     ChannelFactory,
     HealthProber,
@@ -35,6 +43,7 @@ from framework.registry.model import (
     Selector,
     ServiceView,
     check_address,
+    check_address_network,
     check_lease_id,
     check_service_name,
     check_version_weights,
@@ -56,6 +65,10 @@ class RegistryConfig:
     # Upper bound between two checks of the store for changes, per watch stream.
     watch_poll_s: float = 2.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Networks registered addresses must lie in (CIDR strings, e.g. "10.0.0.0/8"); the
+    # health prober connects to every registered address, so this bounds where it
+    # can be sent. Empty: any address. When set, host names are refused (IPs only).
+    allowed_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.min_ttl_s <= self.default_ttl_s <= self.max_ttl_s:
@@ -68,6 +81,13 @@ class RegistryConfig:
             raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
         if self.watch_poll_s <= 0:
             raise ValueError(f"watch_poll_s must be > 0, got {self.watch_poll_s}")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise ValueError(
+                    f"allowed_networks entry {network!r} is not a network (e.g. '10.0.0.0/8')"
+                ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +151,7 @@ class Registry:
         removed = await self.store.expire(self.clock.now().timestamp())
         for instance in removed:
             logger.info(
-                "lease %s of %s at %s expired; instance removed",
-                instance.lease_id,
-                instance.service,
-                instance.address,
+                "lease of %s at %s expired; instance removed", instance.service, instance.address
             )
         return removed
 
@@ -154,10 +171,17 @@ class Registry:
         weight: int | None = None,
         metadata: Mapping[str, str] | None = None,
         ttl_s: float = 0.0,
+        owner: str = "",
     ) -> Lease:
-        """Add an instance (replacing one at the same service and address); its lease."""
+        """Add an instance (replacing one at the same service and address); its lease.
+
+        `owner` is recorded on the lease; PERMISSION_DENIED when another owner
+        holds this service and address.
+        """
         check_service_name(service)
         check_address(address)
+        if self.config.allowed_networks:
+            check_address_network(address, self.config.allowed_networks)
         weight = DEFAULT_WEIGHT if weight is None else check_weight(weight)
         ttl = self._ttl(ttl_s)
         instance = Instance(
@@ -170,37 +194,51 @@ class Registry:
             zone=zone,
             weight=weight,
             metadata=dict(metadata or {}),
+            owner=owner,
         )
-        await self.store.put(instance)
-        logger.info(
-            "registered %s at %s (version %r, lease %s, ttl %.1fs)",
-            service,
-            address,
-            version,
-            instance.lease_id,
-            ttl,
-        )
+        if await self.store.put(instance) is None:
+            raise PermissionDeniedError(
+                f"{address} is registered under {service} by another principal; "
+                "it must deregister first (or its lease expire)",
+                reason="INSTANCE_OWNED_BY_OTHER",
+                metadata={"service": service, "address": address},
+            )
+        logger.info("registered %s at %s (version %r, ttl %.1fs)", service, address, version, ttl)
         return Lease(instance.lease_id, ttl)
 
-    async def renew(self, lease_id: str) -> Lease:
+    async def _owned(self, lease_id: str, owner: str | None) -> Instance:
+        """The lease's instance; NOT_FOUND when unknown, PERMISSION_DENIED for another owner."""
         check_lease_id(lease_id)
-        now = self.clock.now().timestamp()
         current = await self.store.get(lease_id)
-        if current is not None and current.expires_at <= now:
-            await self.store.delete(lease_id)
-            current = None
         if current is None:
-            raise _unknown_lease(lease_id)
+            raise _unknown_lease()
+        if owner is not None and current.owner and current.owner != owner:
+            raise PermissionDeniedError(
+                f"this lease of {current.service} belongs to another principal: only the "
+                "instance that registered it (or a registry admin) may renew or deregister it",
+                reason="LEASE_NOT_OWNED",
+                metadata={"service": current.service},
+            )
+        return current
+
+    async def renew(self, lease_id: str, *, owner: str | None = None) -> Lease:
+        """Push the lease's expiry one TTL ahead; `owner` None skips the ownership check."""
+        current = await self._owned(lease_id, owner)
+        now = self.clock.now().timestamp()
+        if current.expires_at <= now:
+            await self.store.delete(lease_id)
+            raise _unknown_lease()
         renewed = await self.store.renew(lease_id, now + current.ttl_s)
         if renewed is None:  # removed between the two statements
-            raise _unknown_lease(lease_id)
+            raise _unknown_lease()
         return Lease(lease_id, renewed.ttl_s)
 
-    async def deregister(self, lease_id: str) -> Instance:
-        check_lease_id(lease_id)
+    async def deregister(self, lease_id: str, *, owner: str | None = None) -> Instance:
+        """Remove the lease's instance; `owner` None skips the ownership check."""
+        await self._owned(lease_id, owner)
         removed = await self.store.delete(lease_id)
         if removed is None:
-            raise _unknown_lease(lease_id)
+            raise _unknown_lease()
         logger.info("deregistered %s at %s", removed.service, removed.address)
         return removed
 
@@ -249,9 +287,9 @@ class Registry:
         return await self.store.views()
 
 
-def _unknown_lease(lease_id: str) -> NotFoundError:
+def _unknown_lease() -> NotFoundError:
+    # the id is not repeated: lease ids are their owner's secret and errors get logged
     return NotFoundError(
-        f"lease {lease_id!r} is unknown or has expired; register the instance again",
+        "the lease is unknown or has expired; register the instance again",
         reason="LEASE_NOT_FOUND",
-        metadata={"lease_id": lease_id},
     )

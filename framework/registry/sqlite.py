@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS registry_instances (
     health INTEGER NOT NULL,
     expires_at REAL NOT NULL,
     ttl_s REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
     UNIQUE (service, address)
 );
 CREATE INDEX IF NOT EXISTS registry_instances_expiry ON registry_instances (expires_at);
@@ -81,6 +82,11 @@ class SqliteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(registry_instances)")}
+            if "owner" not in columns:  # a file written before leases had owners
+                conn.execute(
+                    "ALTER TABLE registry_instances ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
+                )
             return conn
 
         loop = asyncio.get_running_loop()
@@ -124,14 +130,16 @@ class SqliteStore:
         return result
 
     # ------------------------------------------------------------- writes
-    async def put(self, instance: Instance) -> int:
-        def work(conn: sqlite3.Connection) -> int:
-            def body() -> int:
-                conn.execute(
+    async def put(self, instance: Instance) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            def body() -> int | None:
+                stored = conn.execute(
                     f"INSERT INTO registry_instances ({INSTANCE_COLUMNS}) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {UPSERT_ON_ADDRESS}",
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {UPSERT_ON_ADDRESS}",
                     instance_row(instance),
-                )
+                ).fetchone()
+                if stored is None:  # another owner holds this address
+                    return None
                 return self._bump(conn, instance.service)
 
             return self._tx(conn, body)

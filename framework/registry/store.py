@@ -28,8 +28,12 @@ class RegistryStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def put(self, instance: Instance) -> int:
-        """Insert, or replace the instance with the same service and address; the revision."""
+    async def put(self, instance: Instance) -> int | None:
+        """Insert, or replace the instance with the same service and address; the revision.
+
+        The replacement happens only when the stored instance has the same owner (or
+        none): None, and nothing changed, when another owner holds that address.
+        """
 
     async def get(self, lease_id: str) -> Instance | None: ...
 
@@ -91,15 +95,18 @@ class RevisionSignal:
 # ------------------------------------------------------------ row conversion
 
 INSTANCE_COLUMNS = (
-    "lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s"
+    "lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s, owner"
 )
 
-# Registering the same service and address again replaces the instance (new lease).
+# Registering the same service and address again replaces the instance (new lease),
+# unless another owner holds it: then nothing changes and RETURNING yields no row.
 UPSERT_ON_ADDRESS = (
     "ON CONFLICT (service, address) DO UPDATE SET lease_id = excluded.lease_id, "
     "version = excluded.version, zone = excluded.zone, weight = excluded.weight, "
     "metadata = excluded.metadata, health = excluded.health, "
-    "expires_at = excluded.expires_at, ttl_s = excluded.ttl_s"
+    "expires_at = excluded.expires_at, ttl_s = excluded.ttl_s, owner = excluded.owner "
+    "WHERE registry_instances.owner IN ('', excluded.owner) "
+    "RETURNING lease_id"
 )
 
 
@@ -116,11 +123,24 @@ def instance_row(i: Instance) -> tuple[Any, ...]:
         i.health.value,
         i.expires_at,
         i.ttl_s,
+        i.owner,
     )
 
 
 def instance_from_row(row: Sequence[Any]) -> Instance:
-    lease_id, service, address, version, zone, weight, metadata, health, expires_at, ttl_s = row
+    (
+        lease_id,
+        service,
+        address,
+        version,
+        zone,
+        weight,
+        metadata,
+        health,
+        expires_at,
+        ttl_s,
+        owner,
+    ) = row
     return Instance(
         service=service,
         address=address,
@@ -132,6 +152,7 @@ def instance_from_row(row: Sequence[Any]) -> Instance:
         weight=int(weight),
         metadata=json.loads(metadata),
         health=Health(int(health)),
+        owner=owner,
     )
 
 

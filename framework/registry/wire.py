@@ -17,6 +17,7 @@ def selector_to_proto(selector: Selector) -> pb.Selector:
 
 
 def instance_to_proto(instance: Instance, now: float) -> pb.Instance:
+    """The discovery form: no lease id (its owner's secret) and no owner."""
     return pb.Instance(
         service=instance.service,
         address=instance.address,
@@ -24,7 +25,6 @@ def instance_to_proto(instance: Instance, now: float) -> pb.Instance:
         zone=instance.zone,
         weight=instance.weight,
         metadata=dict(instance.metadata),
-        lease_id=instance.lease_id,
         health=pb.Health.ValueType(instance.health.value),
         lease_remaining_s=max(0.0, instance.expires_at - now),
     )
@@ -34,7 +34,7 @@ def instance_from_proto(message: pb.Instance, now: float) -> Instance:
     return Instance(
         service=message.service,
         address=message.address,
-        lease_id=message.lease_id,
+        lease_id="",  # discovery views carry no lease ids
         expires_at=now + message.lease_remaining_s,
         ttl_s=message.lease_remaining_s,
         version=message.version,

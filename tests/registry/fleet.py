@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from framework.auth.grants import NameGrants
 from framework.clock import Clock, SystemClock
 from framework.config import ServerConfig
 from framework.policy import Policy
@@ -60,6 +61,7 @@ async def start_registry(
     sweep_interval_s: float = 1.0,
     port: int = 0,
     policies: Sequence[Policy] = (),
+    grants: NameGrants | None = None,
 ) -> RegistryNode:
     registry = Registry(
         store,
@@ -71,7 +73,7 @@ async def start_registry(
     server = Server(
         ServerConfig(name="registry", port=port, grace_s=0, reflection=False), policies=policies
     )
-    server.add(RegistryServicer(registry))
+    server.add(RegistryServicer(registry, grants=grants))
     await server.start()
     return RegistryNode(registry, server)
 

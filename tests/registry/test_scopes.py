@@ -9,6 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from framework.auth.grants import NameGrants
 from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
 from framework.auth.policy import AuthPolicy, BearerToken, JwtConfig, JwtVerifier
 from framework.client import connect
@@ -55,12 +56,16 @@ async def test_set_weights_needs_the_admin_scope(tmp_path: Path) -> None:
 
 
 async def test_agent_registers_with_its_token(tmp_path: Path) -> None:
-    """An agent given a bearer token with registry:register registers on a guarded registry."""
+    """An agent whose token has registry:register and a grant for the name registers."""
     verifier = JwtVerifier(
         KeySet(StaticKeys([VerificationKey.hmac("k1", SECRET)])),
         JwtConfig(issuer=None, audience=None),
     )
-    node = await start_registry(SqliteStore(tmp_path / "r.sqlite"), policies=[AuthPolicy(verifier)])
+    node = await start_registry(
+        SqliteStore(tmp_path / "r.sqlite"),
+        policies=[AuthPolicy(verifier)],
+        grants=NameGrants(table={"ops": [ECHO]}),
+    )
     instance = await start_echo(None)
     agent = RegistrationAgent(
         node.address, ECHO, policies=[BearerToken(_token("registry:register"))]

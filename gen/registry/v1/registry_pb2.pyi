@@ -3,6 +3,9 @@
 isort:skip_file
 Service registry: instances register under a service name with a lease,
 clients discover and watch them, operators set per-version traffic weights.
+A lease belongs to the caller that registered it: only that caller (or one
+with registry:admin) renews or deregisters it, and a caller registers only
+the service names the registry grants it.
 """
 
 from collections import abc as _abc
@@ -18,6 +21,11 @@ if sys.version_info >= (3, 11):
     from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -84,8 +92,20 @@ class Instance(_message.Message):
     zone: _builtins.str
     weight: _builtins.int
     """Relative share of traffic among instances of the same version."""
-    lease_id: _builtins.str
-    """Lease keeping this registration alive; it identifies the instance."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def lease_id(self) -> _builtins.str:
+        """Never filled in discovery views: a lease id lets its holder renew or remove
+        the instance, so only the registering instance gets it (RegisterResponse).
+        """
+
+    @lease_id.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def lease_id(self, value: _builtins.str) -> None:
+        """Never filled in discovery views: a lease id lets its holder renew or remove
+        the instance, so only the registering instance gets it (RegisterResponse).
+        """
+
     health: Global___Health.ValueType
     lease_remaining_s: _builtins.float
     """Seconds until the lease expires unless renewed."""

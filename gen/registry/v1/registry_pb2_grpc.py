@@ -82,7 +82,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Renew(self, request, context):
-        """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired.
+        """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired;
+        PERMISSION_DENIED for a lease another caller registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

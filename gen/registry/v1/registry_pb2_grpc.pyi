@@ -3,6 +3,9 @@
 isort:skip_file
 Service registry: instances register under a service name with a lease,
 clients discover and watch them, operators set per-version traffic weights.
+A lease belongs to the caller that registered it: only that caller (or one
+with registry:admin) renews or deregisters it, and a caller registers only
+the service names the registry grants it.
 """
 
 from collections import abc as _abc
@@ -36,7 +39,9 @@ class RegistryServiceStub:
     Register: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterRequest, _registry_pb2.RegisterResponse]
     """Add (or replace, for the same service and address) an instance; returns its lease."""
     Renew: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RenewRequest, _registry_pb2.RenewResponse]
-    """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired."""
+    """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired;
+    PERMISSION_DENIED for a lease another caller registered.
+    """
     Deregister: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]
     Discover: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DiscoverRequest, _registry_pb2.ServiceView]
     """The healthy instances of a service matching the selector."""
@@ -54,7 +59,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Register: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterRequest, _registry_pb2.RegisterResponse]  # type: ignore[assignment]
     """Add (or replace, for the same service and address) an instance; returns its lease."""
     Renew: _aio.UnaryUnaryMultiCallable[_registry_pb2.RenewRequest, _registry_pb2.RenewResponse]  # type: ignore[assignment]
-    """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired."""
+    """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired;
+    PERMISSION_DENIED for a lease another caller registered.
+    """
     Deregister: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]  # type: ignore[assignment]
     Discover: _aio.UnaryUnaryMultiCallable[_registry_pb2.DiscoverRequest, _registry_pb2.ServiceView]  # type: ignore[assignment]
     """The healthy instances of a service matching the selector."""
@@ -81,7 +88,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.RenewRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.RenewResponse, _abc.Awaitable[_registry_pb2.RenewResponse]]:
-        """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired."""
+        """Heartbeat: push the lease's expiry one TTL ahead. NOT_FOUND once it expired;
+        PERMISSION_DENIED for a lease another caller registered.
+        """
 
     @_abc_1.abstractmethod
     def Deregister(
