@@ -1,0 +1,113 @@
+"""Shared set-up for the example system's service tests: keys, tokens, runtime configs.
+
+Each test gets its own keys (in its tmp dir), its own database (a SQLite file or a
+PostgreSQL schema dropped afterwards) and servers on 127.0.0.1 port 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from framework.config import ServerConfig
+from framework.system.keys import (
+    PLATFORM_ISSUER,
+    PLATFORM_KID,
+    USER_ISSUER,
+    USER_KID,
+    KeyFiles,
+    TokenFile,
+    TokenSigner,
+    ensure_dev_keys,
+)
+from framework.system.runtime import RuntimeConfig
+
+AUDIENCE = "testsystem"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    files: KeyFiles
+    platform: TokenSigner
+    users: TokenSigner
+
+    def token(self, subject: str, scopes: Iterable[str]) -> str:
+        """A platform token (operator or workload) for `subject` with `scopes`."""
+        return self.platform.mint(subject, scopes, ttl_s=600).token
+
+    def customer(self, user_id: str, scopes: Iterable[str]) -> str:
+        """A customer's token, as the user service signs it."""
+        return self.users.mint(user_id, scopes, ttl_s=600).token
+
+    def token_file(self, directory: Path, subject: str, scopes: Iterable[str]) -> str:
+        path = directory / f"{subject.replace(':', '-')}.jwt"
+        TokenFile(path).write(self.platform.mint(subject, scopes, ttl_s=600))
+        return str(path)
+
+
+def make_keys(directory: Path) -> Keys:
+    files = ensure_dev_keys(directory)
+    return Keys(
+        files,
+        TokenSigner.from_file(
+            files.platform_signing, kid=PLATFORM_KID, issuer=PLATFORM_ISSUER, audience=AUDIENCE
+        ),
+        TokenSigner.from_file(
+            files.user_signing, kid=USER_KID, issuer=USER_ISSUER, audience=AUDIENCE
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """Where one test's service data lives: a SQLite directory or a PostgreSQL DSN + prefix."""
+
+    name: str
+    directory: Path
+    dsn: str = ""
+    prefix: str = ""
+
+    def store(self, service: str) -> tuple[str, str]:
+        """(store URL, schema) of `service`'s own database."""
+        if self.name == "sqlite":
+            return f"sqlite:{self.directory / f'{service}.sqlite3'}", ""
+        return self.dsn, f"{self.prefix}_{service}"
+
+
+def runtime_config(
+    name: str,
+    keys: Keys,
+    backend: Backend | None = None,
+    *,
+    registry: str = "",
+    token_file: str = "",
+    **extra: str,
+) -> RuntimeConfig:
+    store_url, schema = backend.store(name) if backend else ("", "")
+    return RuntimeConfig(
+        name=name,
+        server=ServerConfig(name=name, port=0, grace_s=2.0),
+        jwks_path=str(keys.files.jwks),
+        audience=AUDIENCE,
+        registry=registry,
+        token_file=token_file,
+        store_url=store_url,
+        store_schema=schema,
+        registration_ttl_s=5.0,
+        extra=extra,
+    )
+
+
+async def drop_schemas(dsn: str, prefix: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", f"{prefix}\\_%"
+        )
+        for row in rows:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{row[0]}" CASCADE')
+    finally:
+        await conn.close()
