@@ -217,8 +217,9 @@ class ServiceRuntime:
     def breakers(self) -> CircuitBreakerPolicy:
         return self._breakers
 
-    async def channel(self, service: str, **selector_metadata: str) -> Any:
-        """A balanced channel to `service` (full name) through the registry."""
+    async def channel(self, service: str, *, metadata: Mapping[str, str] | None = None) -> Any:
+        """A balanced channel to `service` (full name) through the registry; `metadata`
+        selects instances (e.g. `{"service": "order"}` for the order service's event store)."""
         if not self.config.registry:
             raise ValueError(f"{self.config.name} needs SERVICE_REGISTRY to call {service}")
         from framework.registry.channel import balanced_channel
@@ -227,7 +228,7 @@ class ServiceRuntime:
         channel = await balanced_channel(
             self.config.registry,
             service,
-            selector=Selector(metadata=selector_metadata),
+            selector=Selector(metadata=dict(metadata or {})),
             policies=self.client_policies(),
             registry_policies=self._registry_policies(),
         )

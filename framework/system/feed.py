@@ -1,0 +1,239 @@
+"""Events between the services of a system: publishing a service's events, consuming another's.
+
+Two buses, chosen by the system's configuration (`SERVICE_BUS`):
+
+* `store` (embedded default): the producing service serves its own event store over
+  gRPC (`events.v1.EventStoreService`, registered with metadata `service=<name>`);
+  a consumer group is a durable cursor in that store, and consumers in other
+  processes join it through the `Subscribe` stream (`RemoteSubscription`);
+* `nats://...`: the producer's outbox relay publishes its events to JetStream, and
+  consumer groups are durable JetStream consumers.
+
+Either way the consumer runs `framework.events.consume` with an `IdempotentHandler`,
+so an event redelivered after a crash is applied once; `EventFeed` reconnects with
+backoff whenever the subscription breaks (the producer restarted, NATS went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from framework.errors import FrameworkError, PermissionDeniedError
+from framework.events.consumer import IdempotentHandler, consume
+from framework.events.service import EventStoreServicer
+from framework.server import Server
+from framework.system.database import ServiceDatabase
+from framework.system.runtime import ServiceRuntime
+from gen.events.v1 import store_pb2
+from gen.events.v1.envelope_pb2 import EventEnvelope
+
+__all__ = ["EVENT_STORE_SERVICE", "EventFeed", "PublishedEventStore", "publish_events"]
+
+logger = logging.getLogger(__name__)
+
+EVENT_STORE_SERVICE = "events.v1.EventStoreService"
+
+
+class PublishedEventStore(EventStoreServicer):
+    """A service's event store as others may see it: read and subscribe, never append.
+
+    Only the owning service writes its events (through its aggregates); `Append`
+    from outside is PERMISSION_DENIED whatever the caller's scopes.
+    """
+
+    async def Append(  # noqa: N802
+        self, request: store_pb2.AppendRequest, context: Any
+    ) -> store_pb2.AppendResponse:
+        raise PermissionDeniedError(
+            "this event store is published read-only: only its service appends events",
+            reason="APPEND_NOT_ALLOWED",
+        )
+
+
+def publish_events(runtime: ServiceRuntime, server: Server, db: ServiceDatabase) -> Any:
+    """Make `db`'s events available to other services; returns the bus the store serves.
+
+    Always serves the store read-only (for `store` consumers and `events tail`); with a
+    NATS bus also runs an outbox relay to JetStream while the server runs.
+    """
+    from framework.events.consumer_group import StoreBus
+
+    bus = StoreBus(db.store)
+    server.add(PublishedEventStore(db.store, bus=bus))
+    runtime.register(server, EVENT_STORE_SERVICE)
+    if runtime.config.bus_url.startswith(("nats://", "tls://")):
+        server.add_hook(_Relay(runtime, db))
+    server.add_hook(_CloseBus(bus))
+    return bus
+
+
+class _CloseBus:
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    async def on_stopped(self, server: Server) -> None:
+        await self.bus.close()
+
+
+def _jetstream_config(runtime: ServiceRuntime) -> Any:
+    from framework.events.nats import JetStreamConfig
+
+    return JetStreamConfig(
+        stream=runtime.config.bus_stream, subject_prefix=runtime.config.bus_subject_prefix
+    )
+
+
+class _Relay:
+    """Server hook: the outbox relay from the service's store to JetStream."""
+
+    def __init__(self, runtime: ServiceRuntime, db: ServiceDatabase) -> None:
+        self.runtime = runtime
+        self.db = db
+        self._relay: Any = None
+        self._bus: Any = None
+
+    async def on_started(self, server: Server) -> None:
+        from framework.events.nats import JetStreamBus
+        from framework.events.relay import OutboxRelay, RelayConfig
+
+        self._bus = await JetStreamBus.connect(
+            self.runtime.config.bus_url, _jetstream_config(self.runtime)
+        )
+        name = self.runtime.config.name
+        self._relay = OutboxRelay(self.db.store, self._bus, RelayConfig(name=name))
+        await self._relay.start()
+
+    async def on_stopped(self, server: Server) -> None:
+        if self._relay is not None:
+            await self._relay.close()
+        if self._bus is not None:
+            await self._bus.close()
+
+
+Apply = Callable[[Any, EventEnvelope], Awaitable[None]]
+
+
+class EventFeed:
+    """Server hook: consume `event_types` of the `source` service as consumer `group`.
+
+    `apply(tx, envelope)` changes the consumer's own database inside the transaction
+    in which the event is marked processed (`IdempotentHandler`).
+    """
+
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        db: ServiceDatabase,
+        *,
+        group: str,
+        source: str,
+        event_types: Sequence[str],
+        apply: Apply,
+        retry_delay_s: float = 0.5,
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        self.runtime = runtime
+        self.db = db
+        self.group = group
+        self.source = source
+        self.event_types = tuple(event_types)
+        self.retry_delay_s = retry_delay_s
+        self.reconnect_max_s = reconnect_max_s
+        table = f"{db.schema}.processed_events" if db.postgres else "processed_events"
+        self.handler: IdempotentHandler[Any] = IdempotentHandler(
+            db.store,  # type: ignore[arg-type]
+            group,
+            apply,
+            table=table,
+            paramstyle="asyncpg" if db.postgres else "qmark",
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._channel: Any = None  # to the source's event store (closed by the runtime)
+        self.connected = asyncio.Event()
+
+    async def on_started(self, server: Server) -> None:
+        await self.handler.setup()
+        self._task = asyncio.create_task(self._run(), name=f"feed-{self.group}")
+
+    async def on_draining(self, server: Server) -> None:
+        await self.stop()
+
+    async def on_stopped(self, server: Server) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _open(self) -> Any:
+        if self.runtime.config.bus_url.startswith(("nats://", "tls://")):
+            from framework.events.nats import JetStreamBus
+
+            bus = await JetStreamBus.connect(
+                self.runtime.config.bus_url, _jetstream_config(self.runtime)
+            )
+            try:
+                subscription = await bus.subscribe(self.group, event_types=self.event_types)
+            except BaseException:
+                await bus.close()
+                raise
+            return _Owned(subscription, bus)
+        from framework.events.consumer_grpc import RemoteSubscription
+
+        if self._channel is None:
+            self._channel = await self.runtime.channel(
+                EVENT_STORE_SERVICE, metadata={"service": self.source}
+            )
+        return await RemoteSubscription.open(
+            self._channel, self.group, event_types=self.event_types
+        )
+
+    async def _run(self) -> None:
+        delay = self.retry_delay_s
+        while True:
+            try:
+                subscription = await self._open()
+                try:
+                    self.connected.set()
+                    delay = self.retry_delay_s
+                    await consume(subscription, self.handler, retry_delay_s=self.retry_delay_s)
+                finally:
+                    self.connected.clear()
+                    await subscription.close()
+            except (FrameworkError, grpc.RpcError, OSError) as error:
+                logger.warning(
+                    "event feed %s from %s broke (%s); reconnecting in %.1fs",
+                    self.group,
+                    self.source,
+                    error,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.reconnect_max_s)
+
+
+class _Owned:
+    """A subscription that also closes the bus connection it was made on."""
+
+    def __init__(self, subscription: Any, bus: Any) -> None:
+        self.subscription = subscription
+        self.bus = bus
+
+    async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Any]:
+        result: list[Any] = await self.subscription.fetch(max_count, timeout_s)
+        return result
+
+    async def close(self) -> None:
+        try:
+            await self.subscription.close()
+        finally:
+            await self.bus.close()
