@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from framework.errors import FrameworkError, PermissionDeniedError
+from framework.errors import FrameworkError, PermissionDeniedError, UnavailableError
 from framework.events.consumer import IdempotentHandler, consume
 from framework.events.service import EventStoreServicer
 from framework.server import Server
@@ -33,7 +33,13 @@ from framework.system.runtime import ServiceRuntime
 from gen.events.v1 import store_pb2
 from gen.events.v1.envelope_pb2 import EventEnvelope
 
-__all__ = ["EVENT_STORE_SERVICE", "EventFeed", "PublishedEventStore", "publish_events"]
+__all__ = [
+    "EVENT_STORE_SERVICE",
+    "EventFeed",
+    "ProjectionHook",
+    "PublishedEventStore",
+    "publish_events",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +160,6 @@ class EventFeed:
             paramstyle="asyncpg" if db.postgres else "qmark",
         )
         self._task: asyncio.Task[None] | None = None
-        self._channel: Any = None  # to the source's event store (closed by the runtime)
         self.connected = asyncio.Event()
 
     async def on_started(self, server: Server) -> None:
@@ -189,13 +194,24 @@ class EventFeed:
             return _Owned(subscription, bus)
         from framework.events.consumer_grpc import RemoteSubscription
 
-        if self._channel is None:
-            self._channel = await self.runtime.channel(
-                EVENT_STORE_SERVICE, metadata={"service": self.source}
-            )
-        return await RemoteSubscription.open(
-            self._channel, self.group, event_types=self.event_types
+        # a subscription is one stream to one instance: resolve it, then connect directly
+        addresses = await self.runtime.resolve(
+            EVENT_STORE_SERVICE, metadata={"service": self.source}
         )
+        if not addresses:
+            raise UnavailableError(
+                f"no instance of {self.source}'s event store is registered yet",
+                reason="NO_INSTANCE",
+            )
+        channel = self.runtime.connect(addresses[0])
+        try:
+            subscription = await RemoteSubscription.open(
+                channel, self.group, event_types=self.event_types
+            )
+        except BaseException:
+            await channel.close()
+            raise
+        return _Owned(subscription, _ChannelCloser(channel))
 
     async def _run(self) -> None:
         delay = self.retry_delay_s
@@ -221,8 +237,16 @@ class EventFeed:
             delay = min(delay * 2, self.reconnect_max_s)
 
 
+class _ChannelCloser:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
 class _Owned:
-    """A subscription that also closes the bus connection it was made on."""
+    """A subscription that also closes the connection (bus or channel) it was made on."""
 
     def __init__(self, subscription: Any, bus: Any) -> None:
         self.subscription = subscription
@@ -237,3 +261,55 @@ class _Owned:
             await self.subscription.close()
         finally:
             await self.bus.close()
+
+
+class ProjectionHook:
+    """Server hook: run a projection (catch up, then follow live appends) while serving.
+
+    A failing batch (e.g. the database went away) is logged and retried with backoff
+    from the checkpoint; the read model is never ahead of or behind it.
+    """
+
+    def __init__(
+        self, runner: Any, *, retry_delay_s: float = 0.5, retry_max_s: float = 5.0
+    ) -> None:
+        self.runner = runner
+        self.retry_delay_s = retry_delay_s
+        self.retry_max_s = retry_max_s
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def on_started(self, server: Server) -> None:
+        self._stop.clear()
+        self._task = asyncio.create_task(
+            self._run(), name=f"projection-{self.runner.projection.name}"
+        )
+
+    async def on_draining(self, server: Server) -> None:
+        await self.stop()
+
+    async def on_stopped(self, server: Server) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        delay = self.retry_delay_s
+        while not self._stop.is_set():
+            try:
+                await self.runner.run(self._stop)
+            except (FrameworkError, OSError) as error:
+                logger.warning(
+                    "projection %s failed (%s); resuming from its checkpoint in %.1fs",
+                    self.runner.projection.name,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)

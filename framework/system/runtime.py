@@ -235,6 +235,36 @@ class ServiceRuntime:
         self._channels.append(channel)
         return channel
 
+    async def resolve(
+        self, service: str, *, metadata: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Addresses of the healthy instances of `service` now (one registry query)."""
+        if not self.config.registry:
+            raise ValueError(f"{self.config.name} needs SERVICE_REGISTRY to find {service}")
+        from framework.client import connect
+        from gen.registry.v1 import registry_pb2
+        from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
+
+        channel = connect(self.config.registry, policies=self._registry_policies())
+        try:
+            view = await RegistryServiceStub(channel).Discover(
+                registry_pb2.DiscoverRequest(service=service), timeout=5.0
+            )
+        finally:
+            await channel.close()
+        wanted = dict(metadata or {})
+        return [
+            i.address
+            for i in view.instances
+            if all(i.metadata.get(k) == v for k, v in wanted.items())
+        ]
+
+    def connect(self, address: str) -> Any:
+        """A channel to one instance with the outbound chain (for streams tied to it)."""
+        from framework.client import connect
+
+        return connect(address, policies=self.client_policies())
+
     async def close(self) -> None:
         channels, self._channels = self._channels, []
         for channel in channels:

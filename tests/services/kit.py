@@ -6,9 +6,11 @@ PostgreSQL schema dropped afterwards) and servers on 127.0.0.1 port 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from framework.config import ServerConfig
 from framework.system.keys import (
@@ -24,6 +26,7 @@ from framework.system.keys import (
 from framework.system.runtime import RuntimeConfig
 
 AUDIENCE = "testsystem"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +114,37 @@ async def drop_schemas(dsn: str, prefix: str) -> None:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{row[0]}" CASCADE')
     finally:
         await conn.close()
+
+
+async def start_registry(directory: Path) -> tuple[Any, Any]:
+    """An in-process registry on 127.0.0.1:0 (SQLite); returns (server, registry)."""
+    from framework.registry.health_probe import ProbeConfig
+    from framework.registry.registry import Registry, RegistryConfig
+    from framework.registry.service import RegistryServicer
+    from framework.registry.sqlite import SqliteStore
+    from framework.server import Server
+
+    registry = Registry(
+        SqliteStore(directory / "registry.sqlite3"),
+        RegistryConfig(sweep_interval_s=0.5, probe=ProbeConfig(interval_s=0.5)),
+    )
+    await registry.start()
+    server = Server(ServerConfig(name="registry", port=0, grace_s=0.5))
+    server.add(RegistryServicer(registry))
+    await server.start()
+    return server, registry
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 20.0) -> T:
+    """`check()` until it returns something other than None (bounded; no fixed sleeps)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.02
+    while True:
+        found = await check()
+        if found is not None:
+            return found
+        if loop.time() >= deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15order/v1/events.proto\x12\x08order.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0cOrderCreated\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0eOrderItemAdded\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\r\x12\x18\n\x10unit_price_minor\x18\x04 \x01(\x03\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x94\x01\n\x18OrderConfirmationStarted\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07saga_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0eOrderConfirmed\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x16\n\x0ereservation_id\x18\x04 \x01(\t\x12\x12\n\npayment_id\x18\x05 \x01(\t\x12\x30\n\x0c\x63onfirmed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0eOrderCancelled\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61ncelled_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15order/v1/events.proto\x12\x08order.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x0cOrderCreated\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9a\x01\n\x0eOrderItemAdded\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\r\x12\x18\n\x10unit_price_minor\x18\x04 \x01(\x03\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07line_id\x18\x06 \x01(\t\"\x94\x01\n\x18OrderConfirmationStarted\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07saga_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0eOrderConfirmed\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x16\n\x0ereservation_id\x18\x04 \x01(\t\x12\x12\n\npayment_id\x18\x05 \x01(\t\x12\x30\n\x0c\x63onfirmed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x0eOrderCancelled\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61ncelled_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDERCREATED']._serialized_start=68
   _globals['_ORDERCREATED']._serialized_end=183
   _globals['_ORDERITEMADDED']._serialized_start=186
-  _globals['_ORDERITEMADDED']._serialized_end=323
-  _globals['_ORDERCONFIRMATIONSTARTED']._serialized_start=326
-  _globals['_ORDERCONFIRMATIONSTARTED']._serialized_end=474
-  _globals['_ORDERCONFIRMED']._serialized_start=477
-  _globals['_ORDERCONFIRMED']._serialized_end=644
-  _globals['_ORDERCANCELLED']._serialized_start=646
-  _globals['_ORDERCANCELLED']._serialized_end=746
+  _globals['_ORDERITEMADDED']._serialized_end=340
+  _globals['_ORDERCONFIRMATIONSTARTED']._serialized_start=343
+  _globals['_ORDERCONFIRMATIONSTARTED']._serialized_end=491
+  _globals['_ORDERCONFIRMED']._serialized_start=494
+  _globals['_ORDERCONFIRMED']._serialized_end=661
+  _globals['_ORDERCANCELLED']._serialized_start=663
+  _globals['_ORDERCANCELLED']._serialized_end=763
 # @@protoc_insertion_point(module_scope)

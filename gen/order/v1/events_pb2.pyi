@@ -64,6 +64,7 @@ class OrderItemAdded(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     UNIT_PRICE_MINOR_FIELD_NUMBER: _builtins.int
     ADDED_AT_FIELD_NUMBER: _builtins.int
+    LINE_ID_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """UUID of the order."""
     sku: _builtins.str
@@ -72,6 +73,10 @@ class OrderItemAdded(_message.Message):
     """How many units."""
     unit_price_minor: _builtins.int
     """Price of one unit in minor units."""
+    line_id: _builtins.str
+    """Id of the line, derived from the request's idempotency key: a repeated
+    AddOrderItem with that key adds nothing.
+    """
     @_builtins.property
     def added_at(self) -> _timestamp_pb2.Timestamp:
         """When the line was added."""
@@ -84,10 +89,11 @@ class OrderItemAdded(_message.Message):
         quantity: _builtins.int = ...,
         unit_price_minor: _builtins.int = ...,
         added_at: _timestamp_pb2.Timestamp | None = ...,
+        line_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["added_at", b"added_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_at", b"added_at", "order_id", b"order_id", "quantity", b"quantity", "sku", b"sku", "unit_price_minor", b"unit_price_minor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_at", b"added_at", "line_id", b"line_id", "order_id", b"order_id", "quantity", b"quantity", "sku", b"sku", "unit_price_minor", b"unit_price_minor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
