@@ -205,13 +205,13 @@ class EventFeed:
             )
         channel = self.runtime.connect(addresses[0])
         try:
-            subscription = await RemoteSubscription.open(
+            remote = await RemoteSubscription.open(
                 channel, self.group, event_types=self.event_types
             )
         except BaseException:
             await channel.close()
             raise
-        return _Owned(subscription, _ChannelCloser(channel))
+        return _Owned(remote, _ChannelCloser(channel))
 
     async def _run(self) -> None:
         delay = self.retry_delay_s
