@@ -11,15 +11,16 @@ access log, to price the log record apart.  Rounds are interleaved; medians are 
 Server CPU per call is read from /proc/<pid>/stat around each round.
 
 Access log records are really formatted and written (to /dev/null), as in
-production; the JWT is the same on every call, as a real client's would be
+production, by the framework's batched `AccessLogWriter` (`LOG_HANDLER=logging` writes
+them through stdlib logging instead, `LOG_HANDLER=buffered` through a `MemoryHandler`);
+the JWT is the same on every call, as a real client's would be
 until it refreshes, so the verifier's token cache is exercised.
 
 Diagnosis knobs: `PROFILE=server` (or `client`) runs cProfile in that process
 (one profile per variant, over every round) and prints the top functions by own
 time;
 `SKIP=accesslog,auth,ratelimit,bulkhead,breaker,retry,bearer` leaves those
-policies out, to price each one; `LOG_HANDLER=buffered` writes access records
-through a `MemoryHandler` (batches of 512, WARNING and above at once).
+policies out, to price each one.
 """
 
 from __future__ import annotations
@@ -75,23 +76,42 @@ def _token() -> str:
 SKIP = frozenset(filter(None, os.environ.get("SKIP", "").split(",")))
 
 
+_SINKS: dict[str, Any] = {}
+
+
+def _access_sink() -> Any:
+    """One access-log sink per process, writing to /dev/null as a real deployment writes
+    to a file: the framework's batched writer, or stdlib logging with LOG_HANDLER=logging
+    (LOG_HANDLER=buffered: logging through a MemoryHandler, batches of 512)."""
+    from framework.policies.accesslog import AccessLogWriter
+
+    if "sink" in _SINKS:
+        return _SINKS["sink"]
+    kind = os.environ.get("LOG_HANDLER", "writer")
+    if kind == "writer":
+        sink: Any = AccessLogWriter(open(os.devnull, "w"))  # noqa: SIM115 - lives for the process
+    else:
+        sink = logging.getLogger("bench.access")
+        sink.setLevel(logging.INFO)
+        sink.propagate = False
+        handler: logging.Handler = logging.FileHandler(os.devnull)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        if kind == "buffered":  # write in batches; WARNING+ at once
+            handler = logging.handlers.MemoryHandler(512, logging.WARNING, target=handler)
+        sink.addHandler(handler)
+    _SINKS["sink"] = sink
+    return sink
+
+
 def _server_chain(access_log: bool = True) -> tuple[list[Any], str]:
     """The server policies, and a note saying what is in the chain."""
     from framework.policies.accesslog import AccessLogPolicy
     from framework.policies.bulkhead import BulkheadConfig, BulkheadPolicy
     from framework.policies.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 
-    access = logging.getLogger("bench.access")
-    if not access.handlers:  # one handler, however many servers share the logger
-        access.setLevel(logging.INFO)
-        access.propagate = False
-        handler: logging.Handler = logging.FileHandler(os.devnull)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        if os.environ.get("LOG_HANDLER") == "buffered":  # write in batches; WARNING+ at once
-            handler = logging.handlers.MemoryHandler(512, logging.WARNING, target=handler)
-        access.addHandler(handler)
+    sink: Any = _access_sink()
     logged = access_log and "accesslog" not in SKIP
-    policies: list[Any] = [AccessLogPolicy(access)] if logged else []
+    policies: list[Any] = [AccessLogPolicy(sink)] if logged else []
     try:
         from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
         from framework.auth.policy import AuthPolicy, JwtConfig, JwtVerifier
