@@ -1,15 +1,19 @@
 """RPC metrics on OpenTelemetry: duration histograms, in-flight gauge, errors by reason.
 
-`MetricsPolicy` works on both sides and records into an `RpcMetrics` store:
+`MetricsPolicy` works on both sides and records into an `RpcMetrics` store.  Names
+follow one of two namings (`framework.telemetry.names`): the OpenTelemetry RPC
+semantic conventions (default) or the classic grpc-prometheus families.
 
-- `rpc.server.duration` / `rpc.client.duration`: histograms in milliseconds by
-  `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` (their count
-  is the call count);
+- duration histograms in seconds, per method and status code (`otel`:
+  `rpc.server.call.duration` with `rpc.response.status_code` and `error.type`;
+  `grpc_prometheus`: `grpc_server_handling_seconds` per method, plus the counters
+  `grpc_server_started` and `grpc_server_handled` by `grpc_code`), with exemplars:
+  each bucket remembers the trace and span of its latest sampled call;
 - `rpc.server.in_flight` / `rpc.client.in_flight`: calls started and not finished;
-- `rpc.server.errors` / `rpc.client.errors`: failed calls by `error.type`, the
-  typed error's reason (`RATE_LIMITED`, `CIRCUIT_OPEN`, `BULKHEAD_FULL`, ...).
-  Other policies reject by raising typed errors, so counting reasons here counts
-  their decisions without coupling them to metrics.
+- `rpc.server.errors` / `rpc.client.errors`: failed calls by status code and
+  error type, the typed error's reason (`RATE_LIMITED`, `CIRCUIT_OPEN`,
+  `BULKHEAD_FULL`, ...).  Other policies reject by raising typed errors, so
+  counting reasons here counts their decisions without coupling them to metrics.
 - hooks other policies may call directly: `breaker_state()`, `rejected()`, `retry()`.
   `breaker_listener()` adapts `breaker_state()` to the circuit breaker's
   `on_state_change(target, method, old, new)` callback, so wiring a breaker is
@@ -20,12 +24,13 @@ Why a store instead of calling the SDK's synchronous instruments per call: one
 SDK `Histogram.record()` copies and hashes the attribute dict, takes a lock and
 offers an exemplar, which costs about as much CPU as a whole span (measured
 15-20 us here), and the in-flight counter would need two more.  The store keeps
-one small histogram per (side, method, status code), found through a list
-indexed by the code, so a call costs a `bisect` and a few integer additions.
+one small histogram per (side, method, status code, reason), the successful one
+in a slot of its own, so a call costs a `bisect` and a few integer additions.
 The in-flight gauge, errors and hook values are ordinary OpenTelemetry observable
-instruments on the given `MeterProvider`; the histograms are merged into the
-metric data by the readers in this module (`StoreReader`, `StorePeriodicReader`),
-which `framework.telemetry.sdk` builds, the role the OpenTelemetry spec calls a
+instruments on the given `MeterProvider`; the histograms (and the classic
+counters, derived from them) are merged into the metric data by the readers in
+this module (`StoreReader`, `StorePeriodicReader`), which
+`framework.telemetry.sdk` builds, the role the OpenTelemetry spec calls a
 MetricProducer (not yet in the Python SDK).
 """
 
@@ -40,7 +45,9 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
+from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -48,26 +55,33 @@ from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
     Metric,
     MetricsData,
+    NumberDataPoint,
     PeriodicExportingMetricReader,
     ResourceMetrics,
     ScopeMetrics,
+    Sum,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from framework.errors import code_of
 from framework.policy import Call, Exit, Method, Side
+from framework.telemetry.names import OTEL, MetricNames
 
-# Milliseconds; sub-millisecond resolution matters for in-process RPCs.
-DEFAULT_BOUNDS_MS: tuple[float, ...] = (
-    0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+# Seconds.  The conventions' recommended boundaries, with sub-millisecond ones
+# below them: in-process and same-host RPCs finish well under 5 ms.
+DEFAULT_BOUNDS_S: tuple[float, ...] = (
+    0.00025, 0.0005, 0.001, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10,
 )  # fmt: skip
 SCOPE = InstrumentationScope("framework.telemetry.metrics")
-_N_CODES = 17
+_OK = grpc.StatusCode.OK.value[0]
 
 # The shape of `framework.policies.breaker.StateListener`: (target, method, old, new), where
 # the states are enums whose `.value` is "closed" / "open" / "half_open".
 BreakerListener = Callable[[str, str, Any, Any], None]
+# (value in seconds, trace id, span id, time in ns) of the latest sampled call in a bucket
+_Exemplar = tuple[float, int, int, int]
 
 
 def _ignore_breaker(target: str, method: str, old: Any, new: Any) -> None:
@@ -82,10 +96,11 @@ def outcome_code(error: BaseException) -> grpc.StatusCode:
 
 
 class _Histogram:
-    __slots__ = ("count", "counts", "max", "min", "sum")
+    __slots__ = ("count", "counts", "exemplars", "max", "min", "sum")
 
     def __init__(self, buckets: int) -> None:
         self.counts = [0] * buckets
+        self.exemplars: list[_Exemplar | None] = [None] * buckets
         self.count = 0
         self.sum = 0.0
         self.min = float("inf")
@@ -95,17 +110,14 @@ class _Histogram:
 class MethodStats:
     """Measurements of one method on one side. Updated under a lock (sync servers use threads)."""
 
-    __slots__ = ("attrs", "bounds", "errors", "hists", "in_flight", "lock", "seen")
+    __slots__ = ("bounds", "failed", "in_flight", "labels", "lock", "method", "ok", "seen")
 
-    def __init__(self, service: str, method: str, bounds: tuple[float, ...]) -> None:
-        self.attrs: dict[str, Any] = {
-            "rpc.system": "grpc",
-            "rpc.service": service,
-            "rpc.method": method,
-        }
+    def __init__(self, method: Method, labels: dict[str, Any], bounds: tuple[float, ...]) -> None:
+        self.method = method
+        self.labels = labels
         self.bounds = bounds
-        self.hists: list[_Histogram | None] = [None] * _N_CODES
-        self.errors: dict[tuple[int, str], int] = {}
+        self.ok: _Histogram | None = None
+        self.failed: dict[tuple[int, str], _Histogram] = {}  # (code, reason) -> histogram
         self.in_flight = 0
         self.seen = False
         self.lock = threading.Lock()
@@ -115,30 +127,55 @@ class MethodStats:
             self.in_flight += 1
             self.seen = True
 
-    def finished(self, error: BaseException | None, duration_s: float) -> None:
-        ms = duration_s * 1000.0
-        code = grpc.StatusCode.OK if error is None else outcome_code(error)
-        index = code.value[0]
+    def finished(
+        self, error: BaseException | None, duration_s: float, trace_id: int = 0, span_id: int = 0
+    ) -> None:
+        key: tuple[int, str] | None = None
+        if error is not None:
+            code = outcome_code(error)
+            key = (code.value[0], getattr(error, "reason", None) or code.name)
+        bucket = bisect_left(self.bounds, duration_s)
         with self.lock:
             self.in_flight -= 1
-            hist = self.hists[index]
-            if hist is None:
-                hist = self.hists[index] = _Histogram(len(self.bounds) + 1)
-            hist.counts[bisect_left(self.bounds, ms)] += 1
+            if key is None:
+                hist = self.ok
+                if hist is None:
+                    hist = self.ok = _Histogram(len(self.bounds) + 1)
+            else:
+                hist = self.failed.get(key)
+                if hist is None:
+                    hist = self.failed[key] = _Histogram(len(self.bounds) + 1)
+            hist.counts[bucket] += 1
             hist.count += 1
-            hist.sum += ms
-            if ms < hist.min:
-                hist.min = ms
-            if ms > hist.max:
-                hist.max = ms
-            if error is not None:
-                key = (index, getattr(error, "reason", None) or code.name)
-                self.errors[key] = self.errors.get(key, 0) + 1
+            hist.sum += duration_s
+            if duration_s < hist.min:
+                hist.min = duration_s
+            if duration_s > hist.max:
+                hist.max = duration_s
+            if trace_id:
+                hist.exemplars[bucket] = (duration_s, trace_id, span_id, time.time_ns())
+
+    def snapshot(self) -> list[tuple[int, str | None, _Histogram]]:
+        """(code, reason or None, a copy of the histogram) for each outcome seen."""
+        out: list[tuple[int, str | None, _Histogram]] = []
+        with self.lock:
+            items: list[tuple[int, str | None, _Histogram]] = []
+            if self.ok is not None:
+                items.append((_OK, None, self.ok))
+            items.extend((code, reason, h) for (code, reason), h in self.failed.items())
+            for code, reason, hist in items:
+                copy = _Histogram(0)
+                copy.counts, copy.exemplars = list(hist.counts), list(hist.exemplars)
+                copy.count, copy.sum, copy.min, copy.max = hist.count, hist.sum, hist.min, hist.max
+                out.append((code, reason, copy))
+        return out
 
 
 class RpcMetrics:
     """The store behind `MetricsPolicy`, published through `meter_provider`.
 
+    `naming` is `"otel"` (default) or `"grpc_prometheus"` (see `framework.telemetry.names`);
+    `exemplars=False` stops recording trace ids on the duration buckets.
     Also the hook surface for other policies: `breaker_state`, `rejected`, `retry`.
     """
 
@@ -146,12 +183,16 @@ class RpcMetrics:
         self,
         meter_provider: MeterProvider | None = None,
         *,
-        bounds_ms: Sequence[float] = DEFAULT_BOUNDS_MS,
+        bounds_s: Sequence[float] = DEFAULT_BOUNDS_S,
+        naming: str = OTEL,
+        exemplars: bool = True,
     ) -> None:
-        bounds = tuple(float(b) for b in bounds_ms)
+        bounds = tuple(float(b) for b in bounds_s)
         if list(bounds) != sorted(set(bounds)) or not bounds:
-            raise ValueError(f"bounds_ms must be strictly increasing, got {bounds_ms!r}")
+            raise ValueError(f"bounds_s must be strictly increasing, got {bounds_s!r}")
         self.bounds = bounds
+        self.names = MetricNames(naming)
+        self.exemplars = exemplars
         self.start_ns = time.time_ns()
         self._stats: dict[tuple[Side, str], MethodStats] = {}
         self._breakers: dict[str, tuple[str, set[str]]] = {}
@@ -175,7 +216,8 @@ class RpcMetrics:
                 f"rpc.{side.value}.errors",
                 callbacks=[self._errors_callback(side)],
                 unit="{call}",
-                description="Failed calls by error.type (the typed error's reason)",
+                description="Failed calls by status code and error type (the typed error's "
+                "reason)",
             )
         meter.create_observable_gauge(
             "breaker.state",
@@ -200,7 +242,8 @@ class RpcMetrics:
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
-                stats = self._stats[key] = MethodStats(method.service, method.name, self.bounds)
+                labels = self.names.method_labels(method)
+                stats = self._stats[key] = MethodStats(method, labels, self.bounds)
         return stats
 
     # ----- hooks for other policies (rare events: plain dict updates)
@@ -240,24 +283,28 @@ class RpcMetrics:
             self._retries[key] = self._retries.get(key, 0) + 1
 
     # ----- observable callbacks
+    def _sides(self, side: Side) -> list[MethodStats]:
+        return [stats for (s, _), stats in list(self._stats.items()) if s is side]
+
     def _in_flight_callback(self, side: Side) -> Any:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for (s, _), stats in list(self._stats.items()):
-                if s is side and stats.seen:
-                    yield Observation(stats.in_flight, stats.attrs)
+            for stats in self._sides(side):
+                if stats.seen:
+                    yield Observation(stats.in_flight, stats.labels)
 
         return callback
 
     def _errors_callback(self, side: Side) -> Any:
+        names = self.names
+
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            for (s, _), stats in list(self._stats.items()):
-                if s is not side:
-                    continue
+            for stats in self._sides(side):
                 with stats.lock:
-                    errors = list(stats.errors.items())
+                    errors = [(key, hist.count) for key, hist in stats.failed.items()]
                 for (code, reason), count in errors:
-                    attrs = {**stats.attrs, "rpc.grpc.status_code": code, "error.type": reason}
-                    yield Observation(count, attrs)
+                    labels = {**stats.labels, **names.status_labels(code)}
+                    labels[names.error_type_key] = reason
+                    yield Observation(count, labels)
 
         return callback
 
@@ -278,41 +325,92 @@ class RpcMetrics:
         with self._lock:
             items = list(self._retries.items())
         for (service, method), count in items:
-            yield Observation(count, {"rpc.service": service, "rpc.method": method})
+            if self.names.classic:
+                labels = {"grpc_service": service, "grpc_method": method}
+            else:
+                labels = {"rpc.system.name": "grpc", "rpc.method": f"{service}/{method}"}
+            yield Observation(count, labels)
 
-    # ----- the producer: histograms as OpenTelemetry metric data
+    # ----- the producer: histograms (and the classic counters) as OpenTelemetry metric data
     def produce(self) -> list[Metric]:
-        """Cumulative duration histograms, one metric per side that has data."""
+        """Cumulative duration histograms (and, classic naming, started/handled counters)."""
         now = time.time_ns()
-        points: dict[Side, list[HistogramDataPoint]] = {side: [] for side in Side}
-        for (side, _), stats in list(self._stats.items()):
-            with stats.lock:
-                hists = [(code, h, list(h.counts), h.count, h.sum, h.min, h.max)
-                         for code, h in enumerate(stats.hists) if h is not None]  # fmt: skip
-            for code, _h, counts, count, total, low, high in hists:
-                points[side].append(
-                    HistogramDataPoint(
-                        attributes={**stats.attrs, "rpc.grpc.status_code": code},
-                        start_time_unix_nano=self.start_ns,
-                        time_unix_nano=now,
-                        count=count,
-                        sum=total,
-                        bucket_counts=counts,
-                        explicit_bounds=self.bounds,
-                        min=low,
-                        max=high,
-                    )
+        metrics: list[Metric] = []
+        for side in Side:
+            stats = self._sides(side)
+            if not stats:
+                continue
+            if self.names.classic:
+                metrics.extend(self._classic(side, stats, now))
+                continue
+            points = []
+            for method in stats:
+                for code, reason, hist in method.snapshot():
+                    labels = {**method.labels, **self.names.status_labels(code)}
+                    if reason is not None:
+                        labels["error.type"] = reason
+                    points.append(self._point(labels, hist, now))
+            if points:
+                name, description = self.names.duration(side)
+                metrics.append(self._histogram(name, description, points))
+        return metrics
+
+    def _classic(self, side: Side, stats: list[MethodStats], now: int) -> list[Metric]:
+        started: list[NumberDataPoint] = []
+        handled: list[NumberDataPoint] = []
+        durations: list[HistogramDataPoint] = []
+        for method in stats:
+            outcomes = method.snapshot()
+            by_code: dict[int, int] = {}
+            merged = _Histogram(len(self.bounds) + 1)
+            for code, _reason, hist in outcomes:
+                by_code[code] = by_code.get(code, 0) + hist.count
+                _add(merged, hist)
+            total = sum(by_code.values())
+            started.append(self._number(method.labels, total + max(0, method.in_flight), now))
+            for code, count in sorted(by_code.items()):
+                handled.append(
+                    self._number({**method.labels, **self.names.status_labels(code)}, count, now)
                 )
-        return [
-            Metric(
-                name=f"rpc.{side.value}.duration",
-                description=f"Duration of {side.value} RPCs",
-                unit="ms",
-                data=Histogram(points[side], AggregationTemporality.CUMULATIVE),
-            )
-            for side in Side
-            if points[side]
+            if merged.count:
+                durations.append(self._point(method.labels, merged, now))
+        out = [self._counter(*self.names.started(side), started)]
+        if handled:
+            out.append(self._counter(*self.names.handled(side), handled))
+        if durations:
+            out.append(self._histogram(*self.names.duration(side), durations))
+        return out
+
+    def _point(self, labels: dict[str, Any], hist: _Histogram, now: int) -> HistogramDataPoint:
+        exemplars = [
+            Exemplar({}, value, at, span_id, trace_id)
+            for value, trace_id, span_id, at in filter(None, hist.exemplars)
         ]
+        return HistogramDataPoint(
+            attributes=labels,
+            start_time_unix_nano=self.start_ns,
+            time_unix_nano=now,
+            count=hist.count,
+            sum=hist.sum,
+            bucket_counts=hist.counts,
+            explicit_bounds=self.bounds,
+            min=hist.min,
+            max=hist.max,
+            exemplars=exemplars,
+        )
+
+    def _number(self, labels: dict[str, Any], value: int, now: int) -> NumberDataPoint:
+        return NumberDataPoint(labels, self.start_ns, now, value)
+
+    @staticmethod
+    def _histogram(name: str, description: str, points: list[HistogramDataPoint]) -> Metric:
+        data = Histogram(points, AggregationTemporality.CUMULATIVE)
+        return Metric(name=name, description=description, unit="s", data=data)
+
+    @staticmethod
+    def _counter(name: str, description: str, points: list[NumberDataPoint]) -> Metric:
+        data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True)
+        return Metric(name=name, description=description, unit="", data=data)
 
     def merge_into(self, data: MetricsData | None, resource: Resource) -> MetricsData:
         """`data` with this store's histograms added under the `framework.telemetry.metrics`
@@ -330,6 +428,19 @@ class RpcMetrics:
         else:
             scopes.append(ScopeMetrics(SCOPE, produced, ""))
         return MetricsData([replace(first, scope_metrics=scopes), *rest])
+
+
+def _add(total: _Histogram, hist: _Histogram) -> None:
+    """Merge `hist` into `total` (the latest exemplar per bucket wins)."""
+    for i, count in enumerate(hist.counts):
+        total.counts[i] += count
+        mine, theirs = total.exemplars[i], hist.exemplars[i]
+        if theirs is not None and (mine is None or theirs[3] > mine[3]):
+            total.exemplars[i] = theirs
+    total.count += hist.count
+    total.sum += hist.sum
+    total.min = min(total.min, hist.min)
+    total.max = max(total.max, hist.max)
 
 
 class StoreReader(InMemoryMetricReader):
@@ -377,12 +488,16 @@ class MetricsPolicy:
         return self.store.breaker_listener()
 
 
+_get_current_span = trace_api.get_current_span
+
+
 class _MetricsEnter:
-    __slots__ = ("client", "method", "server", "store")
+    __slots__ = ("client", "exemplars", "method", "server", "store")
 
     def __init__(self, store: RpcMetrics, method: Method) -> None:
         self.store = store
         self.method = method
+        self.exemplars = store.exemplars
         self.server: MethodStats | None = None
         self.client: MethodStats | None = None
 
@@ -394,9 +509,20 @@ class _MetricsEnter:
         stats.started()
         started = time.perf_counter()
         finished = stats.finished
+        if not self.exemplars:
+
+            def exit_plain(error: BaseException | None) -> None:
+                finished(error, time.perf_counter() - started)
+
+            return exit_plain
 
         def exit_(error: BaseException | None) -> None:
-            finished(error, time.perf_counter() - started)
+            duration = time.perf_counter() - started
+            context = _get_current_span().get_span_context()  # the call's span: tracing is outer
+            if context.trace_flags & 1:
+                finished(error, duration, context.trace_id, context.span_id)
+            else:
+                finished(error, duration)
 
         return exit_
 

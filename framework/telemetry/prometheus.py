@@ -11,9 +11,13 @@ histograms) in the Prometheus text format, through a private
 `prometheus_client.CollectorRegistry`: nothing is registered in
 prometheus-client's global registry, so several endpoints (tests) can live in
 one process.  Names follow the OpenTelemetry-to-Prometheus rules: dots become
-underscores, the unit is appended (`rpc.server.duration` in ms becomes
-`rpc_server_duration_milliseconds`), counters end in `_total`, and the resource
-becomes a `target_info` metric.  Binds 127.0.0.1 by default; port 0 picks a
+underscores, the unit is appended (`rpc.server.call.duration` in s becomes
+`rpc_server_call_duration_seconds`), counters end in `_total`, and the resource
+becomes a `target_info` metric.  Duration buckets carry exemplars (the trace and
+span of the latest sampled call in each bucket) in the OpenMetrics format, which
+the endpoint serves when the scraper asks for it (`Accept:
+application/openmetrics-text`, as Prometheus does with exemplar storage on); the
+classic text format has no exemplars.  Binds 127.0.0.1 by default; port 0 picks a
 free port (see `.port`).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
@@ -34,6 +39,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
 
 _UNITS = {
     "ms": "milliseconds",
@@ -116,11 +122,13 @@ def _family(metric: Any) -> Metric | None:
     if isinstance(data, Histogram):
         hist = HistogramMetricFamily(prom, doc, labels=labels)
         for p in points:
+            exemplars = _exemplars(p)
             cumulative, buckets = 0, []
-            for bound, count in zip(p.explicit_bounds, p.bucket_counts, strict=False):
+            bounds = [*(_float_text(b) for b in p.explicit_bounds), "+Inf"]
+            for i, (bound, count) in enumerate(zip(bounds, p.bucket_counts, strict=False)):
                 cumulative += count
-                buckets.append((_float_text(bound), cumulative))
-            buckets.append(("+Inf", p.count))
+                exemplar = exemplars.get(i)
+                buckets.append((bound, cumulative, exemplar) if exemplar else (bound, cumulative))
             hist.add_metric(_values(p, keys), buckets, p.sum)
         return hist
     if isinstance(data, Sum) and data.is_monotonic:
@@ -134,6 +142,18 @@ def _family(metric: Any) -> Metric | None:
             gauge.add_metric(_values(p, keys), p.value)
         return gauge
     return None  # exponential histograms: not rendered
+
+
+def _exemplars(point: Any) -> dict[int, Exemplar]:
+    """The point's exemplars by bucket index, as OpenMetrics exemplars (trace and span ids)."""
+    out: dict[int, Exemplar] = {}
+    for exemplar in getattr(point, "exemplars", None) or ():
+        if not exemplar.trace_id:
+            continue
+        labels = {"trace_id": f"{exemplar.trace_id:032x}", "span_id": f"{exemplar.span_id:016x}"}
+        index = bisect_left(point.explicit_bounds, exemplar.value)
+        out[index] = Exemplar(labels, exemplar.value, exemplar.time_unix_nano / 1e9)
+    return out
 
 
 def _float_text(value: float) -> str:

@@ -18,9 +18,10 @@ Variables read (https://opentelemetry.io/docs/specs/otel/configuration/sdk-envir
 OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER,
 OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER,
 OTEL_TRACES_SAMPLER_ARG, OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_PROMETHEUS_HOST,
-OTEL_EXPORTER_PROMETHEUS_PORT.  One deviation: the traces exporter defaults to
-`otlp` only when an OTLP endpoint is set, else `none`, so a laptop without a
-collector does not log export failures.
+OTEL_EXPORTER_PROMETHEUS_PORT; and FRAMEWORK_METRICS_NAMING (`otel`, the default,
+or `grpc_prometheus`: see `framework.telemetry.names`).  One deviation: the traces
+exporter defaults to `otlp` only when an OTLP endpoint is set, else `none`, so a
+laptop without a collector does not log export failures.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from framework.telemetry.metrics import (
     StorePeriodicReader,
     StoreReader,
 )
+from framework.telemetry.names import NAMINGS, OTEL
 from framework.telemetry.tracing import TracingPolicy
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class TelemetryConfig:
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 9464
     batch_spans: bool = True
+    metrics_naming: str = OTEL
 
     def __post_init__(self) -> None:
         if not self.service_name:
@@ -111,6 +114,11 @@ class TelemetryConfig:
             raise ValueError(
                 f"sampler_ratio must be within [0, 1], got {self.sampler_ratio} "
                 "(OTEL_TRACES_SAMPLER_ARG)"
+            )
+        if self.metrics_naming not in NAMINGS:
+            raise ValueError(
+                f"metrics_naming must be one of {sorted(NAMINGS)}, got {self.metrics_naming!r} "
+                "(FRAMEWORK_METRICS_NAMING)"
             )
         if self.metric_export_interval_s <= 0:
             raise ValueError("metric_export_interval_s must be > 0 (OTEL_METRIC_EXPORT_INTERVAL)")
@@ -151,6 +159,7 @@ class TelemetryConfig:
             metric_export_interval_s=interval_ms / 1000.0,
             prometheus_host=get("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1"),
             prometheus_port=port,
+            metrics_naming=get("FRAMEWORK_METRICS_NAMING", OTEL).lower(),
         )
 
 
@@ -218,7 +227,7 @@ class Telemetry:
             batch = config.batch_spans and not isinstance(exporter, InMemorySpanExporter)
             processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
             tracer_provider.add_span_processor(processor)
-        store = RpcMetrics()
+        store = RpcMetrics(naming=config.metrics_naming)
         pull = StoreReader(store, resource)
         readers: list[MetricReader] = [pull]
         push = _metric_exporter(config)
@@ -269,7 +278,7 @@ def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
                 OTLP_PACKAGE,
             )
             return None
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter,
         )
 
@@ -290,7 +299,7 @@ def _metric_exporter(config: TelemetryConfig) -> Any:
                 OTLP_PACKAGE,
             )
             return None
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[import-not-found]
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter,
         )
 

@@ -191,12 +191,14 @@ async def test_json_logs_carry_trace_and_span_ids(telemetry: Telemetry) -> None:
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """name and labels -> value; an empty label is no label, as Prometheus stores it."""
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if v))
+            samples[(sample.name, labels)] = sample.value
     return samples
 
 
@@ -212,25 +214,27 @@ async def test_metrics_endpoint_shows_rpc_histograms(telemetry: Telemetry) -> No
             with pytest.raises(NotFoundError):
                 await stub.Fail(echo_pb2.FailRequest(error="NotFoundError", message="gone"))
         samples = await asyncio.to_thread(scrape, endpoint.url)
-    base = (("rpc_service", "echo.v1.EchoService"), ("rpc_system", "grpc"))
+    base = (("rpc_system_name", "grpc"),)
 
-    def count(side: str, method: str, code: int) -> float:
-        labels = tuple(sorted((*base, ("rpc_method", method), ("rpc_grpc_status_code", str(code)))))
-        return samples[(f"rpc_{side}_duration_milliseconds_count", labels)]
+    def count(side: str, method: str, code: str, reason: str = "") -> float:
+        labels = [*base, ("rpc_method", f"echo.v1.EchoService/{method}")]
+        labels.append(("rpc_response_status_code", code))
+        if reason:
+            labels.append(("error_type", reason))
+        return samples[(f"rpc_{side}_call_duration_seconds_count", tuple(sorted(labels)))]
 
-    assert count("server", "Echo", 0) == 3
-    assert count("client", "Echo", 0) == 3
-    assert count("server", "Fail", 5) == 2
-    assert count("client", "Fail", 5) == 2
-    inf = tuple(
-        sorted((*base, ("rpc_method", "Echo"), ("rpc_grpc_status_code", "0"), ("le", "+Inf")))
-    )
-    assert samples[("rpc_server_duration_milliseconds_bucket", inf)] == 3
-    errors = tuple(sorted((*base, ("rpc_method", "Fail"), ("rpc_grpc_status_code", "5"),
+    assert count("server", "Echo", "OK") == 3
+    assert count("client", "Echo", "OK") == 3
+    assert count("server", "Fail", "NOT_FOUND", "NOT_FOUND") == 2
+    assert count("client", "Fail", "NOT_FOUND", "NOT_FOUND") == 2
+    echo = (*base, ("rpc_method", "echo.v1.EchoService/Echo"))
+    inf = tuple(sorted((*echo, ("rpc_response_status_code", "OK"), ("le", "+Inf"))))
+    assert samples[("rpc_server_call_duration_seconds_bucket", inf)] == 3
+    errors = tuple(sorted((*base, ("rpc_method", "echo.v1.EchoService/Fail"),
+                           ("rpc_response_status_code", "NOT_FOUND"),
                            ("error_type", "NOT_FOUND"))))  # fmt: skip
     assert samples[("rpc_server_errors_total", errors)] == 2
-    in_flight = tuple(sorted((*base, ("rpc_method", "Echo"))))
-    assert samples[("rpc_server_in_flight", in_flight)] == 0
+    assert samples[("rpc_server_in_flight", tuple(sorted(echo)))] == 0
     assert any(
         name == "target_info" and ("service_name", "test") in labels for name, labels in samples
     )

@@ -143,16 +143,39 @@ def test_metrics_histogram_counts_by_code(telemetry: Telemetry) -> None:
     data = telemetry.metric_reader.get_metrics_data()
     metrics = {m.name: m for rm in data.resource_metrics for s in rm.scope_metrics
                for m in s.metrics}  # fmt: skip
-    points = {p.attributes["rpc.grpc.status_code"]: p
-              for p in metrics["rpc.server.duration"].data.data_points}  # fmt: skip
-    assert points[0].count == 3
-    assert points[8].count == 1
-    assert sum(points[0].bucket_counts) == 3
+    duration = metrics["rpc.server.call.duration"]
+    assert duration.unit == "s"
+    points = {p.attributes["rpc.response.status_code"]: p for p in duration.data.data_points}
+    assert points["OK"].count == 3
+    assert points["OK"].attributes["rpc.method"] == "echo.v1.EchoService/Echo"
+    assert "error.type" not in points["OK"].attributes
+    assert points["RESOURCE_EXHAUSTED"].count == 1
+    assert points["RESOURCE_EXHAUSTED"].attributes["error.type"] == "RATE_LIMITED"
+    assert sum(points["OK"].bucket_counts) == 3
     (error,) = metrics["rpc.server.errors"].data.data_points
     assert error.attributes["error.type"] == "RATE_LIMITED" and error.value == 1
     (client_flight,) = metrics["rpc.client.in_flight"].data.data_points
     assert client_flight.value == 1
     in_flight(None)
+
+
+def test_duration_exemplar_names_the_sampled_span(telemetry: Telemetry) -> None:
+    """With tracing outermost, the duration bucket's exemplar carries the call's trace."""
+    tracing = TracingPolicy(telemetry.tracer_provider).bind(ECHO)
+    metrics = MetricsPolicy(telemetry.rpc_metrics).bind(ECHO)
+    assert tracing is not None and metrics is not None
+    call = Call(ECHO, Side.SERVER)
+    exits = [tracing(call), metrics(call)]
+    for exit_ in reversed(exits):
+        exit_(None)
+    (span,) = spans(telemetry)
+    assert telemetry.metric_reader is not None
+    data = telemetry.metric_reader.get_metrics_data()
+    (point,) = [p for rm in data.resource_metrics for s in rm.scope_metrics for m in s.metrics
+                if m.name == "rpc.server.call.duration" for p in m.data.data_points]  # fmt: skip
+    (exemplar,) = point.exemplars
+    assert (exemplar.trace_id, exemplar.span_id) == (span.context.trace_id, span.context.span_id)
+    assert exemplar.value == point.sum
 
 
 def test_metric_hooks_for_other_policies(telemetry: Telemetry) -> None:

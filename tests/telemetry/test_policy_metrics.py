@@ -54,7 +54,10 @@ async def test_breaker_opened_by_grpc_failures_shows_in_metrics(telemetry: Telem
     names = {dict(labels)["breaker"] for labels in states}
     assert names == {f"{t.target}/echo.v1.EchoService/Fail"}
     opened = matching(
-        samples, "rpc_client_errors_total", rpc_method="Fail", error_type="CIRCUIT_OPEN"
+        samples,
+        "rpc_client_errors_total",
+        rpc_method="echo.v1.EchoService/Fail",
+        error_type="CIRCUIT_OPEN",
     )
     assert list(opened.values()) == [1.0]
 
@@ -100,8 +103,13 @@ async def test_rate_limit_and_bulkhead_rejections_counted_by_reason(telemetry: T
         samples = await asyncio.to_thread(scrape, endpoint.url)
     for side in ("server", "client"):
         name = f"rpc_{side}_errors_total"
-        limited = matching(samples, name, rpc_method="EchoStream", error_type="RATE_LIMITED")
-        full = matching(samples, name, rpc_method="Echo", error_type="BULKHEAD_FULL")
+        limited = matching(
+            samples, name, rpc_method="echo.v1.EchoService/EchoStream", error_type="RATE_LIMITED"
+        )
+        full = matching(
+            samples, name, rpc_method="echo.v1.EchoService/Echo", error_type="BULKHEAD_FULL"
+        )
         assert list(limited.values()) == [1.0], (side, limited)
         assert list(full.values()) == [1.0], (side, full)
-        assert all(dict(labels)["rpc_grpc_status_code"] == "8" for labels in [*limited, *full])
+        codes = {dict(labels)["rpc_response_status_code"] for labels in [*limited, *full]}
+        assert codes == {"RESOURCE_EXHAUSTED"}
