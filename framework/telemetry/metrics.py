@@ -216,8 +216,7 @@ class RpcMetrics:
                 f"rpc.{side.value}.errors",
                 callbacks=[self._errors_callback(side)],
                 unit="{call}",
-                description="Failed calls by status code and error type (the typed error's "
-                "reason)",
+                description="Failed calls by status code and error type (typed error reason)",
             )
         meter.create_observable_gauge(
             "breaker.state",
