@@ -8,17 +8,13 @@ through `balanced_channel(...)`.  See README.md.
 """
 
 from framework.registry.agent import AgentConfig, RegistrationAgent
-from framework.registry.balancer import (
-    Balancer,
-    LeastOutstanding,
-    OutlierConfig,
-    RoundRobin,
-    WeightedRandom,
-)
+from framework.registry.balancer import Balancer, LeastOutstanding, RoundRobin, WeightedRandom
+from framework.registry.budget import RetryBudget
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
 from framework.registry.discovery import Discovery, DiscoveryConfig
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.model import Health, Instance, Selector, ServiceView
+from framework.registry.outlier import OutlierConfig
 from framework.registry.registry import Registry, RegistryConfig
 from framework.registry.sqlite import SqliteStore
 from framework.registry.store import RegistryStore
@@ -39,6 +35,7 @@ __all__ = [
     "Registry",
     "RegistryConfig",
     "RegistryStore",
+    "RetryBudget",
     "RoundRobin",
     "Selector",
     "ServiceView",

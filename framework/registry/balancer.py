@@ -8,13 +8,13 @@ instance on every call.
   a version is drawn first with probability weight / sum of the weights of the
   versions that have instances; the balancer then picks inside that version.
   Versions without weight get no traffic.
-* Balancers: `RoundRobin`, `LeastOutstanding` (power of two choices on
-  in-flight calls) and `WeightedRandom` (instance weight, so an instance's share
+* Balancers: `LeastOutstanding` (the default: power of two choices on calls in
+  flight, so a slow instance that piles up calls gets fewer new ones),
+  `RoundRobin` and `WeightedRandom` (instance weight, so an instance's share
   is version weight x its weight within the version). Instances of weight 0
   never get traffic.
-* Outlier detection: `consecutive_failures` UNAVAILABLE outcomes in a row eject
-  an instance for `ejection_s`; if every candidate is ejected they are used
-  anyway (a guess beats certain failure).
+* Outlier detection (outlier.py): ejected instances get no traffic; if every
+  candidate is ejected they are used anyway (a guess beats certain failure).
 """
 
 from __future__ import annotations
@@ -22,51 +22,30 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
 from framework.clock import Clock
 from framework.registry.model import Instance, ServiceView
+from framework.registry.outlier import OutlierConfig, OutlierDetector, OutlierState, Probe
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class OutlierConfig:
-    """Eject an instance after `consecutive_failures` UNAVAILABLE results, for `ejection_s`."""
-
-    consecutive_failures: int = 3
-    ejection_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.consecutive_failures < 1:
-            raise ValueError(f"consecutive_failures must be >= 1, got {self.consecutive_failures}")
-        if self.ejection_s < 0:
-            raise ValueError(f"ejection_s must be >= 0, got {self.ejection_s}")
+__all__ = ["OutlierConfig"]
 
 
 class Endpoint:
-    """One instance as the client sees it: its channel, load and failure record."""
+    """One instance as the client sees it: its channel, load and outlier record."""
 
-    __slots__ = (
-        "_callables",
-        "address",
-        "channel",
-        "ejected_until",
-        "failures",
-        "instance",
-        "outstanding",
-    )
+    __slots__ = ("_callables", "address", "channel", "instance", "outlier", "outstanding")
 
     def __init__(self, instance: Instance, channel: Any) -> None:
         self.instance = instance
         self.address = instance.address
         self.channel = channel
         self.outstanding = 0
-        self.failures = 0
-        self.ejected_until = 0.0
+        self.outlier = OutlierState()
         self._callables: dict[tuple[str, str], Any] = {}
 
     def callable(self, kind: str, method: str, serializer: Any, deserializer: Any) -> Any:
@@ -80,21 +59,24 @@ class Endpoint:
             )
         return found
 
+    @property
+    def takes_traffic(self) -> bool:
+        """Weight above 0 and not ejected."""
+        return self.instance.weight > 0 and not self.outlier.ejected
+
     def __repr__(self) -> str:
         return f"Endpoint({self.address}, outstanding={self.outstanding})"
 
 
-def _usable(
-    endpoints: Sequence[Endpoint], now: float, exclude: Collection[Endpoint]
-) -> list[Endpoint]:
+def _usable(endpoints: Sequence[Endpoint], exclude: Collection[Endpoint]) -> list[Endpoint]:
     """Candidates that take traffic: not excluded, weight > 0, not ejected (unless all are)."""
     allowed = [e for e in endpoints if e.instance.weight > 0 and e not in exclude]
-    healthy = [e for e in allowed if e.ejected_until <= now]
+    healthy = [e for e in allowed if not e.outlier.ejected]
     return healthy or allowed
 
 
 class Picker(Protocol):
-    def pick(self, now: float, exclude: Collection[Endpoint]) -> Endpoint | None: ...
+    def pick(self, exclude: Collection[Endpoint]) -> Endpoint | None: ...
 
 
 class Balancer(Protocol):
@@ -110,15 +92,15 @@ class _RoundRobinPicker:
         self._endpoints = tuple(endpoints)
         self._next = start
 
-    def pick(self, now: float, exclude: Collection[Endpoint]) -> Endpoint | None:
+    def pick(self, exclude: Collection[Endpoint]) -> Endpoint | None:
         endpoints = self._endpoints
         n = len(endpoints)
         for offset in range(n):  # the fast path: the next one is usable
             e = endpoints[(self._next + offset) % n]
-            if e.instance.weight > 0 and e.ejected_until <= now and e not in exclude:
+            if e.takes_traffic and e not in exclude:
                 self._next = (self._next + offset + 1) % n
                 return e
-        candidates = _usable(endpoints, now, exclude)
+        candidates = _usable(endpoints, exclude)
         if not candidates:
             return None
         self._next += 1
@@ -139,8 +121,16 @@ class _LeastOutstandingPicker:
         self._endpoints = tuple(endpoints)
         self._rng = rng
 
-    def pick(self, now: float, exclude: Collection[Endpoint]) -> Endpoint | None:
-        candidates = _usable(self._endpoints, now, exclude)
+    def pick(self, exclude: Collection[Endpoint]) -> Endpoint | None:
+        endpoints = self._endpoints
+        n = len(endpoints)
+        if n >= 2:  # the fast path: two distinct random instances, both usable
+            i = int(self._rng.random() * n)
+            j = int(self._rng.random() * (n - 1))
+            a, b = endpoints[i], endpoints[j + 1 if j >= i else j]
+            if a.takes_traffic and b.takes_traffic and a not in exclude and b not in exclude:
+                return a if a.outstanding <= b.outstanding else b
+        candidates = _usable(endpoints, exclude)
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         a, b = self._rng.sample(candidates, 2)
@@ -161,8 +151,8 @@ class _WeightedPicker:
         self._endpoints = tuple(endpoints)
         self._rng = rng
 
-    def pick(self, now: float, exclude: Collection[Endpoint]) -> Endpoint | None:
-        candidates = _usable(self._endpoints, now, exclude)
+    def pick(self, exclude: Collection[Endpoint]) -> Endpoint | None:
+        candidates = _usable(self._endpoints, exclude)
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
         weights = [e.instance.weight for e in candidates]
@@ -180,10 +170,20 @@ class Pool:
     """The endpoints of one service view, grouped by version weight, ready to pick from."""
 
     def __init__(
-        self, balancer: Balancer, outlier: OutlierConfig, clock: Clock, rng: random.Random
+        self,
+        balancer: Balancer,
+        outlier: OutlierConfig,
+        clock: Clock,
+        rng: random.Random,
+        *,
+        probe: Probe | None = None,
     ) -> None:
         self.balancer = balancer
-        self.outlier = outlier
+        self.outlier = (
+            OutlierDetector(outlier, clock)
+            if probe is None
+            else OutlierDetector(outlier, clock, probe)
+        )
         self.clock = clock
         self.rng = rng
         self._groups: list[tuple[str, int, Picker]] = []
@@ -192,6 +192,7 @@ class Pool:
 
     def rebuild(self, view: ServiceView, endpoints: Sequence[Endpoint]) -> None:
         self.version_weights = dict(view.version_weights)
+        self.outlier.track(endpoints)
         if not view.version_weights:
             self._groups = [("", 1, self.balancer.build(endpoints, self.rng))] if endpoints else []
         else:
@@ -205,33 +206,20 @@ class Pool:
 
     def pick(self, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
         """An instance for one call, or None when none can take it."""
-        now = self.clock.monotonic()
         groups = self._groups
         if len(groups) == 1:
-            return groups[0][2].pick(now, exclude)
+            return groups[0][2].pick(exclude)
         if not groups:
             return None
         first = self.rng.choices(range(len(groups)), weights=self._weights)[0]
-        chosen = groups[first][2].pick(now, exclude)
+        chosen = groups[first][2].pick(exclude)
         if chosen is not None:
             return chosen
         for index, (_, _, picker) in enumerate(groups):  # the drawn version is exhausted
-            if index != first and (chosen := picker.pick(now, exclude)) is not None:
+            if index != first and (chosen := picker.pick(exclude)) is not None:
                 return chosen
         return None
 
     def observe(self, endpoint: Endpoint, code: grpc.StatusCode) -> None:
         """Record a call's outcome for outlier detection."""
-        if code is not grpc.StatusCode.UNAVAILABLE:
-            endpoint.failures = 0
-            return
-        endpoint.failures += 1
-        if endpoint.failures >= self.outlier.consecutive_failures:
-            endpoint.failures = 0
-            endpoint.ejected_until = self.clock.monotonic() + self.outlier.ejection_s
-            logger.warning(
-                "ejecting %s for %.1fs after %d UNAVAILABLE calls in a row",
-                endpoint.address,
-                self.outlier.ejection_s,
-                self.outlier.consecutive_failures,
-            )
+        self.outlier.observe(endpoint, code)

@@ -1,11 +1,15 @@
 """The multicallables of a `BalancedChannel`: pick an instance per call, retry elsewhere.
 
 A call to an idempotent method (the contract's `idempotent` option) that fails
-before any response is tried on another instance, up to `max_attempts` and
-within the caller's timeout.  Request-streaming calls are never retried (their
-request iterator cannot be replayed).  Unary calls return an awaitable and
-streaming calls an async iterator, which is what generated stubs' callers use;
-grpc.aio's call-object extras (`initial_metadata()`, `cancel()`) are not offered.
+before any response is tried on another instance, up to `max_attempts`, within
+the call's deadline and while the channel's retry budget (budget.py) allows.
+The deadline is the caller's timeout, else the method's `timeout_s` option,
+lowered to the remaining time of the inbound call being handled; waiting for
+the registry's first view counts against it too.  Request-streaming calls are
+never retried (their request iterator cannot be replayed).  Unary calls return
+an awaitable and streaming calls an async iterator, which is what generated
+stubs' callers use; grpc.aio's call-object extras (`initial_metadata()`,
+`cancel()`) are not offered.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import grpc
 import grpc.aio
 
 from framework.errors import FrameworkError, code_of
-from framework.policy import Method
+from framework.policy import Method, current_call
 from framework.registry.balancer import Endpoint, Pool
+from framework.registry.budget import RetryTokens
 
 
 class EndpointSource(Protocol):
     """What the multicallables need of their channel (a `BalancedChannel`): the pool
-    that records outcomes, the attempt limit, and a pick per call."""
+    that records outcomes, the attempt limit, the retry budget, and a pick per call."""
 
     @property
     def pool(self) -> Pool: ...
@@ -32,7 +37,12 @@ class EndpointSource(Protocol):
     @property
     def max_attempts(self) -> int: ...
 
-    async def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint: ...
+    @property
+    def retry_tokens(self) -> RetryTokens | None: ...
+
+    async def pick(
+        self, exclude: Sequence[Endpoint] = (), deadline: float | None = None
+    ) -> Endpoint: ...
 
 
 # Outcomes after which an idempotent call is tried on another instance: the instance
@@ -42,7 +52,7 @@ _RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class Multicallable:
-    __slots__ = ("_attempts", "_deserializer", "_method", "_owner", "_serializer")
+    __slots__ = ("_attempts", "_deserializer", "_method", "_owner", "_serializer", "_timeout_s")
     kind = ""
 
     def __init__(
@@ -52,33 +62,57 @@ class Multicallable:
         self._method = method
         self._serializer = serializer
         self._deserializer = deserializer
-        idempotent = Method.resolve(method).policy.idempotent
-        self._attempts = owner.max_attempts if idempotent else 1
+        policy = Method.resolve(method).policy
+        self._attempts = owner.max_attempts if policy.idempotent else 1
+        self._timeout_s: float | None = policy.timeout_s or None
 
     def _target(self, endpoint: Endpoint) -> Any:
         return endpoint.callable(self.kind, self._method, self._serializer, self._deserializer)
 
+    def _deadline(self, timeout: float | None) -> float | None:
+        """Monotonic deadline of the whole call (every attempt and the wait for a view)."""
+        if timeout is None:
+            timeout = self._timeout_s
+        inbound = current_call()
+        if inbound is not None and not inbound.finished:
+            remaining = inbound.time_remaining()
+            if remaining is not None:
+                timeout = remaining if timeout is None else min(timeout, remaining)
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _succeeded(self, endpoint: Endpoint) -> None:
+        owner = self._owner
+        owner.pool.observe(endpoint, grpc.StatusCode.OK)
+        tokens = owner.retry_tokens
+        if tokens is not None:
+            tokens.succeeded()
+
+    def _failed(
+        self,
+        error: BaseException,
+        endpoint: Endpoint,
+        tried: list[Endpoint],
+        deadline: float | None,
+    ) -> bool:
+        """Record the failure; whether to retry elsewhere (code, attempts, time, budget)."""
+        code = code_of(error)
+        owner = self._owner
+        owner.pool.observe(endpoint, code)
+        tried.append(endpoint)
+        if code not in _RETRY_ON:
+            return False
+        tokens = owner.retry_tokens
+        if tokens is not None:
+            tokens.failed()
+        return (
+            len(tried) < self._attempts
+            and (deadline is None or time.monotonic() < deadline)
+            and (tokens is None or tokens.allow_retry())
+        )
+
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-
-def _retry_allowed(
-    multicallable: Multicallable,
-    error: BaseException,
-    endpoint: Endpoint,
-    tried: list[Endpoint],
-    deadline: float | None,
-) -> bool:
-    """Record the failure on the instance; retry elsewhere if the code, attempts and time allow."""
-    code = code_of(error)
-    multicallable._owner.pool.observe(endpoint, code)
-    tried.append(endpoint)
-    return (
-        code in _RETRY_ON
-        and len(tried) < multicallable._attempts
-        and (deadline is None or time.monotonic() < deadline)
-    )
 
 
 class UnaryUnary(Multicallable):
@@ -90,22 +124,22 @@ class UnaryUnary(Multicallable):
 
     async def _invoke(self, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> Any:
         owner = self._owner
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline(timeout)
         tried: list[Endpoint] = []
         while True:
-            endpoint = await owner.pick(tried)
+            endpoint = await owner.pick(tried, deadline)
             endpoint.outstanding += 1
             try:
                 response = await self._target(endpoint)(
                     request, timeout=_remaining(deadline), **kwargs
                 )
             except (grpc.aio.AioRpcError, FrameworkError) as error:
-                if _retry_allowed(self, error, endpoint, tried, deadline):
+                if self._failed(error, endpoint, tried, deadline):
                     continue
                 raise
             finally:
                 endpoint.outstanding -= 1
-            owner.pool.observe(endpoint, grpc.StatusCode.OK)
+            self._succeeded(endpoint)
             return response
 
 
@@ -122,10 +156,10 @@ class UnaryStream(Multicallable):
         self, request: Any, timeout: float | None, kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         owner = self._owner
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline(timeout)
         tried: list[Endpoint] = []
         while True:
-            endpoint = await owner.pick(tried)
+            endpoint = await owner.pick(tried, deadline)
             received = False
             endpoint.outstanding += 1
             try:
@@ -135,12 +169,12 @@ class UnaryStream(Multicallable):
                     yield response
             except (grpc.aio.AioRpcError, FrameworkError) as error:
                 # record the failure always; retry only if nothing was streamed yet
-                if _retry_allowed(self, error, endpoint, tried, deadline) and not received:
+                if self._failed(error, endpoint, tried, deadline) and not received:
                     continue
                 raise
             finally:
                 endpoint.outstanding -= 1
-            owner.pool.observe(endpoint, grpc.StatusCode.OK)
+            self._succeeded(endpoint)
             return
 
 
@@ -154,17 +188,19 @@ class StreamUnary(Multicallable):
         return self._invoke(request_iterator, kwargs)
 
     async def _invoke(self, request_iterator: Any, kwargs: dict[str, Any]) -> Any:
-        owner = self._owner
-        endpoint = await owner.pick()
+        deadline = self._deadline(kwargs.pop("timeout", None))
+        endpoint = await self._owner.pick((), deadline)
         endpoint.outstanding += 1
         try:
-            response = await self._target(endpoint)(request_iterator, **kwargs)
+            response = await self._target(endpoint)(
+                request_iterator, timeout=_remaining(deadline), **kwargs
+            )
         except (grpc.aio.AioRpcError, FrameworkError) as error:
-            owner.pool.observe(endpoint, code_of(error))
+            self._failed(error, endpoint, [], deadline)
             raise
         finally:
             endpoint.outstanding -= 1
-        owner.pool.observe(endpoint, grpc.StatusCode.OK)
+        self._succeeded(endpoint)
         return response
 
 
@@ -176,15 +212,16 @@ class StreamStream(Multicallable):
         return self._invoke(request_iterator, kwargs)
 
     async def _invoke(self, request_iterator: Any, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        owner = self._owner
-        endpoint = await owner.pick()
+        deadline = self._deadline(kwargs.pop("timeout", None))
+        endpoint = await self._owner.pick((), deadline)
         endpoint.outstanding += 1
         try:
-            async for response in self._target(endpoint)(request_iterator, **kwargs):
+            call = self._target(endpoint)(request_iterator, timeout=_remaining(deadline), **kwargs)
+            async for response in call:
                 yield response
         except (grpc.aio.AioRpcError, FrameworkError) as error:
-            owner.pool.observe(endpoint, code_of(error))
+            self._failed(error, endpoint, [], deadline)
             raise
         finally:
             endpoint.outstanding -= 1
-        owner.pool.observe(endpoint, grpc.StatusCode.OK)
+        self._succeeded(endpoint)

@@ -7,15 +7,19 @@
 It follows the service through `Discovery`, keeps one channel per instance
 (made by `framework.client.connect`, so the client policy chain runs on every
 attempt) and asks its `Pool` for an instance on every call (calls.py: retries
-of idempotent calls on another instance).  An instance that leaves the view
-gets `close_grace_s` for its calls in flight before its channel closes.
+of idempotent calls on another instance, within a retry budget).  An instance
+that leaves the view keeps its channel (and its outlier record) for
+`close_grace_s`: calls in flight finish, and an instance that comes back in
+that time (a health flap) is used again without reconnecting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +29,14 @@ import grpc.aio
 
 from framework.clock import Clock, SystemClock
 from framework.config import ClientConfig
-from framework.errors import UnavailableError
+from framework.errors import DeadlineExceededError, UnavailableError
 from framework.policy import Policy
-from framework.registry.balancer import Balancer, Endpoint, OutlierConfig, Pool, RoundRobin
+from framework.registry.balancer import Balancer, Endpoint, LeastOutstanding, Pool
+from framework.registry.budget import RetryBudget, RetryTokens
 from framework.registry.calls import StreamStream, StreamUnary, UnaryStream, UnaryUnary
 from framework.registry.discovery import Discovery, DiscoveryConfig
 from framework.registry.model import MATCH_ALL, Selector, ServiceView
+from framework.registry.outlier import OutlierConfig, Probe
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +49,12 @@ class BalancerConfig:
 
     # Attempts per idempotent call, each on a different instance (1 = no retry).
     max_attempts: int = 3
-    # How long the first call waits for the registry's first view.
+    # Retries on other instances spend this budget (None: only max_attempts limits them).
+    retry_budget: RetryBudget | None = field(default_factory=RetryBudget)
+    # How long a call waits for the registry's first view (never past the call's deadline).
     ready_timeout_s: float = 5.0
-    # Calls in flight on an instance that left the view get this long to finish.
+    # An instance that left the view keeps its channel this long: calls in flight
+    # finish, and if it comes back meanwhile the channel is used again.
     close_grace_s: float = 10.0
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
 
@@ -70,16 +79,27 @@ class BalancedChannel:
         channel_factory: ChannelFactory | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
+        probe: Probe | None = None,
     ) -> None:
+        """`probe(endpoint, timeout_s)` checks an ejected instance (default: grpc.health.v1)."""
         self.discovery = discovery
         self.config = config or BalancerConfig()
         self.clock = clock or SystemClock()
         self._factory = channel_factory or _default_factory(())
         self.pool = Pool(
-            balancer or RoundRobin(), self.config.outlier, self.clock, rng or random.Random()
+            balancer or LeastOutstanding(),
+            self.config.outlier,
+            self.clock,
+            rng or random.Random(),
+            probe=probe,
         )
+        budget = self.config.retry_budget
+        self.retry_tokens: RetryTokens | None = None if budget is None else RetryTokens(budget)
         self.endpoints: dict[str, Endpoint] = {}
+        # Instances that left the view: their endpoint and the task closing it later.
+        self._parked: dict[str, tuple[Endpoint, asyncio.Task[None]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._outlier_task: asyncio.Task[None] | None = None
         self._started = False
 
     # ---------------------------------------------------------- lifecycle
@@ -87,15 +107,27 @@ class BalancedChannel:
         if not self._started:
             self._started = True
             self.discovery.subscribe(self._on_view)
+            self._outlier_task = asyncio.create_task(
+                self.pool.outlier.run(), name=f"outliers-{self.discovery.service}"
+            )
             await self.discovery.start()
 
     async def close(self, grace: float | None = None) -> None:
+        task, self._outlier_task = self._outlier_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.discovery.close()
         endpoints, self.endpoints = self.endpoints, {}
+        parked, self._parked = self._parked, {}
+        for endpoint, closer in parked.values():
+            closer.cancel()
+            endpoints[endpoint.address] = endpoint
         for endpoint in endpoints.values():
             self._close_later(endpoint, grace or 0.0)
         if self._closing:
-            await asyncio.gather(*self._closing)
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def __aenter__(self) -> BalancedChannel:
         await self.start()
@@ -109,15 +141,35 @@ class BalancedChannel:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def _close_parked(self, address: str) -> None:
+        await self.clock.sleep(self.config.close_grace_s)
+        parked = self._parked.pop(address, None)
+        if parked is not None:
+            logger.info("%s did not come back; closing its channel", address)
+            await parked[0].channel.close(0)
+
     def _on_view(self, view: ServiceView) -> None:
         wanted = {i.address: i for i in view.instances}
         for address in [a for a in self.endpoints if a not in wanted]:
-            logger.info("%s left %s; closing its channel", address, view.service)
-            self._close_later(self.endpoints.pop(address), self.config.close_grace_s)
+            logger.info(
+                "%s left %s; keeping its channel %.1fs",
+                address,
+                view.service,
+                self.config.close_grace_s,
+            )
+            closer = asyncio.create_task(self._close_parked(address))
+            self._parked[address] = (self.endpoints.pop(address), closer)
         for address, instance in wanted.items():
             endpoint = self.endpoints.get(address)
             if endpoint is None:
-                self.endpoints[address] = Endpoint(instance, self._factory(address))
+                parked = self._parked.pop(address, None)
+                if parked is not None:  # back within close_grace_s: same channel
+                    endpoint, closer = parked
+                    closer.cancel()
+                    endpoint.instance = instance
+                    self.endpoints[address] = endpoint
+                else:
+                    self.endpoints[address] = Endpoint(instance, self._factory(address))
             else:
                 endpoint.instance = instance
         self.pool.rebuild(view, list(self.endpoints.values()))
@@ -174,17 +226,37 @@ class BalancedChannel:
         """Attempts per call of an idempotent method (one try plus retries elsewhere)."""
         return self.config.max_attempts
 
-    async def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint:
-        """An instance for one attempt; waits for the first view if none came yet."""
+    async def pick(
+        self, exclude: Sequence[Endpoint] = (), deadline: float | None = None
+    ) -> Endpoint:
+        """An instance for one attempt; waits for the first view if none came yet, at
+        most `ready_timeout_s` and never past the call's (monotonic) `deadline`."""
         endpoint = self.pool.pick(exclude)
         if endpoint is not None:
             return endpoint
         if self.discovery.view is None:
-            await self.discovery.wait_ready(self.config.ready_timeout_s)
+            await self._first_view(deadline)
             endpoint = self.pool.pick(exclude)
             if endpoint is not None:
                 return endpoint
         raise self._no_instance(exclude)
+
+    async def _first_view(self, deadline: float | None) -> None:
+        wait_s = self.config.ready_timeout_s
+        if deadline is not None and deadline - time.monotonic() < wait_s:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                await self.discovery.wait_ready(remaining)
+            except UnavailableError as error:
+                raise DeadlineExceededError(
+                    f"the call's deadline passed while waiting for the registry's first view "
+                    f"of {self.discovery.service!r}; check that the registry is reachable, "
+                    "or give the client bootstrap addresses or a view cache",
+                    reason="REGISTRY_UNREACHABLE",
+                    metadata={"service": self.discovery.service},
+                ) from error
+            return
+        await self.discovery.wait_ready(wait_s)
 
     def _no_instance(self, exclude: Sequence[Endpoint]) -> UnavailableError:
         service = self.discovery.service
@@ -226,11 +298,14 @@ async def balanced_channel(
     client_config: ClientConfig | None = None,
     rng: random.Random | None = None,
     clock: Clock | None = None,
+    bootstrap: Sequence[str] = (),
 ) -> BalancedChannel:
     """A started `BalancedChannel` for `service`, discovered through `registry`.
 
     `policies` run on every call to an instance; `registry_policies` on the
     registry's Watch stream (e.g. a bearer token with `registry:read`).
+    `bootstrap` addresses (and `discovery_config.cache_dir`, the last view kept on
+    disk) let the client start while the registry is down.
     """
     discovery = Discovery(
         registry,
@@ -240,6 +315,7 @@ async def balanced_channel(
         policies=registry_policies,
         credentials=credentials,
         clock=clock,
+        bootstrap=bootstrap,
     )
     channel = BalancedChannel(
         discovery,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from asyncio.subprocess import Process
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
 from framework.auth.grants import NameGrants
 from framework.clock import Clock, SystemClock
 from framework.config import ServerConfig
-from framework.policy import Policy
+from framework.policy import BasePolicy, Call, Policy, Side
 from framework.registry.agent import AgentConfig, RegistrationAgent
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.registry import Registry, RegistryConfig
@@ -21,6 +24,7 @@ from framework.server import Server
 from framework.testing.echo import EchoServicer
 
 ECHO = "echo.v1.EchoService"
+REPO = Path(__file__).resolve().parents[2]
 NO_PROBE = ProbeConfig(interval_s=0)
 
 # For a test taking the `backend` fixture: run on SQLite only (what it tests does not
@@ -163,3 +167,54 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(0.01)
+
+
+async def spawn(module: str, *args: str, log: Path) -> tuple[Process, str]:
+    """`python -m module args...` in its own process; returns it and the address it prints
+    as its first line (its stderr goes to `log`, shown if it fails to start)."""
+    import asyncio
+    import sys
+
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            cwd=REPO,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        output = await asyncio.to_thread(log.read_text)
+        raise AssertionError(f"{module} did not start: {output}") from None
+    if not line:
+        await process.wait()
+        output = await asyncio.to_thread(log.read_text)
+        raise AssertionError(f"{module} exited: {output}")
+    return process, line.decode().strip()
+
+
+async def stop_process(process: Process) -> None:
+    """Kill a spawned process if it still runs, and reap it."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+class Attempts(BasePolicy):
+    """Client policy counting attempts per instance (each instance channel runs it)."""
+
+    sides = frozenset({Side.CLIENT})
+
+    def __init__(self) -> None:
+        self.targets: Counter[str] = Counter()
+
+    def enter(self, call: Call) -> None:
+        self.targets[call.target] += 1
