@@ -130,6 +130,8 @@ class _LeastOutstandingPicker:
             a, b = endpoints[i], endpoints[j + 1 if j >= i else j]
             if a.takes_traffic and b.takes_traffic and a not in exclude and b not in exclude:
                 return a if a.outstanding <= b.outstanding else b
+        elif n == 1 and endpoints[0].takes_traffic and endpoints[0] not in exclude:
+            return endpoints[0]
         candidates = _usable(endpoints, exclude)
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
