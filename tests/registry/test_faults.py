@@ -51,7 +51,7 @@ async def test_slow_instance_is_ejected_and_returns_after_successful_probes(
     fast again returns after its health probes pass; calls then flow to it again."""
     good = [await start_echo(node.address) for _ in range(2)]
     process, slow = await spawn(
-        "tests.registry.slow", node.address, "0.5", log=tmp_path / "slow.log"
+        "tests.registry.slow", node.address, "2.0", log=tmp_path / "slow.log"
     )
     attempts = Attempts()
     outlier = OutlierConfig(
@@ -59,7 +59,7 @@ async def test_slow_instance_is_ejected_and_returns_after_successful_probes(
         ejection_s=2.0,
         return_after_probes=2,
         probe_interval_s=0.05,
-        probe_timeout_s=0.2,
+        probe_timeout_s=0.5,
     )
     channel = await balanced_channel(
         node.address, ECHO, policies=[attempts], config=BalancerConfig(outlier=outlier)
@@ -74,7 +74,7 @@ async def test_slow_instance_is_ejected_and_returns_after_successful_probes(
             if done.is_set():
                 return
             try:
-                await stub.Echo(EchoRequest(text="x"), timeout=0.25)
+                await stub.Echo(EchoRequest(text="x"), timeout=1.0)
                 codes["OK"] += 1
             except FrameworkError as error:  # counted: the assertions below show them
                 codes[error.code.name] += 1
