@@ -1,42 +1,40 @@
 """Inventory use cases: load, apply the domain rules, save, in one transaction.
 
 Collaborators are passed in: an `InventoryStore` (which runs a unit of work
-atomically) and a clock.  Idempotency lives here:
+atomically) and a clock.  Idempotency lives here, through the framework's
+participant barrier (`framework.saga.barrier`), recorded in the same
+transaction as the stock change:
 
-- `reserve_stock` with a reservation id already used returns the original
-  reservation (and the stock as that reserve left it), never holds twice;
-- `add_stock` with an idempotency key already used returns the stock as the
-  first call left it, never adds twice; the same key with a different SKU or
-  quantity is refused.
+- a call repeated with the same idempotency key answers the first call's
+  result and changes nothing; the same key with another request is refused
+  (`ALREADY_EXISTS`, reason `IDEMPOTENCY_KEY_REUSED`);
+- with a saga key (`saga:<saga_id>/<step>/action|compensation`, what the
+  saga orchestrator sends), a release whose reserve never ran is a no-op
+  (`released=False`) and a reserve arriving after its release is refused
+  (`FAILED_PRECONDITION`, reason `ACTION_AFTER_COMPENSATION`);
+- without a key (in-process callers) only the domain rules apply: a
+  reservation id already held returns the original reservation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from framework.clock import Clock, SystemClock
-from framework.errors import AlreadyExistsError, NotFoundError
+from framework.errors import NotFoundError
+from framework.saga.barrier import BarrierCall, ResultCodec
 from services.inventory import domain
-from services.inventory.domain import Line, Reservation, Stock
+from services.inventory.domain import Line, Reservation, ReservationState, Stock
 
-__all__ = ["Addition", "Inventory", "InventoryStore", "Transaction"]
+__all__ = ["Inventory", "InventoryStore", "Transaction"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Addition:
-    """A recorded AddStock, so a retry with the same key is answered, not applied."""
-
-    idempotency_key: str
-    sku: str
-    quantity: int
-    stock_after: Stock
 
 
 class Transaction(Protocol):
@@ -46,13 +44,20 @@ class Transaction(Protocol):
 
     def reservation(self, reservation_id: str) -> Reservation | None: ...
 
-    def addition(self, idempotency_key: str) -> Addition | None: ...
-
     def save_stocks(self, stocks: Iterable[Stock]) -> None: ...
 
     def save_reservation(self, reservation: Reservation) -> None: ...
 
-    def save_addition(self, addition: Addition) -> None: ...
+    def guard(
+        self,
+        call: BarrierCall,
+        work: Callable[[], T],
+        codec: ResultCodec[T],
+        *,
+        null_result: Callable[[], T] | None = None,
+    ) -> T:
+        """Run `work` once per idempotency key in this transaction (the participant barrier)."""
+        ...
 
 
 class InventoryStore(Protocol):
@@ -76,29 +81,33 @@ class Inventory:
         """Receive units; a repeated `idempotency_key` returns the first call's stock."""
         now = self.clock.now()
 
-        def work(tx: Transaction) -> Stock:
-            if idempotency_key:
-                seen = tx.addition(idempotency_key)
-                if seen is not None:
-                    return _replayed_addition(seen, sku, quantity)
+        def add(tx: Transaction) -> Stock:
             stock = domain.add_stock(tx.stocks([sku]).get(sku), sku, quantity, now)
             tx.save_stocks([stock])
-            if idempotency_key:
-                tx.save_addition(Addition(idempotency_key, sku, quantity, stock))
             return stock
+
+        def work(tx: Transaction) -> Stock:
+            if not idempotency_key:
+                return add(tx)
+            call = BarrierCall.of(idempotency_key, _digest("AddStock", sku, quantity))
+            return tx.guard(call, lambda: add(tx), STOCK_CODEC)
 
         stock = await self.store.transact(work)
         logger.info("stock added sku=%s quantity=%s on_hand=%s", sku, quantity, stock.on_hand)
         return stock
 
     async def reserve_stock(
-        self, reservation_id: str, order_id: str, lines: Iterable[Line]
+        self,
+        reservation_id: str,
+        order_id: str,
+        lines: Iterable[Line],
+        idempotency_key: str = "",
     ) -> Reservation:
         """Hold all lines or none; a repeat returns the original reservation."""
         wanted = domain.merge_lines(lines)
         now = self.clock.now()
 
-        def work(tx: Transaction) -> domain.ReserveOutcome:
+        def hold(tx: Transaction) -> Reservation:
             outcome = domain.reserve(
                 tx.reservation(reservation_id),
                 tx.stocks([line.sku for line in wanted]),
@@ -110,38 +119,55 @@ class Inventory:
             if not outcome.replay:
                 tx.save_stocks(outcome.changed)
                 tx.save_reservation(outcome.reservation)
-            return outcome
+            return outcome.reservation
 
-        outcome = await self.store.transact(work)
+        def work(tx: Transaction) -> Reservation:
+            if not idempotency_key:
+                return hold(tx)
+            flat = [f"{line.sku}={line.quantity}" for line in wanted]
+            call = BarrierCall.of(
+                idempotency_key, _digest("ReserveStock", reservation_id, order_id, *flat)
+            )
+            return tx.guard(call, lambda: hold(tx), RESERVATION_CODEC)
+
+        reservation = await self.store.transact(work)
         logger.info(
-            "stock reserved reservation_id=%s order_id=%s replay=%s",
+            "stock reserved reservation_id=%s order_id=%s key=%s",
             reservation_id,
             order_id,
-            outcome.replay,
+            idempotency_key,
         )
-        return outcome.reservation
+        return reservation
 
-    async def release_stock(self, reservation_id: str, reason: str = "") -> bool:
+    async def release_stock(
+        self, reservation_id: str, reason: str = "", idempotency_key: str = ""
+    ) -> bool:
         """Give back a reservation's units; False when there was nothing to give back."""
         now = self.clock.now()
 
-        def work(tx: Transaction) -> domain.ReleaseOutcome:
+        def give_back(tx: Transaction) -> bool:
             existing = tx.reservation(reservation_id)
             skus = [line.sku for line in existing.lines] if existing else []
             outcome = domain.release(existing, tx.stocks(skus), reservation_id, reason, now)
             tx.save_stocks(outcome.changed)
-            if outcome.record:
+            if outcome.record and outcome.reservation is not None:
                 tx.save_reservation(outcome.reservation)
-            return outcome
+            return outcome.released
 
-        outcome = await self.store.transact(work)
+        def work(tx: Transaction) -> bool:
+            if not idempotency_key:
+                return give_back(tx)
+            call = BarrierCall.of(idempotency_key, _digest("ReleaseStock", reservation_id, reason))
+            return tx.guard(call, lambda: give_back(tx), BOOL_CODEC, null_result=lambda: False)
+
+        released = await self.store.transact(work)
         logger.info(
-            "stock release reservation_id=%s released=%s state=%s",
+            "stock release reservation_id=%s released=%s key=%s",
             reservation_id,
-            outcome.released,
-            outcome.reservation.state.value,
+            released,
+            idempotency_key,
         )
-        return outcome.released
+        return released
 
     async def get_stock(self, sku: str) -> Stock:
         """The stock of one SKU; NotFoundError when it was never stocked."""
@@ -155,12 +181,72 @@ class Inventory:
         return stock
 
 
-def _replayed_addition(seen: Addition, sku: str, quantity: int) -> Stock:
-    if seen.sku != sku or seen.quantity != quantity:
-        raise AlreadyExistsError(
-            f"idempotency key {seen.idempotency_key} was used for {seen.quantity} x {seen.sku}; "
-            "send a new key for a different request",
-            reason="IDEMPOTENCY_KEY_REUSED",
-            domain=domain.DOMAIN,
+def _digest(*parts: object) -> bytes:
+    """What the barrier fingerprints: the use case and its arguments."""
+    return "\x1f".join(str(part) for part in parts).encode()
+
+
+def stock_json(stock: Stock) -> dict[str, Any]:
+    return {
+        "sku": stock.sku,
+        "on_hand": stock.on_hand,
+        "reserved": stock.reserved,
+        "updated_at": stock.updated_at.isoformat(),
+    }
+
+
+def stock_from(data: dict[str, Any]) -> Stock:
+    return Stock(
+        sku=data["sku"],
+        on_hand=int(data["on_hand"]),
+        reserved=int(data["reserved"]),
+        updated_at=datetime.fromisoformat(data["updated_at"]),
+    )
+
+
+class _StockCodec:
+    def encode(self, value: Stock) -> bytes:
+        return json.dumps(stock_json(value)).encode()
+
+    def decode(self, data: bytes) -> Stock:
+        return stock_from(json.loads(data))
+
+
+class _ReservationCodec:
+    def encode(self, value: Reservation) -> bytes:
+        return json.dumps(
+            {
+                "reservation_id": value.reservation_id,
+                "order_id": value.order_id,
+                "lines": [[line.sku, line.quantity] for line in value.lines],
+                "state": value.state.value,
+                "updated_at": value.updated_at.isoformat(),
+                "stocks_after": [stock_json(s) for s in value.stocks_after],
+                "reason": value.reason,
+            }
+        ).encode()
+
+    def decode(self, data: bytes) -> Reservation:
+        raw = json.loads(data)
+        return Reservation(
+            reservation_id=raw["reservation_id"],
+            order_id=raw["order_id"],
+            lines=tuple(Line(sku, int(quantity)) for sku, quantity in raw["lines"]),
+            state=ReservationState(raw["state"]),
+            updated_at=datetime.fromisoformat(raw["updated_at"]),
+            stocks_after=tuple(stock_from(s) for s in raw["stocks_after"]),
+            reason=raw["reason"],
         )
-    return seen.stock_after
+
+
+class _BoolCodec:
+    def encode(self, value: bool) -> bytes:
+        return b"1" if value else b"0"
+
+    def decode(self, data: bytes) -> bool:
+        return data == b"1"
+
+
+STOCK_CODEC = _StockCodec()
+RESERVATION_CODEC = _ReservationCodec()
+BOOL_CODEC = _BoolCodec()

@@ -1,17 +1,20 @@
 """Inventory rules: stock per SKU and reservations against it. No grpc, no I/O.
 
 A reservation holds units of several SKUs, all lines or none.  Release is its
-saga compensation, and the pair follows the "barrier" rules a saga
-participant needs:
+saga compensation.  The business rules on a reservation id:
 
-- a repeated `reserve` with the same reservation id and request returns the
-  original outcome (nothing is held twice);
-- a `release` of a reservation that never happened ("null compensation")
-  succeeds with `released=False` and leaves a tombstone;
-- a `reserve` arriving after its release or tombstone ("hanging action") is
-  refused with `FailedPreconditionError` (reason `RESERVATION_RELEASED`), so
-  units are never held for a saga that already gave up;
-- releasing twice succeeds with `released=False` the second time.
+- a repeated `reserve` with the same reservation id and lines returns the
+  original reservation (nothing is held twice); other lines are refused;
+- a reservation that was released cannot hold units again
+  (`FailedPreconditionError`, reason `RESERVATION_RELEASED`);
+- releasing what is not held (twice, or an id never reserved) changes
+  nothing and says `released=False`.
+
+The saga mechanics (a repeated call answering the first result, a
+compensation that arrives before its action, an action arriving after its
+compensation) are the framework's participant barrier
+(`framework.saga.barrier`), recorded in the same transaction by the
+application layer.
 
 The functions here are pure: they take the current records and return the new
 ones; the application layer loads and saves them in one transaction.
@@ -84,8 +87,6 @@ class Line:
 class ReservationState(enum.Enum):
     HELD = "HELD"
     RELEASED = "RELEASED"
-    # released before it was ever made (null compensation): refuses a late reserve
-    TOMBSTONE = "TOMBSTONE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class ReserveOutcome:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseOutcome:
-    reservation: Reservation
+    reservation: Reservation | None  # None: the id was never reserved
     changed: tuple[Stock, ...]  # stocks to save (empty when nothing was released)
     released: bool
     record: bool  # whether `reservation` must be saved
@@ -204,15 +205,7 @@ def release(
 ) -> ReleaseOutcome:
     """Give back a held reservation; anything else is a no-op with `released=False`."""
     if existing is None:
-        tombstone = Reservation(
-            reservation_id=reservation_id,
-            order_id="",
-            lines=(),
-            state=ReservationState.TOMBSTONE,
-            updated_at=now,
-            reason=reason,
-        )
-        return ReleaseOutcome(tombstone, (), released=False, record=True)
+        return ReleaseOutcome(None, (), released=False, record=False)
     if existing.state is not ReservationState.HELD:
         return ReleaseOutcome(existing, (), released=False, record=False)
     changed = tuple(

@@ -37,8 +37,8 @@ def _idempotency_key(context: Any) -> str:
         if key == IDEMPOTENCY_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
     raise InvalidArgumentError(
-        f"send an '{IDEMPOTENCY_KEY}' metadata entry (e.g. a UUID) so a retried AddStock "
-        "is applied once",
+        f"send an '{IDEMPOTENCY_KEY}' metadata entry (e.g. a UUID; the saga orchestrator "
+        "sends saga:<saga_id>/<step>/<action|compensation>) so a repeated call is applied once",
         reason="IDEMPOTENCY_KEY_MISSING",
         violations=[FieldViolation(IDEMPOTENCY_KEY, "required metadata entry", "required")],
     )
@@ -65,6 +65,7 @@ class InventoryServicer(inventory_pb2_grpc.InventoryServiceServicer):
             request.reservation_id,
             request.order_id,
             [Line(line.sku, line.quantity) for line in request.lines],
+            _idempotency_key(context),
         )
         return inventory_pb2.ReserveStockResponse(
             reservation_id=reservation.reservation_id,
@@ -74,7 +75,9 @@ class InventoryServicer(inventory_pb2_grpc.InventoryServiceServicer):
     async def ReleaseStock(
         self, request: inventory_pb2.ReleaseStockRequest, context: Any
     ) -> inventory_pb2.ReleaseStockResponse:
-        released = await self.inventory.release_stock(request.reservation_id, request.reason)
+        released = await self.inventory.release_stock(
+            request.reservation_id, request.reason, _idempotency_key(context)
+        )
         return inventory_pb2.ReleaseStockResponse(
             reservation_id=request.reservation_id, released=released
         )

@@ -2,7 +2,10 @@
 
 Every unit of work runs in `BEGIN IMMEDIATE ... COMMIT` on the store's thread,
 so a reservation of several lines is saved entirely or not at all, and units
-of work never interleave.  `path` ":memory:" keeps everything in memory (tests).
+of work never interleave.  The participant barrier's rows (`saga_barrier`,
+`framework.saga.barrier_sqlite`) live in the same database and are written in
+the same transaction as the stock they guard.  `path` ":memory:" keeps
+everything in memory (tests).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from framework.events.dedicated_thread import DedicatedThread
-from services.inventory.application import Addition, Transaction
+from framework.saga.barrier import BarrierCall, ResultCodec
+from framework.saga.barrier_sqlite import SqliteBarrier
+from services.inventory.application import Transaction, stock_from, stock_json
 from services.inventory.domain import Line, Reservation, ReservationState, Stock
 
 __all__ = ["SqliteInventoryStore"]
@@ -40,31 +45,9 @@ CREATE TABLE IF NOT EXISTS reservation (
     reason TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS addition (
-    idempotency_key TEXT PRIMARY KEY,
-    sku TEXT NOT NULL,
-    quantity INTEGER NOT NULL,
-    stock_after TEXT NOT NULL
-);
 """
 
-
-def _stock_json(stock: Stock) -> dict[str, Any]:
-    return {
-        "sku": stock.sku,
-        "on_hand": stock.on_hand,
-        "reserved": stock.reserved,
-        "updated_at": stock.updated_at.isoformat(),
-    }
-
-
-def _stock_from(data: dict[str, Any]) -> Stock:
-    return Stock(
-        sku=data["sku"],
-        on_hand=int(data["on_hand"]),
-        reserved=int(data["reserved"]),
-        updated_at=datetime.fromisoformat(data["updated_at"]),
-    )
+BARRIER = SqliteBarrier("saga_barrier")
 
 
 class _Tx:
@@ -72,6 +55,16 @@ class _Tx:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+
+    def guard(
+        self,
+        call: BarrierCall,
+        work: Callable[[], T],
+        codec: ResultCodec[T],
+        *,
+        null_result: Callable[[], T] | None = None,
+    ) -> T:
+        return BARRIER.guard(self._db, call, work, codec, null_result=null_result)
 
     def stocks(self, skus: Sequence[str]) -> dict[str, Stock]:
         if not skus:
@@ -101,18 +94,9 @@ class _Tx:
             lines=tuple(Line(sku, qty) for sku, qty in json.loads(lines)),
             state=ReservationState(state),
             updated_at=datetime.fromisoformat(updated),
-            stocks_after=tuple(_stock_from(s) for s in json.loads(stocks_after)),
+            stocks_after=tuple(stock_from(s) for s in json.loads(stocks_after)),
             reason=reason,
         )
-
-    def addition(self, idempotency_key: str) -> Addition | None:
-        row = self._db.execute(
-            "SELECT sku, quantity, stock_after FROM addition WHERE idempotency_key = ?",
-            (idempotency_key,),
-        ).fetchone()
-        if row is None:
-            return None
-        return Addition(idempotency_key, row[0], row[1], _stock_from(json.loads(row[2])))
 
     def save_stocks(self, stocks: Iterable[Stock]) -> None:
         self._db.executemany(
@@ -132,21 +116,9 @@ class _Tx:
                 reservation.order_id,
                 reservation.state.value,
                 json.dumps([[line.sku, line.quantity] for line in reservation.lines]),
-                json.dumps([_stock_json(s) for s in reservation.stocks_after]),
+                json.dumps([stock_json(s) for s in reservation.stocks_after]),
                 reservation.reason,
                 reservation.updated_at.isoformat(),
-            ),
-        )
-
-    def save_addition(self, addition: Addition) -> None:
-        self._db.execute(
-            "INSERT INTO addition (idempotency_key, sku, quantity, stock_after)"
-            " VALUES (?, ?, ?, ?)",
-            (
-                addition.idempotency_key,
-                addition.sku,
-                addition.quantity,
-                json.dumps(_stock_json(addition.stock_after)),
             ),
         )
 
@@ -169,6 +141,7 @@ class SqliteInventoryStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            BARRIER.create_table(db)
             self._db = db
         return self._db
 

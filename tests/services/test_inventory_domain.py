@@ -95,19 +95,10 @@ def test_release_gives_units_back_once() -> None:
     assert not again.released and again.changed == () and not again.record
 
 
-def test_release_of_unknown_reservation_leaves_a_tombstone() -> None:
-    """A null compensation succeeds with released=False and records a tombstone."""
+def test_release_of_unknown_reservation_changes_nothing() -> None:
+    """Releasing an id never reserved says released=False and records nothing."""
     outcome = release(None, {}, RID, "saga aborted", NOW)
-    assert not outcome.released and outcome.record
-    assert outcome.reservation.state is ReservationState.TOMBSTONE
-
-
-def test_reserve_after_tombstone_is_refused() -> None:
-    """A hanging action (reserve after its compensation) is refused."""
-    tombstone = release(None, {}, RID, "saga aborted", NOW).reservation
-    with pytest.raises(FailedPreconditionError) as caught:
-        reserve(tombstone, _stocks(A=5), RID, OID, [Line("A", 1)], NOW)
-    assert caught.value.reason == "RESERVATION_RELEASED"
+    assert not outcome.released and not outcome.record and outcome.reservation is None
 
 
 def test_reserve_after_release_is_refused() -> None:

@@ -21,6 +21,9 @@ from framework.errors import (
     RateLimitedError,
     UnauthenticatedError,
 )
+from framework.policies.idempotency import IdempotencyKeyPolicy
+from framework.policy import Side
+from framework.saga.barrier import Op, saga_key
 from framework.testing import TestServer, serve
 from gen.inventory.v1 import inventory_pb2 as pb
 from gen.inventory.v1.inventory_pb2_grpc import InventoryServiceStub
@@ -49,8 +52,10 @@ async def harness(tmp_path: Path) -> AsyncIterator[TestServer]:
     store = SqliteInventoryStore(str(tmp_path / "inventory.sqlite3"))
     servicer = InventoryServicer(Inventory(store))
     try:
+        # the client half attaches a fresh idempotency key where the contract requires one
+        client = [BearerToken(WRITE), IdempotencyKeyPolicy(Side.CLIENT)]
         async with serve(
-            servicer, policies=inventory_policies(TOKENS), client_policies=[BearerToken(WRITE)]
+            servicer, policies=inventory_policies(TOKENS), client_policies=client
         ) as t:
             yield t
     finally:
@@ -94,16 +99,21 @@ async def test_short_line_reserves_nothing(harness: TestServer) -> None:
 
 
 async def test_repeated_reserve_returns_the_original(harness: TestServer) -> None:
-    """ReserveStock retried with the same reservation id returns the first reply, holds once."""
+    """ReserveStock repeated (same key or reservation id) answers the first reply, holds once."""
     stub = harness.stub(InventoryServiceStub)
     await _stocked(stub, A=5)
     request = _reserve(_id(), _id(), A=2)
-    first = await stub.ReserveStock(request)
-    again = await stub.ReserveStock(request)
-    assert again == first
+    key = _key()
+    first = await stub.ReserveStock(request, metadata=key)
+    assert await stub.ReserveStock(request, metadata=key) == first
+    assert await stub.ReserveStock(request) == first  # another key, same reservation id
     assert (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock.reserved == 2
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError) as caught:
         await stub.ReserveStock(_reserve(request.reservation_id, request.order_id, A=3))
+    assert caught.value.reason == "RESERVATION_MISMATCH"
+    with pytest.raises(AlreadyExistsError) as reused:
+        await stub.ReserveStock(_reserve(_id(), _id(), A=1), metadata=key)
+    assert reused.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_release_twice_and_null_compensation(harness: TestServer) -> None:
@@ -112,21 +122,28 @@ async def test_release_twice_and_null_compensation(harness: TestServer) -> None:
     await _stocked(stub, A=5)
     rid = _id()
     await stub.ReserveStock(_reserve(rid, _id(), A=1))
-    assert (await stub.ReleaseStock(pb.ReleaseStockRequest(reservation_id=rid))).released
-    assert not (await stub.ReleaseStock(pb.ReleaseStockRequest(reservation_id=rid))).released
+    key = _key()
+    release = pb.ReleaseStockRequest(reservation_id=rid)
+    assert (await stub.ReleaseStock(release, metadata=key)).released
+    assert (await stub.ReleaseStock(release, metadata=key)).released  # a replay: first answer
+    assert not (await stub.ReleaseStock(release)).released  # a new key: nothing left to release
     unknown = await stub.ReleaseStock(pb.ReleaseStockRequest(reservation_id=_id()))
     assert not unknown.released
+    assert (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock.reserved == 0
 
 
 async def test_hanging_reserve_after_release_is_refused(harness: TestServer) -> None:
-    """A ReserveStock arriving after its ReleaseStock is refused and holds nothing."""
+    """A saga's ReserveStock arriving after its ReleaseStock is refused and holds nothing."""
     stub = harness.stub(InventoryServiceStub)
     await _stocked(stub, A=5)
-    rid = _id()
-    await stub.ReleaseStock(pb.ReleaseStockRequest(reservation_id=rid, reason="saga timed out"))
+    rid, saga = _id(), _id()
+    compensation = (("idempotency-key", saga_key(saga, "reserve", Op.COMPENSATION)),)
+    release = pb.ReleaseStockRequest(reservation_id=rid, reason="saga timed out")
+    assert not (await stub.ReleaseStock(release, metadata=compensation)).released
+    action = (("idempotency-key", saga_key(saga, "reserve", Op.ACTION)),)
     with pytest.raises(FailedPreconditionError) as caught:
-        await stub.ReserveStock(_reserve(rid, _id(), A=1))
-    assert caught.value.reason == "RESERVATION_RELEASED"
+        await stub.ReserveStock(_reserve(rid, _id(), A=1), metadata=action)
+    assert caught.value.reason == "ACTION_AFTER_COMPENSATION"
     assert (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock.reserved == 0
 
 
@@ -137,9 +154,14 @@ async def test_add_stock_is_applied_once_per_idempotency_key(harness: TestServer
     await stub.AddStock(pb.AddStockRequest(sku="A", quantity=4), metadata=key)
     again = await stub.AddStock(pb.AddStockRequest(sku="A", quantity=4), metadata=key)
     assert again.stock.on_hand == 4
+    assert (await stub.GetStock(pb.GetStockRequest(sku="A"))).stock.on_hand == 4
+    keyless = InventoryServiceStub(harness.connect(policies=[BearerToken(WRITE)]))
     with pytest.raises(InvalidArgumentError) as caught:
-        await stub.AddStock(pb.AddStockRequest(sku="A", quantity=4))
+        await keyless.AddStock(pb.AddStockRequest(sku="A", quantity=4))
     assert caught.value.reason == "IDEMPOTENCY_KEY_MISSING"
+    with pytest.raises(AlreadyExistsError) as reused:
+        await stub.AddStock(pb.AddStockRequest(sku="A", quantity=5), metadata=key)
+    assert reused.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_unknown_sku_is_not_found(harness: TestServer) -> None:
@@ -170,7 +192,9 @@ async def test_missing_scope_is_permission_denied(harness: TestServer) -> None:
     """A read-only token may read but not reserve."""
     stub = harness.stub(InventoryServiceStub)
     await _stocked(stub, A=1)
-    reader = InventoryServiceStub(harness.connect(policies=[BearerToken(READ_ONLY)]))
+    reader = InventoryServiceStub(
+        harness.connect(policies=[BearerToken(READ_ONLY), IdempotencyKeyPolicy(Side.CLIENT)])
+    )
     assert (await reader.GetStock(pb.GetStockRequest(sku="A"))).stock.on_hand == 1
     with pytest.raises(PermissionDeniedError):
         await reader.ReserveStock(_reserve(_id(), _id(), A=1))
