@@ -12,6 +12,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "policies": ("framework.server", "framework.client", "framework.registry", "framework.events"),
     "auth": ("framework.server", "framework.client", "framework.registry", "framework.events"),
     "telemetry": ("framework.server", "framework.client", "framework.registry", "framework.events"),
+    # sagas reach participants through any channel; the registry and gateway are not theirs
+    "saga": ("framework.registry", "framework.gateway", "framework.server_adapter"),
     "policy.py": ("framework.policies", "framework.auth", "framework.telemetry"),
     "errors.py": (
         "framework.policies",
