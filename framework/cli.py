@@ -43,6 +43,27 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from framework.system.manifest import ManifestError, load_manifest
+    from framework.system.supervisor import StartupError
+    from framework.system.up import run_up
+
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    def progress(text: str) -> None:
+        print(f"up: {text}", file=sys.stderr, flush=True)
+
+    try:
+        return asyncio.run(run_up(manifest, progress=progress))
+    except StartupError as error:
+        print(f"error: the system did not start: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m framework")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
     sub.add_parser("events", help="event store tools: rebuild a projection (see --help)")
     sub.add_parser("analyze", help="coupling and decomposition findings (see --help)")
+    u = sub.add_parser("up", help="run a whole system from its manifest (Ctrl-C stops it)")
+    u.add_argument("manifest", nargs="?", default="system.toml", help="default: system.toml")
+    u.set_defaults(func=_up)
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,14 +153,25 @@ class TokenSigner:
         return cls(Path(path).read_bytes(), **kwargs)
 
     def mint(
-        self, subject: str, scopes: Iterable[str], *, ttl_s: float, now: float | None = None
+        self,
+        subject: str,
+        scopes: Iterable[str],
+        *,
+        ttl_s: float,
+        now: float | None = None,
+        claims: Mapping[str, object] | None = None,
     ) -> IssuedToken:
-        """A signed token for `subject` holding `scopes`, valid `ttl_s` seconds from `now`."""
+        """A signed token for `subject` holding `scopes`, valid `ttl_s` seconds from `now`.
+
+        `claims` adds claims (e.g. `services`: the names a workload may register);
+        it cannot replace the standard ones.
+        """
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         issued = int(time.time() if now is None else now)
         expires = issued + int(ttl_s)
-        claims = {
+        body: dict[str, object] = {**(claims or {})}
+        body |= {
             "sub": subject,
             "iss": self.issuer,
             "aud": self.audience,
@@ -170,7 +181,7 @@ class TokenSigner:
             "jti": uuid.uuid4().hex,
             "scope": " ".join(sorted(set(scopes))),
         }
-        token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid})
+        token = jwt.encode(body, self._key, algorithm="ES256", headers={"kid": self.kid})
         return IssuedToken(token, datetime.fromtimestamp(expires, UTC))
 
 

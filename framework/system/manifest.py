@@ -26,6 +26,7 @@ definitions = ["services.order.saga:definitions"]
 [services.payment]
 module = "services.payment.main"
 replicas = 2
+registers = ["payment.v1.PaymentService"]   # gRPC names it may register
 scopes = ["users:read"]       # what its workload token may do when it calls others
 [services.payment.env]
 PAYMENT_FAILURE_RATE = "0.0"
@@ -63,6 +64,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _SCOPE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_SERVICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 class ManifestError(ValueError):
@@ -125,7 +127,10 @@ class ServiceSpec:
     replicas: int = 1
     port: int = 0  # 0: every replica binds a free port and registers it
     version: str = "v1"
+    # What its workload token may do when it calls others, and which gRPC service
+    # names it may register (the registry refuses any other name).
     scopes: tuple[str, ...] = ()
+    registers: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
     def instance_names(self) -> list[str]:
@@ -281,8 +286,14 @@ def _service(name: str, table: _Table) -> ServiceSpec:
         port=port,
         version=table.get("version", str, "v1") or "v1",
         scopes=table.strings("scopes", _SCOPE),
+        registers=table.strings("registers", _SERVICE_NAME),
         env=table.env(),
     )
+    if not spec.registers:
+        raise ManifestError(
+            f"services.{name}.registers must list the gRPC services it serves, "
+            f'e.g. ["{name}.v1.{name.capitalize()}Service"]'
+        )
     table.done()
     return spec
 
