@@ -2,9 +2,12 @@
 
 Commands:
   protos   compile protos/ into gen/ (what `make protos` runs)
-  health   print a server's standard health status and its detailed report
+  health   health of a server (host:port) or of every instance of a service (--json)
+  services every service of a running system: instances, health, versions, weights (--json)
+  breakers circuit breakers of every instance (--json)
+  faults   set|clear|list fault injection on every instance of a service
   registry run or query the service registry (`python -m framework registry --help`)
-  events   event store tools, e.g. rebuild a projection (`python -m framework events --help`)
+  events   event store tools: `events tail [SERVICE] [-f]`, rebuild a projection (see --help)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
   analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
 """
@@ -25,14 +28,6 @@ def _protos(args: argparse.Namespace) -> int:
     changed = generate(CodegenConfig(proto_root=Path(args.proto_root), out_dir=Path(args.out)))
     print(f"{len(changed)} generated file(s) changed under {args.out}")
     return 0
-
-
-def _health(args: argparse.Namespace) -> int:
-    from framework.health import fetch_report
-
-    report = asyncio.run(fetch_report(args.target, timeout_s=args.timeout_s))
-    print(report)
-    return 0 if report.healthy else 1
 
 
 def _reference(args: argparse.Namespace) -> int:
@@ -71,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proto-root", default="protos")
     p.add_argument("--out", default="gen")
     p.set_defaults(func=_protos)
-    h = sub.add_parser("health", help="show a server's health and dependency report")
-    h.add_argument("target", help="host:port of a framework server")
-    h.add_argument("--timeout-s", type=float, default=5.0)
-    h.set_defaults(func=_health)
+    for name, text in (
+        ("health", "health of a server (host:port) or of every instance of a service"),
+        ("services", "every service of a running system: instances, health, versions"),
+        ("breakers", "circuit breakers of every instance of a running system"),
+        ("faults", "set|clear|list fault injection on a service's instances"),
+    ):
+        sub.add_parser(name, help=f"{text} (see {name} --help)")
     sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
     sub.add_parser("events", help="event store tools: rebuild a projection (see --help)")
     sub.add_parser("analyze", help="coupling and decomposition findings (see --help)")
@@ -91,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] in (["services"], ["health"], ["breakers"], ["faults"]) or args_list[:2] == [
+        "events",
+        "tail",
+    ]:
+        from framework.system.commands import main as system_main
+
+        return system_main(args_list)
     if args_list[:1] == ["registry"]:
         from framework.registry.cli import main as registry_main
 

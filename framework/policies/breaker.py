@@ -139,6 +139,11 @@ class CircuitBreaker:
     def failure_rate(self) -> float:
         return self._failures / self._recorded if self._recorded else 0.0
 
+    @property
+    def recorded(self) -> int:
+        """Outcomes currently in the window."""
+        return self._recorded
+
     def before(self) -> bool:
         """Admit a call or raise `CircuitOpenError`; True when the call is a probe."""
         state = self.state
@@ -255,6 +260,10 @@ class CircuitBreakerPolicy:
 
     def __repr__(self) -> str:
         return f"CircuitBreakerPolicy({self.config!r})"
+
+    def breakers(self) -> list[CircuitBreaker]:
+        """Every breaker created so far (for operators: `python -m framework breakers`)."""
+        return list(self._breakers.values())
 
     def breaker(self, target: str, method: str) -> CircuitBreaker:
         """The breaker for one (target, method) pair (created CLOSED on first use)."""

@@ -182,6 +182,9 @@ class ServiceRuntime:
             hooks=[*hooks, _CloseAfterDrain(self, closing)],
         )
         server.add(FaultInjectionServicer(self.faults))
+        from framework.system.admin import BreakerServicer
+
+        server.add(BreakerServicer(self.config.instance, self._breakers))
         return server
 
     def register(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -333,6 +334,22 @@ class TokenMinter:
             self.mint_all()
 
 
+def write_endpoints(system: SystemPlan) -> Path:
+    """`<data>/endpoints.json`: where the running system is (the CLI and demo read it)."""
+    path = system.manifest.data_dir / "endpoints.json"
+    document = {
+        "system": system.manifest.name,
+        "registry": system.registry,
+        "gateway": system.gateway_url,
+        "operator_token": str(system.operator_token),
+        "pid": str(os.getpid()),
+    }
+    temporary = path.with_name(f".endpoints-{os.getpid()}.json")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    temporary.replace(path)
+    return path
+
+
 def announce(system: SystemPlan, out: TextIO) -> None:
     """What a person needs to use the system (and the lines tests parse: `key: value`)."""
     m = system.manifest
@@ -400,6 +417,7 @@ async def run_up(
         done, _ = await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()  # StartupError propagates (everything was stopped)
+            write_endpoints(system)
             announce(system, out)
             await stop.wait()
         else:
@@ -408,6 +426,8 @@ async def run_up(
                 await starting
         codes = await supervisor.stop()
         stopped.cancel()
+        with contextlib.suppress(OSError):
+            (manifest.data_dir / "endpoints.json").unlink()
     finally:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
