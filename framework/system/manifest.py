@@ -67,6 +67,9 @@ _SCOPE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _SERVICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
+_TOP_LEVEL = frozenset({"system", "store", "bus", "registry", "gateway", "sagas", "services"})
+
+
 class ManifestError(ValueError):
     """The manifest is missing, unreadable or invalid; the message names the key."""
 
@@ -237,7 +240,8 @@ class _Table:
 
 
 def _store(table: _Table, environ: Mapping[str, str]) -> StoreSpec:
-    url = environ.get("SYSTEM_STORE") or table.get("url", str, "sqlite")
+    url = table.get("url", str, "sqlite")
+    url = environ.get("SYSTEM_STORE") or url
     table.done()
     if url != "sqlite" and not url.startswith(("postgresql://", "postgres://")):
         raise ManifestError(f"store.url must be 'sqlite' or a postgresql:// URL, got {url!r}")
@@ -245,7 +249,8 @@ def _store(table: _Table, environ: Mapping[str, str]) -> StoreSpec:
 
 
 def _bus(table: _Table, environ: Mapping[str, str]) -> BusSpec:
-    url = environ.get("SYSTEM_BUS") or table.get("url", str, "store")
+    url = table.get("url", str, "store")
+    url = environ.get("SYSTEM_BUS") or url
     table.done()
     if url != "store" and not url.startswith(("nats://", "tls://")):
         raise ManifestError(f"bus.url must be 'store' or a nats:// URL, got {url!r}")
@@ -304,13 +309,18 @@ def parse_manifest(
     """Validate parsed TOML (`path` locates relative directories)."""
     env = os.environ if environ is None else environ
     top = _Table("", dict(data))
+    unknown = sorted(set(top.data) - _TOP_LEVEL)
+    if unknown:
+        raise ManifestError(f"unknown key(s) in the top level: {', '.join(unknown)}")
     system = top.table("system")
-    name = env.get("SYSTEM_NAME") or system.get("name", str, "system")
+    name = system.get("name", str, "system")
+    name = env.get("SYSTEM_NAME") or name
     if not _NAME.match(name):
         raise ManifestError(
             f"system.name must be 1-31 of a-z, 0-9, _ starting with a letter, got {name!r}"
         )
-    data_dir = Path(env.get("SYSTEM_DATA_DIR") or system.get("data_dir", str, "data"))
+    data_dir = Path(system.get("data_dir", str, "data"))
+    data_dir = Path(env["SYSTEM_DATA_DIR"]) if env.get("SYSTEM_DATA_DIR") else data_dir
     if not data_dir.is_absolute():
         data_dir = path.parent / data_dir
     host = system.get("host", str, "127.0.0.1")
