@@ -208,7 +208,7 @@ def plan(
                 "SERVICE_PORT": str(spec.port_of(replica)),
                 "SERVICE_VERSION": spec.version,
                 "SERVICE_TOKEN_FILE": str(workload.token_path(tokens)),
-                **_service_extra(spec, keys),
+                **_service_extra(spec, keys, data),
                 **spec.env,
             }
             processes.append(
@@ -225,8 +225,8 @@ def plan(
 
     sagas = manifest.sagas
     if sagas.enabled:
-        if importlib.util.find_spec("framework.saga") is None:
-            skipped.append("sagas (framework.saga is not in this checkout)")
+        if not _importable("framework.saga.service"):
+            skipped.append("sagas (framework.saga.service is not in this checkout)")
         else:
             workload = Workload(
                 "sagas",
@@ -247,7 +247,7 @@ def plan(
             processes.append(
                 ProcessSpec(
                     "sagas",
-                    (python, "-m", "framework.saga"),
+                    (python, "-m", "framework.system.sagas"),
                     env,
                     tier=2,
                     ready=readiness.registered(
@@ -257,7 +257,7 @@ def plan(
             )
 
     if manifest.gateway.enabled:
-        if importlib.util.find_spec("framework.gateway") is None:
+        if not _importable("framework.gateway"):
             skipped.append("gateway (framework.gateway is not in this checkout)")
         else:
             workload = Workload("gateway", "service:gateway", _WORKLOAD_SCOPES)
@@ -292,10 +292,20 @@ def plan(
     )
 
 
-def _service_extra(spec: ServiceSpec, keys: KeyFiles) -> dict[str, str]:
-    """What one service needs beyond the runtime: only the identity service signs tokens."""
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _service_extra(spec: ServiceSpec, keys: KeyFiles, data: Path) -> dict[str, str]:
+    """What one service needs beyond the runtime: the identity service signs tokens; the
+    inventory keeps its own SQLite file."""
     if spec.name == "user":
         return {"USER_SIGNING_KEY": str(keys.user_signing)}
+    if spec.name == "inventory":
+        return {"INVENTORY_DB_PATH": str(data / "inventory.sqlite3")}
     return {}
 
 

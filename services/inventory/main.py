@@ -26,6 +26,7 @@ from framework.policies.ratelimit import RateLimitPolicy
 from framework.policies.validation import ValidationPolicy
 from framework.policy import Policy
 from framework.server import Server
+from framework.system.runtime import RuntimeConfig, ServiceRuntime
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
 from services.inventory.servicer import InventoryServicer
@@ -145,8 +146,60 @@ async def run(config: InventoryConfig) -> None:
     await service.server.serve()
 
 
+def parse_seed(text: str) -> list[tuple[str, int]]:
+    """`INVENTORY_SEED`: "SKU=quantity,..." (ValueError naming a bad entry)."""
+    seed: list[tuple[str, int]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        sku, sep, quantity = item.partition("=")
+        if not sep or not sku or not quantity.isdigit() or int(quantity) < 1:
+            raise ValueError(f"INVENTORY_SEED entries look like SKU=quantity, got {item!r}")
+        seed.append((sku, int(quantity)))
+    return seed
+
+
+class _Seed:
+    """Server hook: stock `seed` once (idempotency keys make a restart add nothing)."""
+
+    def __init__(self, inventory: Inventory, seed: Sequence[tuple[str, int]]) -> None:
+        self.inventory = inventory
+        self.seed = tuple(seed)
+
+    async def on_started(self, server: Server) -> None:
+        for sku, quantity in self.seed:
+            await self.inventory.add_stock(sku, quantity, idempotency_key=f"seed:{sku}:{quantity}")
+
+
+async def build_in_system(config: RuntimeConfig) -> InventoryService:
+    """Inventory as a process of a system (`python -m framework up`): the system's token
+    keys, registration, fault and breaker admin; stock from `INVENTORY_SEED`.
+
+    The store stays a SQLite file (`INVENTORY_DB_PATH`) whatever the system's store.
+    """
+    env = config.extra
+    runtime = ServiceRuntime(config)
+    store = SqliteInventoryStore(env.get("INVENTORY_DB_PATH") or "inventory.sqlite3")
+    await store.open()
+    inventory = Inventory(store)
+    server = runtime.server(
+        health_checks=[store_check(store)],
+        hooks=[_Seed(inventory, parse_seed(env.get("INVENTORY_SEED", "")))],
+        closing=[store],
+    )
+    server.add(InventoryServicer(inventory))
+    runtime.register(server, "inventory.v1.InventoryService")
+    return InventoryService(server, inventory, store, DevTokens(DEV_SECRET))
+
+
+async def _run_in_system(config: RuntimeConfig) -> None:
+    service = await build_in_system(config)
+    await service.server.serve()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if os.environ.get("SERVICE_JWKS"):  # started by `python -m framework up`
+        asyncio.run(_run_in_system(RuntimeConfig.from_env("inventory")))
+        return
     asyncio.run(run(InventoryConfig.from_env()))
 
 

@@ -51,7 +51,7 @@ async def build(config: RuntimeConfig, confirmations: Confirmations | None = Non
     await read_model.setup()
     runner: ProjectionRunner[object] = ProjectionRunner(db.store, OrderListProjection(db))  # type: ignore[arg-type]
     if confirmations is None:
-        from services.order.sagas import SagaConfirmations  # type: ignore[import-not-found]
+        from services.order.sagas import SagaConfirmations
 
         confirmations = SagaConfirmations(await runtime.channel("saga.v1.SagaService"))
     orders = Orders(
