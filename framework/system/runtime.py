@@ -263,10 +263,16 @@ class ServiceRuntime:
         ]
 
     def connect(self, address: str) -> Any:
-        """A channel to one instance with the outbound chain (for streams tied to it)."""
+        """A channel to one instance with the outbound chain, for long-lived streams tied
+        to it (no default deadline: a subscription lasts as long as it is wanted)."""
         from framework.client import connect
+        from framework.config import ClientConfig
 
-        return connect(address, policies=self.client_policies())
+        return connect(
+            address,
+            policies=[self.bearer(), IdempotencyKeyPolicy(Side.CLIENT)],
+            config=ClientConfig(default_timeout_s=None),
+        )
 
     async def close(self) -> None:
         channels, self._channels = self._channels, []
