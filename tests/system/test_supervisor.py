@@ -61,7 +61,7 @@ async def test_tiers_start_in_order_and_lines_are_prefixed(tmp_path: Path) -> No
     marker.touch()
     await starting
     await _until(lambda: "second | hello from second" in out.getvalue())
-    assert "first  | hello from first" in out.getvalue()
+    await _until(lambda: "first  | hello from first" in out.getvalue())
     await supervisor.stop()
 
 
