@@ -7,7 +7,9 @@
     ...
     telemetry.shutdown()
 
-Providers are built here and passed into the policies; nothing is installed as
+Spans are exported in batches by `framework.telemetry.batcher.SpanBatcher` (the
+SDK's `BatchSpanProcessor` job at a fraction of its per-span cost).  Providers are
+built here and passed into the policies; nothing is installed as
 a global (call `opentelemetry.trace.set_tracer_provider` yourself if third-party
 instrumentation needs one).  Exporters: `otlp` (when the optional package
 `opentelemetry-exporter-otlp-proto-grpc` is installed), `console` for
@@ -17,7 +19,8 @@ provider is built and the policies bind to nothing: zero cost per call.
 Variables read (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/):
 OTEL_SDK_DISABLED, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_EXPORTER,
 OTEL_METRICS_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER,
-OTEL_TRACES_SAMPLER_ARG, OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_PROMETHEUS_HOST,
+OTEL_TRACES_SAMPLER_ARG, OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE,
+OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_METRIC_EXPORT_INTERVAL, OTEL_EXPORTER_PROMETHEUS_HOST,
 OTEL_EXPORTER_PROMETHEUS_PORT; and FRAMEWORK_METRICS_NAMING (`otel`, the default,
 or `grpc_prometheus`: see `framework.telemetry.names`).  One deviation: the traces
 exporter defaults to `otlp` only when an OTLP endpoint is set, else `none`, so a
@@ -36,10 +39,9 @@ from typing import Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
@@ -47,6 +49,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from framework.policy import Policy
+from framework.telemetry.batcher import SpanBatcher
 from framework.telemetry.metrics import (
     BreakerListener,
     MetricsPolicy,
@@ -91,6 +94,9 @@ class TelemetryConfig:
     prometheus_port: int = 9464
     batch_spans: bool = True
     metrics_naming: str = OTEL
+    span_schedule_delay_s: float = 5.0
+    span_queue_size: int = 2048
+    span_batch_size: int = 512
 
     def __post_init__(self) -> None:
         if not self.service_name:
@@ -120,6 +126,13 @@ class TelemetryConfig:
                 f"metrics_naming must be one of {sorted(NAMINGS)}, got {self.metrics_naming!r} "
                 "(FRAMEWORK_METRICS_NAMING)"
             )
+        if self.span_schedule_delay_s <= 0:
+            raise ValueError("span_schedule_delay_s must be > 0 (OTEL_BSP_SCHEDULE_DELAY)")
+        if not 1 <= self.span_batch_size <= self.span_queue_size:
+            raise ValueError(
+                "need 1 <= span_batch_size <= span_queue_size "
+                "(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, OTEL_BSP_MAX_QUEUE_SIZE)"
+            )
         if self.metric_export_interval_s <= 0:
             raise ValueError("metric_export_interval_s must be > 0 (OTEL_METRIC_EXPORT_INTERVAL)")
         if not 0 <= self.prometheus_port <= 65535:
@@ -144,6 +157,9 @@ class TelemetryConfig:
             ratio = float(ratio_text) if ratio_text else 1.0
             interval_ms = float(get("OTEL_METRIC_EXPORT_INTERVAL", "60000"))
             port = int(get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"))
+            delay_ms = float(get("OTEL_BSP_SCHEDULE_DELAY", "5000"))
+            queue_size = int(get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
+            batch_size = int(get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512"))
         except ValueError as error:
             raise ValueError(f"an OTEL_* variable is not a number: {error}") from None
         return cls(
@@ -160,6 +176,9 @@ class TelemetryConfig:
             prometheus_host=get("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1"),
             prometheus_port=port,
             metrics_naming=get("FRAMEWORK_METRICS_NAMING", OTEL).lower(),
+            span_schedule_delay_s=delay_ms / 1000.0,
+            span_queue_size=queue_size,
+            span_batch_size=batch_size,
         )
 
 
@@ -225,7 +244,16 @@ class Telemetry:
         exporter = span_exporter or _span_exporter(config)
         if exporter is not None:
             batch = config.batch_spans and not isinstance(exporter, InMemorySpanExporter)
-            processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+            processor: SpanProcessor
+            if batch:
+                processor = SpanBatcher(
+                    exporter,
+                    schedule_delay_s=config.span_schedule_delay_s,
+                    max_queue=config.span_queue_size,
+                    max_export_batch=config.span_batch_size,
+                )
+            else:
+                processor = SimpleSpanProcessor(exporter)
             tracer_provider.add_span_processor(processor)
         store = RpcMetrics(naming=config.metrics_naming)
         pull = StoreReader(store, resource)
@@ -254,8 +282,11 @@ class Telemetry:
         return MetricsPolicy(self.rpc_metrics).breaker_listener()
 
     def flush(self) -> None:
+        """Export what is queued: ended spans, and (push exporters) the metrics now."""
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
+        if self.meter_provider is not None:
+            self.meter_provider.force_flush()
 
     def shutdown(self) -> None:
         if self.tracer_provider is not None:

@@ -14,23 +14,37 @@ What it skips, and why that is safe here:
 - the sampler call when the sampler is the default `parentbased_always_on` or
   `always_on` (decided from its public description once): the decision is then
   "follow the parent's sampled flag, sample roots", computed inline.
+- for `parentbased_traceidratio`, the root decision is the ratio test on the trace
+  id (what `TraceIdRatioBased` does), inline;
+- the multi-processor loop and `on_start` when the provider's only processor is a
+  `framework.telemetry.batcher.SpanBatcher`: an ended span goes straight to its queue;
+- `SpanContext.__new__`'s validation for ids the factory made or checked itself (a
+  tuple of the same layout, verified once at import).
 Other samplers are called as the SDK calls them.  Any other provider (the API's
 no-op one, a vendor SDK) gets the ordinary `tracer.start_span()` path.
+
+`RemoteSpan` is what a server call whose caller did not sample the trace gets as
+its current span: the caller's context, parsed only when something asks for it
+(an outbound call to propagate, a log line), so such a call costs almost nothing.
 """
 
 from __future__ import annotations
 
+import random
+import re
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import (
     Link,
     SpanContext,
@@ -40,29 +54,111 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 from opentelemetry.util import types
+
+from framework.telemetry.batcher import direct_batcher
 
 SCOPE_NAME = "framework"
 _UNSET = Status(StatusCode.UNSET)
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+FLAGS = tuple(TraceFlags(i) for i in range(256))  # one instance per value, shared
+_SAMPLED = FLAGS[TraceFlags.SAMPLED]
+_NOT_SAMPLED = FLAGS[TraceFlags.DEFAULT]
 _RANDOM = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
-_DEFAULT_DESCRIPTIONS = frozenset(
-    {
-        "AlwaysOnSampler",
-        "ParentBased{root:AlwaysOnSampler,remoteParentSampled:AlwaysOnSampler,"
-        "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
-        "localParentNotSampled:AlwaysOffSampler}",
-    }
+_TRACE_ID_LIMIT = (1 << 64) - 1
+# ParentBased samplers whose decision for a parent is "follow its sampled flag"
+_FOLLOWS_PARENT = re.compile(
+    r"ParentBased\{root:(?P<root>.*),remoteParentSampled:AlwaysOnSampler,"
+    r"remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+    r"localParentNotSampled:AlwaysOffSampler\}"
 )
+_RATIO = re.compile(r"TraceIdRatioBased\{(?P<rate>[0-9.eE+-]+)\}")
+
+
+def _fast_contexts() -> bool:
+    """True when SpanContext is the 6-tuple (trace_id, span_id, is_remote, flags, state,
+    is_valid) this module builds directly (checked against the real constructor)."""
+    state = TraceState([("k", "v")])
+    try:
+        fast = tuple.__new__(SpanContext, (3, 4, True, _SAMPLED, state, True))
+    except TypeError:
+        return False
+    slow = SpanContext(3, 4, True, _SAMPLED, state)
+    return bool(
+        fast == slow
+        and (fast.trace_id, fast.span_id, fast.is_remote, fast.is_valid) == (3, 4, True, True)
+        and fast.trace_flags is _SAMPLED
+        and fast.trace_state is state
+    )
+
+
+_FAST_CONTEXTS = _fast_contexts()
+
+
+def span_context(
+    trace_id: int, span_id: int, remote: bool, flags: TraceFlags, state: TraceState | None
+) -> SpanContext:
+    """A valid SpanContext for ids known to be in range and non-zero (no re-validation)."""
+    if _FAST_CONTEXTS:
+        return tuple.__new__(
+            SpanContext, (trace_id, span_id, remote, flags, state or DEFAULT_TRACE_STATE, True)
+        )
+    return SpanContext(trace_id, span_id, remote, flags, state)
+
+
+_SPAN_KEY = next(iter(trace_api.set_span_in_context(trace_api.INVALID_SPAN, Context())))
+
+
+def context_with(span: trace_api.Span, parent: Context | None = None) -> Context:
+    """`set_span_in_context(span, parent)`, without copying an empty current context."""
+    base = parent if parent is not None else context_api.get_current()
+    if not base:
+        return Context({_SPAN_KEY: span})
+    values = dict(base)
+    values[_SPAN_KEY] = span
+    return Context(values)
+
+
+class RemoteSpan(trace_api.NonRecordingSpan):
+    """The caller's span context from a `traceparent` already checked to be well formed,
+    parsed when first asked for: a call the caller did not sample never pays for it."""
+
+    def __init__(self, traceparent: str, tracestate: str | None) -> None:
+        self._traceparent = traceparent
+        self._tracestate = tracestate
+        self._parsed: SpanContext | None = None
+
+    def get_span_context(self) -> SpanContext:
+        parsed = self._parsed
+        if parsed is None:
+            value = self._traceparent
+            state = TraceState.from_header([self._tracestate]) if self._tracestate else None
+            parsed = self._parsed = span_context(
+                int(value[3:35], 16), int(value[36:52], 16), True, FLAGS[int(value[53:55], 16)],
+                state,
+            )  # fmt: skip
+        return parsed
+
+    def __repr__(self) -> str:
+        return f"RemoteSpan({self.get_span_context()!r})"
 
 
 class LeanSpan(trace_api.Span, ReadableSpan):
-    """A recording span that is its own `ReadableSpan`; ended once, exported once."""
+    """A recording span that is its own `ReadableSpan`; ended once, exported once.
+
+    What is the same for every span of a factory (resource, scope, where ended spans
+    go) and the initial state lives on a per-factory subclass, so starting a span
+    sets only what differs per span."""
+
+    _factory: SpanFactory
+    _events: Sequence[Event] = ()
+    _links: Sequence[Link] = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_info = None
 
     def __init__(
         self,
-        factory: SpanFactory,
         name: str,
         context: SpanContext,
         parent: SpanContext | None,
@@ -74,25 +170,16 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         # ReadableSpan.__init__ is skipped on purpose: it would build a Resource per span.
         self._name = name
         self._context = context
-        self._span_context = context
         self._parent = parent
         self._kind = kind
         self._attributes = attributes
         self._attrs = attributes  # the same dict, typed for updates
         self._shared = shared  # copy before the first change (copy-on-write)
-        self._events: Sequence[Event] = ()
-        self._links: Sequence[Link] = ()
-        self._resource = factory.resource
-        self._status = _UNSET
         self._start_time = start_ns
-        self._end_time: int | None = None
-        self._instrumentation_info = None
-        self._instrumentation_scope = factory.scope
-        self._processor = factory.processor
 
     # ----- opentelemetry.trace.Span
     def get_span_context(self) -> SpanContext:
-        return self._span_context
+        return self._context  # type: ignore[return-value]  # set in __init__, never None
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -165,7 +252,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         if self._end_time is not None:
             return
         self._end_time = end_time or time.time_ns()
-        self._processor.on_end(self)
+        self._factory.ended(self)
 
     def __exit__(
         self,
@@ -185,6 +272,9 @@ class SpanFactory:
     def __init__(self, tracer_provider: trace_api.TracerProvider, version: str = "") -> None:
         self.tracer = tracer_provider.get_tracer(SCOPE_NAME, version or None)
         self.lean = isinstance(self.tracer, sdk_trace.Tracer)
+        self.default_sampling = False
+        self.follows_parent = False  # the decision for a parent is its sampled flag
+        self.root_bound: int | None = None  # inline ratio test for roots, when known
         if isinstance(self.tracer, sdk_trace.Tracer):
             tracer = self.tracer
             self.resource = tracer.resource
@@ -193,7 +283,92 @@ class SpanFactory:
             self.ids = tracer.id_generator
             self.sampler = tracer.sampler
             self.random_ids = self.ids.is_trace_id_random()
-            self.default_sampling = self.sampler.get_description() in _DEFAULT_DESCRIPTIONS
+            self.fast_ids = type(self.ids) is RandomIdGenerator
+            self._read_sampler(self.sampler.get_description())
+            self.span_class: type[LeanSpan] = type(
+                "LeanSpan",
+                (LeanSpan,),
+                {
+                    "_factory": self,
+                    "_resource": self.resource,
+                    "_instrumentation_scope": self.scope,
+                    "__module__": __name__,
+                },
+            )
+            self._direct_key: object = None
+            self._direct: Callable[[ReadableSpan], None] | None = None
+
+    def _read_sampler(self, description: str) -> None:
+        """Decide once, from the sampler's public description, what can be inlined."""
+        if description == "AlwaysOnSampler":
+            self.default_sampling = True
+            return
+        match = _FOLLOWS_PARENT.fullmatch(description)
+        if match is None:
+            return
+        self.follows_parent = True
+        root = match.group("root")
+        if root == "AlwaysOnSampler":
+            self.default_sampling = True
+        elif root == "AlwaysOffSampler":
+            self.root_bound = 0
+        else:
+            ratio = _RATIO.fullmatch(root)
+            if ratio is not None:  # TraceIdRatioBased.get_bound_for_rate
+                self.root_bound = round(float(ratio.group("rate")) * (_TRACE_ID_LIMIT + 1))
+
+    # ----- ids
+    def trace_id(self) -> int:
+        if self.fast_ids:
+            trace_id = random.getrandbits(128)
+            if trace_id:
+                return trace_id
+        return self.ids.generate_trace_id()
+
+    def span_id(self) -> int:
+        if self.fast_ids:
+            span_id = random.getrandbits(64)
+            if span_id:
+                return span_id
+        return self.ids.generate_span_id()
+
+    # ----- ending
+    def ended(self, span: LeanSpan) -> None:
+        """Hand an ended span to the processors (straight to a lone `SpanBatcher`'s queue)."""
+        processor = self.processor
+        key = getattr(processor, "_span_processors", processor)
+        if key is not self._direct_key:  # processors were added: look again
+            self._direct = direct_batcher(processor)
+            self._direct_key = key
+        direct = self._direct
+        if direct is not None:
+            direct(span)
+        else:
+            processor.on_end(span)
+
+    # ----- starting
+    def start_child(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent: SpanContext,
+        attributes: dict[str, Any],
+        shared: bool = False,
+    ) -> trace_api.Span:
+        """A span under a valid `parent`, when `follows_parent` (the sampler's decision is
+        the parent's sampled flag): no sampler call, no Context, nothing copied."""
+        flags = parent.trace_flags
+        context = span_context(
+            parent.trace_id, self.span_id(), False, FLAGS[flags & (1 | _RANDOM)], parent.trace_state
+        )
+        if not flags & 1:
+            return trace_api.NonRecordingSpan(context)
+        span = self.span_class(name, context, parent, kind, attributes, time.time_ns(), shared)
+        if self._direct is None or self._direct_key is not getattr(
+            self.processor, "_span_processors", self.processor
+        ):
+            self.processor.on_start(span, None)  # type: ignore[arg-type]
+        return span
 
     def start(
         self,
@@ -211,7 +386,8 @@ class SpanFactory:
         is never mutated, e.g. one computed per method).  `remote_parent`, when given,
         is the parent instead of the span in `parent_context` (saves building a
         Context just to carry it)."""
-        if remote_parent is not None and (not self.lean or not self.default_sampling):
+        inline = self.default_sampling or (self.follows_parent and self.root_bound is not None)
+        if remote_parent is not None and (not self.lean or not inline):
             parent_context = trace_api.set_span_in_context(
                 trace_api.NonRecordingSpan(remote_parent), parent_context
             )
@@ -223,17 +399,21 @@ class SpanFactory:
         parent: SpanContext | None = (
             remote_parent or trace_api.get_current_span(parent_context).get_span_context()
         )
+        if self.follows_parent and parent is not None and parent.is_valid and not links:
+            return self.start_child(name, kind, parent, attributes, shared)
         trace_state: TraceState | None
         if parent is not None and parent.is_valid:
             trace_id = parent.trace_id
             flag_random = parent.trace_flags & _RANDOM
         else:
             parent = None
-            trace_id = self.ids.generate_trace_id()
+            trace_id = self.trace_id()
             flag_random = _RANDOM if self.random_ids else 0
-        if self.default_sampling:
+        if inline and not links:
             if parent is None:
-                sampled, trace_state = True, None
+                bound = self.root_bound
+                sampled = bound is None or (trace_id & _TRACE_ID_LIMIT) < bound
+                trace_state = None
             else:
                 sampled, trace_state = parent.trace_flags.sampled, parent.trace_state
         else:
@@ -243,14 +423,17 @@ class SpanFactory:
             sampled, trace_state = result.decision.is_sampled(), result.trace_state  # type: ignore[no-untyped-call]
             if result.attributes:
                 attributes, shared = dict(result.attributes), False
-        flags = _SAMPLED if sampled else _NOT_SAMPLED
-        if flag_random:
-            flags = TraceFlags(flags | flag_random)
-        span_context = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, trace_state)
+        flags = FLAGS[(1 if sampled else 0) | flag_random]
+        span_context_ = span_context(trace_id, self.span_id(), False, flags, trace_state)
         if not sampled:
-            return trace_api.NonRecordingSpan(span_context)
-        span = LeanSpan(self, name, span_context, parent, kind, attributes, time.time_ns(), shared)
+            return trace_api.NonRecordingSpan(span_context_)
+        span = self.span_class(
+            name, span_context_, parent, kind, attributes, time.time_ns(), shared
+        )
         if links:
             span._links = list(links)
-        self.processor.on_start(span, parent_context)  # type: ignore[arg-type]
+        if self._direct is None or self._direct_key is not getattr(
+            self.processor, "_span_processors", self.processor
+        ):
+            self.processor.on_start(span, parent_context)  # type: ignore[arg-type]
         return span

@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+from opentelemetry import baggage, propagate
 from opentelemetry import context as context_api
-from opentelemetry import propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
@@ -46,14 +46,19 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
     TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from framework.policy import Call, Exit, Method, Side
 from framework.telemetry.metrics import outcome_code
-from framework.telemetry.spans import SpanFactory
+from framework.telemetry.spans import (
+    FLAGS,
+    RemoteSpan,
+    SpanFactory,
+    context_with,
+    span_context,
+)
 
 # Typed-error reasons that stand for a decision of another policy.
 DECISION_EVENTS: Mapping[str, str] = {
@@ -85,6 +90,8 @@ class _CallSetter(Setter[Call]):
 
 _GETTER = _CallGetter()
 _SETTER = _CallSetter()
+_BAGGAGE = W3CBaggagePropagator()
+_BAGGAGE_KEY = next(iter(baggage.set_baggage("k", "v", Context())))  # where baggage lives
 
 
 def split_address(target: str) -> tuple[str, int | None]:
@@ -132,27 +139,35 @@ def _is_default_w3c(propagator: TextMapPropagator) -> bool:
     ]
 
 
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_NOT_SAMPLED_DIGITS = frozenset("02468ace")
+
+
+def _well_formed(value: str) -> bool:
+    """A version-00 traceparent with non-zero ids, as the W3C propagator accepts it."""
+    return (
+        _TRACEPARENT_00.fullmatch(value) is not None
+        and value[3:35] != _ZERO_TRACE
+        and value[36:52] != _ZERO_SPAN
+    )
+
+
 def _parse_traceparent(value: str | bytes, tracestate: str | bytes | None) -> SpanContext | None:
     """The common case of the W3C propagator (version 00, valid ids, no baggage), inline.
 
     Returns None for anything else, and the caller then asks the propagator itself,
     so the result is always what `TraceContextTextMapPropagator.extract` gives.
     """
-    if not isinstance(value, str):
-        return None
-    match = _TRACEPARENT_00.fullmatch(value)
-    if match is None:
-        return None
-    trace_hex, span_hex, flags = match.groups()
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if not trace_id or not span_id:
+    if not isinstance(value, str) or not _well_formed(value):
         return None
     state = None
     if tracestate is not None:
         if not isinstance(tracestate, str):
             return None
         state = TraceState.from_header([tracestate])
-    return SpanContext(trace_id, span_id, True, TraceFlags(int(flags, 16)), state)
+    return span_context(
+        int(value[3:35], 16), int(value[36:52], 16), True, FLAGS[int(value[53:55], 16)], state
+    )
 
 
 class TracingPolicy:
@@ -244,45 +259,112 @@ class _Enter:
         self.client_base: dict[str, dict[str, Any]] = {}
         self.server_base: tuple[dict[str, Any] | None, dict[str, Any]] = (None, self.base)
 
-    def __call__(self, call: Call) -> Exit:
+    def __call__(self, call: Call) -> Exit | None:
         if call.side is Side.SERVER:
             return self._server(call)
         return self._client(call)
 
     def _server(self, call: Call) -> Exit:
         policy = self.policy
-        parent, remote = policy._extract(call)
-        server_attrs = policy._server_attrs
-        if self.server_base[0] is not server_attrs:  # once, or after on_started
-            self.server_base = (server_attrs, {**self.base, **server_attrs})
-        attrs = self.server_base[1]  # shared, never mutated: the span copies on write
+        if policy._w3c and self.factory.follows_parent:
+            # The common case inline: a well-formed version-00 traceparent, no baggage.
+            traceparent = call.header("traceparent")
+            if (
+                type(traceparent) is str
+                and len(traceparent) == 55
+                and call.header("baggage") is None
+                and _well_formed(traceparent)
+            ):
+                tracestate = call.header("tracestate")
+                if tracestate is None or type(tracestate) is str:
+                    if traceparent[-1] in _NOT_SAMPLED_DIGITS:  # the caller did not sample
+                        return self._unsampled(RemoteSpan(traceparent, tracestate))
+                    parent = span_context(
+                        int(traceparent[3:35], 16),
+                        int(traceparent[36:52], 16),
+                        True,
+                        FLAGS[int(traceparent[53:55], 16)],
+                        TraceState.from_header([tracestate]) if tracestate else None,
+                    )
+                    span = self.factory.start_child(
+                        self.name, SpanKind.SERVER, parent, self._server_attrs(), True
+                    )
+                    return self._recording(span, call, None)
+        parent_context, remote = policy._extract(call)
         span = self.factory.start(
-            self.name, SpanKind.SERVER, parent, attrs, shared=True, remote_parent=remote
+            self.name,
+            SpanKind.SERVER,
+            parent_context,
+            self._server_attrs(),
+            shared=True,
+            remote_parent=remote,
         )
-        if call.header(_RETRY_HEADER) is not None:
-            span.add_event("retry attempt", {"previous_attempts": str(call.header(_RETRY_HEADER))})
-        token = context_api.attach(trace_api.set_span_in_context(span, parent))
+        if not span.is_recording():
+            return self._unsampled(span, parent_context)
+        return self._recording(span, call, parent_context)
+
+    def _server_attrs(self) -> dict[str, Any]:
+        """The SERVER span's attributes: shared by every call, never mutated (the span
+        copies on write); rebuilt once when the server learns its address."""
+        server_attrs = self.policy._server_attrs
+        if self.server_base[0] is not server_attrs:
+            self.server_base = (server_attrs, {**self.base, **server_attrs})
+        return self.server_base[1]
+
+    @staticmethod
+    def _recording(span: trace_api.Span, call: Call, parent: Context | None) -> Exit:
+        """Make a recording SERVER span current; its exit records the outcome and ends it."""
+        previous = call.header(_RETRY_HEADER)
+        if previous is not None:
+            span.add_event("retry attempt", {"previous_attempts": str(previous)})
+        token = context_api.attach(context_with(span, parent))
 
         def exit_(error: BaseException | None) -> None:
             context_api.detach(token)
-            _ended(span, Side.SERVER, error)
+            if error is not None:
+                _ended(span, Side.SERVER, error)
             span.end()
 
         return exit_
 
-    def _client(self, call: Call) -> Exit:
+    @staticmethod
+    def _unsampled(span: trace_api.Span, parent: Context | None = None) -> Exit:
+        """A call nobody records: only make its context current, for propagation and logs."""
+        token = context_api.attach(context_with(span, parent))
+
+        def exit_(error: BaseException | None) -> None:
+            context_api.detach(token)
+
+        return exit_
+
+    def _client(self, call: Call) -> Exit | None:
         base = self.client_base.get(call.target)
         if base is None:
             base = {**self.base, **self.policy._target_attrs(call.target)}
             self.client_base[call.target] = base
         parent = context_api.get_current()
         span = self.factory.start(self.name, SpanKind.CLIENT, parent, base, shared=True)
-        self.policy._propagator.inject(
-            call, context=trace_api.set_span_in_context(span, parent), setter=_SETTER
-        )
+        if self.policy._w3c:  # what the default propagator writes, inline
+            context = span.get_span_context()
+            if context.is_valid:
+                call.add_metadata(
+                    "traceparent",
+                    f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}",
+                )
+                if context.trace_state:
+                    call.add_metadata("tracestate", context.trace_state.to_header())
+            if parent.get(_BAGGAGE_KEY):
+                _BAGGAGE.inject(call, context=parent, setter=_SETTER)
+        else:
+            self.policy._propagator.inject(
+                call, context=trace_api.set_span_in_context(span, parent), setter=_SETTER
+            )
+        if not span.is_recording():
+            return None
 
         def exit_(error: BaseException | None) -> None:
-            _ended(span, Side.CLIENT, error)
+            if error is not None:
+                _ended(span, Side.CLIENT, error)
             span.end()
 
         return exit_

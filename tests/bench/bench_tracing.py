@@ -9,7 +9,10 @@ servicer:
 - contrib: `grpc.aio.server(interceptors=[aio_server_interceptor(...)])` from
   opentelemetry-instrumentation-grpc, same processor and exporter (no metrics).
 - framework: `Server` with no policy at all (only to show how much of "ours"
-  is the server adapter rather than tracing + metrics).
+  is the server adapter rather than tracing + metrics);
+- ours_unsampled: the "ours" server called with a traceparent whose caller did
+  not sample the trace (flags 00): what tracing costs for a sampled-out call
+  (metrics still recorded).
 The client process (this one, pinned to core 1) drives each server in turn with
 a closed loop of bare grpc.aio calls carrying the same `traceparent`, several
 interleaved rounds; ratios of the medians (per-round paired ratios are printed
@@ -47,7 +50,8 @@ CALLS_PER_ROUND = 2000
 WARMUP_CALLS = 500
 CONCURRENCY = 32
 TRACEPARENT = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)
-VARIANTS: tuple[str, ...] = ("bare", "framework", "ours", "contrib")
+UNSAMPLED = (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),)
+VARIANTS: tuple[str, ...] = ("bare", "framework", "ours", "ours_unsampled", "contrib")
 if os.environ.get("BENCH_TRACING_DETAIL"):  # split "ours" into its two policies
     VARIANTS = (
         *VARIANTS,
@@ -215,6 +219,7 @@ async def drive(
     ports: dict[str, int], server_pid: int
 ) -> tuple[dict[str, list[Sample]], dict[str, list[float]]]:
     """Interleaved rounds against each server; per-round server CPU per call (us)."""
+    ports = {**ports, "ours_unsampled": ports["ours"]}
     channels = {v: grpc.aio.insecure_channel(f"127.0.0.1:{ports[v]}") for v in VARIANTS}
     stubs = {v: echo_pb2_grpc.EchoServiceStub(c) for v, c in channels.items()}
     request = echo_pb2.EchoRequest(text="bench")
@@ -222,9 +227,10 @@ async def drive(
 
     def round_of(variant: str, total: int) -> Any:
         echo = stubs[variant].Echo
+        metadata = UNSAMPLED if variant == "ours_unsampled" else TRACEPARENT
 
         async def call() -> object:
-            return await echo(request, metadata=TRACEPARENT)
+            return await echo(request, metadata=metadata)
 
         async def run() -> Sample:
             cpu0 = process_cpu_s(server_pid)
@@ -252,6 +258,11 @@ def paired_ratio(results: dict[str, list[Sample]], a: str, b: str) -> float:
 def report(results: dict[str, list[Sample]], server_cpu: dict[str, list[float]], tail: str) -> None:
     rate = {v: statistics.median(s.rate for s in results[v]) for v in VARIANTS}
     cpu = {v: statistics.median(server_cpu[v]) for v in VARIANTS}
+    print(
+        f"sampled-out call, tracing+metrics: +{cpu['ours_unsampled'] - cpu['framework']:.1f} us "
+        f"server cpu over the framework server; sampled: +{cpu['ours'] - cpu['framework']:.1f} us",
+        flush=True,
+    )
     for v in VARIANTS:
         print(
             f"{v:9s} {rate[v]:7.0f} calls/s  server cpu {cpu[v]:6.1f} us/call "
