@@ -45,7 +45,6 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from opentelemetry import trace as trace_api
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import (
@@ -63,10 +62,12 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
 from framework.errors import code_of
 from framework.policy import Call, Exit, Method, Side
 from framework.telemetry.names import OTEL, MetricNames
+from framework.telemetry.spans import SPAN_KEY, current_context
 
 # Seconds.  The conventions' recommended boundaries, with sub-millisecond ones
 # below them: in-process and same-host RPCs finish well under 5 ms.
@@ -487,7 +488,12 @@ class MetricsPolicy:
         return self.store.breaker_listener()
 
 
-_get_current_span = trace_api.get_current_span
+def _current_span_context() -> SpanContext:
+    """The current span's context (INVALID when none): one lookup in the current Context."""
+    span = current_context().get(SPAN_KEY)
+    if span is None:
+        return INVALID_SPAN_CONTEXT
+    return span.get_span_context()  # type: ignore[attr-defined, no-any-return]
 
 
 class _MetricsEnter:
@@ -517,7 +523,7 @@ class _MetricsEnter:
 
         def exit_(error: BaseException | None) -> None:
             duration = time.perf_counter() - started
-            context = _get_current_span().get_span_context()  # the call's span: tracing is outer
+            context = _current_span_context()  # the call's span: tracing is outer
             if context.trace_flags & 1:
                 finished(error, duration, context.trace_id, context.span_id)
             else:

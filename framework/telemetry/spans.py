@@ -35,6 +35,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
 
@@ -42,6 +43,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -106,16 +108,44 @@ def span_context(
     return SpanContext(trace_id, span_id, remote, flags, state)
 
 
-_SPAN_KEY = next(iter(trace_api.set_span_in_context(trace_api.INVALID_SPAN, Context())))
+# The key the current span has in a Context (learnt from the API, not imported privately).
+SPAN_KEY = next(iter(trace_api.set_span_in_context(trace_api.INVALID_SPAN, Context())))
+
+
+def _runtime_var() -> ContextVar[Context] | None:
+    """The ContextVar behind OpenTelemetry's default runtime context, when that is the one
+    in use: attaching through it directly is what `context.attach` does, minus two calls."""
+    runtime = getattr(context_api, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(var, ContextVar):
+        return var
+    return None
+
+
+_CURRENT = _runtime_var()
+current_context: Callable[[], Context] = _CURRENT.get if _CURRENT else context_api.get_current
+attach: Callable[[Context], Token[Context]] = _CURRENT.set if _CURRENT else context_api.attach
+
+
+def detach(token: Token[Context]) -> None:
+    """Restore the context `attach` replaced.  A token from another context (an async
+    generator finalized elsewhere) has nothing left to restore there."""
+    if _CURRENT is None:
+        context_api.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except ValueError:
+        pass  # created in another Context: that context is gone, nothing to restore
 
 
 def context_with(span: trace_api.Span, parent: Context | None = None) -> Context:
     """`set_span_in_context(span, parent)`, without copying an empty current context."""
-    base = parent if parent is not None else context_api.get_current()
+    base = parent if parent is not None else current_context()
     if not base:
-        return Context({_SPAN_KEY: span})
+        return Context({SPAN_KEY: span})
     values = dict(base)
-    values[_SPAN_KEY] = span
+    values[SPAN_KEY] = span
     return Context(values)
 
 
@@ -123,10 +153,11 @@ class RemoteSpan(trace_api.NonRecordingSpan):
     """The caller's span context from a `traceparent` already checked to be well formed,
     parsed when first asked for: a call the caller did not sample never pays for it."""
 
+    _parsed: SpanContext | None = None
+
     def __init__(self, traceparent: str, tracestate: str | None) -> None:
         self._traceparent = traceparent
         self._tracestate = tracestate
-        self._parsed: SpanContext | None = None
 
     def get_span_context(self) -> SpanContext:
         parsed = self._parsed

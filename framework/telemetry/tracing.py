@@ -34,7 +34,6 @@ from typing import Any
 
 import grpc
 from opentelemetry import baggage, propagate
-from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
@@ -56,7 +55,10 @@ from framework.telemetry.spans import (
     FLAGS,
     RemoteSpan,
     SpanFactory,
+    attach,
     context_with,
+    current_context,
+    detach,
     span_context,
 )
 
@@ -273,12 +275,15 @@ class _Enter:
                 type(traceparent) is str
                 and len(traceparent) == 55
                 and call.header("baggage") is None
-                and _well_formed(traceparent)
+                and _TRACEPARENT_00.fullmatch(traceparent) is not None
+                and traceparent[3:35] != _ZERO_TRACE
+                and traceparent[36:52] != _ZERO_SPAN
             ):
                 tracestate = call.header("tracestate")
                 if tracestate is None or type(tracestate) is str:
                     if traceparent[-1] in _NOT_SAMPLED_DIGITS:  # the caller did not sample
-                        return self._unsampled(RemoteSpan(traceparent, tracestate))
+                        token = attach(context_with(RemoteSpan(traceparent, tracestate)))
+                        return lambda error: detach(token)
                     parent = span_context(
                         int(traceparent[3:35], 16),
                         int(traceparent[36:52], 16),
@@ -317,10 +322,10 @@ class _Enter:
         previous = call.header(_RETRY_HEADER)
         if previous is not None:
             span.add_event("retry attempt", {"previous_attempts": str(previous)})
-        token = context_api.attach(context_with(span, parent))
+        token = attach(context_with(span, parent))
 
         def exit_(error: BaseException | None) -> None:
-            context_api.detach(token)
+            detach(token)
             if error is not None:
                 _ended(span, Side.SERVER, error)
             span.end()
@@ -330,19 +335,15 @@ class _Enter:
     @staticmethod
     def _unsampled(span: trace_api.Span, parent: Context | None = None) -> Exit:
         """A call nobody records: only make its context current, for propagation and logs."""
-        token = context_api.attach(context_with(span, parent))
-
-        def exit_(error: BaseException | None) -> None:
-            context_api.detach(token)
-
-        return exit_
+        token = attach(context_with(span, parent))
+        return lambda error: detach(token)
 
     def _client(self, call: Call) -> Exit | None:
         base = self.client_base.get(call.target)
         if base is None:
             base = {**self.base, **self.policy._target_attrs(call.target)}
             self.client_base[call.target] = base
-        parent = context_api.get_current()
+        parent = current_context()
         span = self.factory.start(self.name, SpanKind.CLIENT, parent, base, shared=True)
         if self.policy._w3c:  # what the default propagator writes, inline
             context = span.get_span_context()
