@@ -75,7 +75,7 @@ async def serve() -> None:
     from framework.policies.accesslog import AccessLogPolicy, AccessLogWriter
     from framework.policies.bulkhead import BulkheadConfig, BulkheadPolicy
     from framework.policies.faults import FaultInjectionPolicy
-    from framework.policies.idempotency import IdempotencyPolicy
+    from framework.policies.idempotency import IdempotencyKeyPolicy
     from framework.policies.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
     from framework.policies.validation import ValidationPolicy
     from framework.server import Server
@@ -101,7 +101,7 @@ async def serve() -> None:
         BulkheadPolicy(BulkheadConfig(max_concurrency=10_000)),
         FaultInjectionPolicy(),
         ValidationPolicy(),
-        IdempotencyPolicy(),
+        IdempotencyKeyPolicy(),
     ]
     server = Server(
         ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5), policies=policies
