@@ -70,12 +70,20 @@ class DedicatedThread:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the thread after everything submitted before it; return its result."""
+        return await self.schedule(fn)
+
+    def schedule(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue `fn()` now (before this returns) and give the future of its result.
+
+        For clean-up that must be ordered before anything queued later, even
+        when the caller is being cancelled and cannot wait for it.
+        """
         if self._closed:
             raise RuntimeError("the thread is stopped; no more calls are accepted")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, future, loop))
-        return await future
+        return future
 
     async def stop(self) -> None:
         """Finish the calls already submitted, then end the thread."""

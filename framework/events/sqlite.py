@@ -85,6 +85,14 @@ _SAVE_CHECKPOINT = (
 )
 
 
+def _begin(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    conn.execute("COMMIT")
+
+
 @dataclass(frozen=True, slots=True)
 class SqliteConfig:
     """Where the database lives and how hard each commit is synced.
@@ -265,20 +273,30 @@ class SqliteEventStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
-        """A transaction on the events database (commit on success, rollback on error)."""
+        """A transaction on the events database (commit on success, rollback on error).
+
+        Cancellation-safe: statements queued on the connection's thread run
+        even when their caller stops waiting (an `asyncio.timeout`, a cancelled
+        task), so whenever the block does not end in a COMMIT that returned, a
+        rollback of whatever is open is queued behind them before the block
+        lets the next transaction in.  A `BEGIN` still waiting for another
+        writer when its caller gave up is thus undone as soon as it runs.
+        """
         async with self._tx_lock:
             connection = self._tx_connection
             if connection is None:
                 connection = ThreadConnection("sqlite-events-tx")
                 await connection.open(self._connect)
                 self._tx_connection = connection
-            await connection.call(lambda c: c.execute("BEGIN IMMEDIATE"))
+            committed = False
             try:
+                await connection.call(_begin)
                 yield SqliteTransaction(connection)
-            except BaseException:
-                await asyncio.shield(connection.call(lambda c: c.execute("ROLLBACK")))
-                raise
-            await connection.call(lambda c: c.execute("COMMIT"))
+                await connection.call(_commit)
+                committed = True
+            finally:
+                if not committed:
+                    connection.end_transaction()
 
     async def checkpoint_in(self, tx: SqliteTransaction, name: str) -> int:
         row = await tx.fetchone("SELECT position FROM checkpoints WHERE name = ?", (name,))

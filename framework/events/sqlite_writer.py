@@ -15,6 +15,7 @@ called, and positions follow that order.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from framework.events.envelope import EventRow, to_micros
 from framework.events.store import conflict
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 _INSERT = (
     "INSERT INTO events (stream_id, version, aggregate_type, event_id, type,"
@@ -55,6 +58,10 @@ class ThreadConnection:
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` on the thread, after everything submitted before it."""
+        return await self.schedule(fn)
+
+    def schedule(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn(connection)` now; the future of its result (see `DedicatedThread.schedule`)."""
 
         def run() -> T:
             try:
@@ -62,13 +69,37 @@ class ThreadConnection:
             except sqlite3.OperationalError as exc:
                 raise UnavailableError(f"SQLite event store: {exc}; retry later") from exc
 
-        return await self.thread.run(run)
+        return self.thread.schedule(run)
+
+    def end_transaction(self) -> None:
+        """Queue a rollback of whatever transaction is open when the queued calls have run.
+
+        Queued at once (no await), so it runs after every statement already
+        submitted (a `BEGIN` a cancelled caller left behind included) and before
+        anything submitted later; nobody waits for it, so a cancelled caller
+        returns at once even while that `BEGIN` still waits for another writer.
+        """
+        try:
+            future = self.schedule(_rollback_open)
+        except RuntimeError:  # the thread is stopped: the connection is closed, nothing is open
+            return
+        future.add_done_callback(_log_failed_rollback)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self.thread.run(conn.close)
         await self.thread.stop()
+
+
+def _rollback_open(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _log_failed_rollback(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        logger.error("SQLite event store: rollback of an abandoned transaction failed: %s", error)
 
 
 @dataclass(slots=True)
