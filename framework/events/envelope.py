@@ -57,6 +57,7 @@ class Codec:
                 f"append to {stream_id!r} has {len(events)} events; the limit is {MAX_BATCH}"
             )
         out: list[EventRow] = []
+        seen: set[str] = set()
         for index, event in enumerate(events):
             try:
                 if event.serialized_here:
@@ -72,6 +73,13 @@ class Codec:
                 ) from exc
             if not event.event_id:
                 raise InvalidArgumentError(f"events[{index}].event_id is empty: send a UUID")
+            if event.event_id in seen:
+                raise InvalidArgumentError(
+                    f"events[{index}].event_id {event.event_id} appears twice in the batch:"
+                    " every event needs its own id",
+                    metadata={"stream_id": stream_id, "index": str(index)},
+                )
+            seen.add(event.event_id)
             meta = event.metadata
             version = meta.schema_version or self.upcasters.current_version(event.type)
             out.append((event.event_id, event.type, version, encode_metadata(meta), event.payload))

@@ -22,6 +22,7 @@ readers simply step over.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from framework.errors import InvalidArgumentError, UnavailableError
+from framework.errors import ConflictError, InvalidArgumentError, UnavailableError
 from framework.events.envelope import Codec
 from framework.events.notify import AppendSignal
 from framework.events.store import (
@@ -45,9 +46,12 @@ from framework.events.store import (
     check_non_negative,
     check_stream_id,
     conflict,
+    retried_append,
 )
 from framework.events.typeregistry import EventTypeRegistry
 from framework.events.upcast import Upcasters
+
+logger = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -87,6 +91,10 @@ DECLARE
     v_positions BIGINT[];
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
+    IF EXISTS (SELECT 1 FROM {s}.events e WHERE e.event_id = ANY(p_ids)) THEN
+        RETURN QUERY SELECT -1::BIGINT, NULL::BIGINT[];  -- a retry, or ids used elsewhere
+        RETURN;
+    END IF;
     SELECT COALESCE(MAX(e.version), 0) INTO v_actual FROM {s}.events e
         WHERE e.stream_id = p_stream;
     IF p_expected IS NOT NULL AND v_actual <> p_expected THEN
@@ -143,6 +151,30 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+async def _index_event_ids(conn: asyncpg.Connection, schema: str) -> None:
+    """Event ids are unique (appends are idempotent by id): a unique index, or a plain one.
+
+    A schema written before appends were idempotent may hold one id twice; it
+    gets a plain index (appends still find retries by id) and a warning.
+    """
+    try:
+        async with conn.transaction():  # a savepoint: a failure keeps the schema work
+            await conn.execute(
+                f'CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON "{schema}".events (event_id)'
+            )
+    except asyncpg.UniqueViolationError:
+        logger.warning(
+            "PostgreSQL event store %s: the events table holds some event id twice (written"
+            " before appends were idempotent); using a non-unique index. Find them with"
+            " SELECT event_id FROM %s.events GROUP BY event_id HAVING count(*) > 1",
+            schema,
+            schema,
+        )
+        await conn.execute(
+            f'CREATE INDEX IF NOT EXISTS events_event_id_any ON "{schema}".events (event_id)'
+        )
+
+
 class PostgresEventStore:
     """EventStore on PostgreSQL; create with `await PostgresEventStore.open(config, types)`."""
 
@@ -169,6 +201,10 @@ class PostgresEventStore:
         )
         self._version_sql = f"SELECT COALESCE(MAX(version), 0) FROM {s}.events WHERE stream_id = $1"
         self._head_sql = f"SELECT COALESCE(MAX(position), 0) FROM {s}.events"
+        self._find_ids_sql = (
+            f"SELECT event_id, stream_id, version, position FROM {s}.events"
+            " WHERE event_id = ANY($1::TEXT[])"
+        )
         self._save_snapshot_sql = (
             f"INSERT INTO {s}.snapshots (stream_id, version, type, state, recorded_at)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream_id) DO UPDATE SET"
@@ -208,6 +244,7 @@ class PostgresEventStore:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", store._lock_key)
             await conn.execute(_SCHEMA.format(s=f'"{config.schema}"'))
+            await _index_event_ids(conn, config.schema)
         return store
 
     @property
@@ -245,6 +282,13 @@ class PostgresEventStore:
             actual = await self.stream_version(stream_id)
             raise conflict(stream_id, expected_version, actual)
         actual, positions = record[0], record[1]
+        if actual < 0:  # some ids are stored already
+            ids = args[5]
+            found = await self.pool.fetch(self._find_ids_sql, ids)
+            outcome = retried_append(stream_id, expected_version, ids, [tuple(r) for r in found])
+            if isinstance(outcome, ConflictError):
+                raise outcome
+            return outcome
         if positions is None:
             raise conflict(stream_id, expected_version, actual)
         self._signal.notify()

@@ -15,6 +15,7 @@ in increasing order and are never reused.  Projection transactions
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -39,6 +40,8 @@ from framework.events.typeregistry import EventTypeRegistry
 from framework.events.upcast import Upcasters
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -83,6 +86,25 @@ _SAVE_CHECKPOINT = (
     "INSERT INTO checkpoints (name, position) VALUES (?, ?)"
     " ON CONFLICT (name) DO UPDATE SET position = excluded.position"
 )
+
+
+def _index_event_ids(conn: sqlite3.Connection) -> None:
+    """Event ids are unique (appends are idempotent by id): a unique index, or a plain one.
+
+    A database written before appends were idempotent may hold one id twice;
+    it gets a plain index (the append path still finds retries by id) and a
+    warning naming the way out.
+    """
+    try:
+        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (event_id)")
+    except sqlite3.IntegrityError:
+        logger.warning(
+            "SQLite event store %s: the events table holds some event id twice (written"
+            " before appends were idempotent); using a non-unique index. Find them with"
+            " SELECT event_id FROM events GROUP BY event_id HAVING count(*) > 1",
+            conn.execute("PRAGMA database_list").fetchone()[2],
+        )
+        conn.execute("CREATE INDEX IF NOT EXISTS events_event_id_any ON events (event_id)")
 
 
 def _begin(conn: sqlite3.Connection) -> None:
@@ -181,6 +203,7 @@ class SqliteEventStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.config.synchronous}")
         conn.executescript(SCHEMA)
+        _index_event_ids(conn)
         return conn
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -197,10 +220,7 @@ class SqliteEventStore:
         aggregate_type: str = "",
     ) -> AppendResult:
         rows = self.codec.rows(stream_id, events, expected_version)
-        first, version = await self._appends.append(
-            stream_id, aggregate_type, rows, expected_version
-        )
-        return AppendResult(tuple(range(first, first + len(rows))), version)
+        return await self._appends.append(stream_id, aggregate_type, rows, expected_version)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         check_stream_id(snapshot.stream_id)

@@ -26,7 +26,7 @@ from typing import TypeVar
 from framework.errors import ConflictError, UnavailableError
 from framework.events.dedicated_thread import DedicatedThread
 from framework.events.envelope import EventRow, to_micros
-from framework.events.store import conflict
+from framework.events.store import AppendResult, StoredId, conflict, retried_append
 
 T = TypeVar("T")
 
@@ -37,8 +37,9 @@ _INSERT = (
     " schema_version, metadata, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 VERSION_SQL = "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?"
+_FIND_ONE = "SELECT event_id, stream_id, version, position FROM events WHERE event_id = ?"
 
-Outcome = tuple[int, int] | ConflictError  # (first position, new version) or the conflict
+Outcome = AppendResult | ConflictError
 
 
 class ThreadConnection:
@@ -108,7 +109,7 @@ class PendingAppend:
     aggregate_type: str
     rows: list[EventRow]
     expected: int | None
-    future: asyncio.Future[tuple[int, int]]
+    future: asyncio.Future[AppendResult]
 
 
 class GroupCommit:
@@ -124,9 +125,9 @@ class GroupCommit:
 
     async def append(
         self, stream_id: str, aggregate_type: str, rows: list[EventRow], expected: int | None
-    ) -> tuple[int, int]:
-        """Store one validated batch; (first position, new version) or ConflictError."""
-        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+    ) -> AppendResult:
+        """Store one validated batch; its positions and the new version, or ConflictError."""
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append(PendingAppend(stream_id, aggregate_type, rows, expected, future))
         if not self._in_flight:
             self._launch()
@@ -210,9 +211,21 @@ def commit_group(
     return outcomes
 
 
+def _stored_ids(conn: sqlite3.Connection, event_ids: list[str]) -> list[StoredId]:
+    if len(event_ids) == 1:
+        return conn.execute(_FIND_ONE, event_ids).fetchall()
+    marks = ",".join("?" * len(event_ids))
+    sql = f"SELECT event_id, stream_id, version, position FROM events WHERE event_id IN ({marks})"
+    return conn.execute(sql, event_ids).fetchall()
+
+
 def _insert(conn: sqlite3.Connection, pending: PendingAppend, now_us: int) -> Outcome:
-    """Check the expected version and insert the batch (inside the caller's transaction)."""
+    """Check ids and the expected version, insert the batch (inside the caller's transaction)."""
     stream_id, expected = pending.stream_id, pending.expected
+    event_ids = [row[0] for row in pending.rows]
+    found = _stored_ids(conn, event_ids)
+    if found:  # a retry of an append that happened, or ids reused elsewhere
+        return retried_append(stream_id, expected, event_ids, found)
     if expected == 0:
         actual = 0  # a new stream: UNIQUE(stream_id, version) alone refuses an old one
     else:
@@ -235,4 +248,4 @@ def _insert(conn: sqlite3.Connection, pending: PendingAppend, now_us: int) -> Ou
         # The caller rolls this append back (transaction or savepoint).
         return conflict(stream_id, expected, conn.execute(VERSION_SQL, (stream_id,)).fetchone()[0])
     assert last is not None
-    return last - len(values) + 1, actual + len(values)
+    return AppendResult(tuple(range(last - len(values) + 1, last + 1)), actual + len(values))

@@ -227,3 +227,47 @@ def conflict(stream_id: str, expected: int | None, actual: int) -> ConflictError
             "actual_version": str(actual),
         },
     )
+
+
+# (event_id, stream_id, version, position) of a stored event found by its id
+StoredId = tuple[str, str, int, int]
+
+
+def retried_append(
+    stream_id: str,
+    expected: int | None,
+    event_ids: Sequence[str],
+    found: Sequence[StoredId],
+) -> AppendResult | ConflictError:
+    """The outcome of an append some of whose event ids are already stored.
+
+    Appends are idempotent by event id (as in EventStoreDB): when *every* id of
+    the batch is stored in this stream, at consecutive versions in batch order
+    right after `expected` (any place when `expected` is None), the batch is a
+    retry of an append that already happened: its original result, nothing
+    written.  Any other overlap (some ids only, another stream, other
+    versions) is a `ConflictError` with reason `DUPLICATE_EVENT_ID`.
+    """
+    by_id = {row[0]: row for row in found}
+    first = by_id.get(event_ids[0])
+    if first is not None and len(by_id) == len(event_ids):
+        start = first[2] - 1
+        rows = [by_id[event_id] for event_id in event_ids]
+        if (expected is None or expected == start) and all(
+            row[1] == stream_id and row[2] == start + i for i, row in enumerate(rows, start=1)
+        ):
+            return AppendResult(tuple(row[3] for row in rows), start + len(rows))
+    event_id = next(i for i in event_ids if i in by_id)
+    _, other_stream, other_version, _ = by_id[event_id]
+    return ConflictError(
+        f"event id {event_id} is already stored in stream {other_stream!r} at version"
+        f" {other_version}: a retry must resend the same events to the same place;"
+        " new events need new ids",
+        reason="DUPLICATE_EVENT_ID",
+        metadata={
+            "stream_id": stream_id,
+            "event_id": event_id,
+            "stored_stream_id": other_stream,
+            "stored_version": str(other_version),
+        },
+    )
