@@ -23,6 +23,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from opentelemetry.trace import TracerProvider
 
+from framework.errors import UnavailableError
+from framework.events.backoff import Backoff
 from framework.events.bus import Subscription
 from framework.telemetry.tracing import continue_trace
 from gen.events.v1.envelope_pb2 import EventEnvelope
@@ -120,6 +122,8 @@ async def consume(
     fetch_timeout_s: float = 1.0,
     trace: bool = True,
     tracer_provider: TracerProvider | None = None,
+    reconnect_delay_s: float = 0.1,
+    max_reconnect_delay_s: float = 5.0,
 ) -> None:
     """Run `handler` on every delivery: ack on success, nack (retry later) on failure.
 
@@ -130,11 +134,26 @@ async def consume(
     poison event cannot hold its group back forever.  With `trace`, each
     handling runs in a CONSUMER span continuing the trace the event was
     recorded in (`framework.telemetry.tracing.continue_trace` on the envelope metadata).
+
+    A failing bus does not end the loop: a `fetch` that fails with
+    `UnavailableError` (broker or store unreachable, connection lost) is
+    retried after `reconnect_delay_s`, doubling (jittered) up to
+    `max_reconnect_delay_s`; an `ack`/`nack` that cannot reach the bus is
+    logged, and the event comes again (the handler is idempotent).
     """
     if max_attempts < 0:
         raise ValueError(f"max_attempts must be >= 0 (0: retry forever), got {max_attempts}")
+    backoff = Backoff(reconnect_delay_s, max_reconnect_delay_s)
     while True:
-        for delivery in await subscription.fetch(max_count, fetch_timeout_s):
+        try:
+            deliveries = await subscription.fetch(max_count, fetch_timeout_s)
+            backoff.reset()
+        except (UnavailableError, OSError) as error:
+            delay = backoff.next_delay()
+            logger.warning("consumer: fetch failed (%s); retrying in %.2fs", error, delay)
+            await asyncio.sleep(delay)
+            continue
+        for delivery in deliveries:
             envelope = delivery.envelope
             try:
                 if trace:
@@ -164,7 +183,7 @@ async def consume(
                     )
                     if dead_letter is not None:
                         await dead_letter(envelope, error)
-                    await delivery.ack()
+                    await _settle(delivery.ack(), "ack", envelope)
                     continue
                 logger.exception(
                     "handler failed on event %s (%s, attempt %s); redelivering in %ss",
@@ -173,6 +192,19 @@ async def consume(
                     delivery.attempt,
                     retry_delay_s,
                 )
-                await delivery.nack(retry_delay_s)
+                await _settle(delivery.nack(retry_delay_s), "nack", envelope)
                 continue
-            await delivery.ack()
+            await _settle(delivery.ack(), "ack", envelope)
+
+
+async def _settle(answer: Awaitable[None], what: str, envelope: EventEnvelope) -> None:
+    """Send an ack/nack; if the bus cannot take it, the event simply comes again."""
+    try:
+        await answer
+    except (UnavailableError, OSError) as error:
+        logger.warning(
+            "consumer: %s of event %s failed (%s); it will be delivered again",
+            what,
+            envelope.event_id,
+            error,
+        )

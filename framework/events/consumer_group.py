@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from framework.errors import FailedPreconditionError, FrameworkError, UnavailableError
+from framework.events.backoff import Backoff
 from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from framework.events.envelope import to_envelope
 from framework.events.store import EventStore
@@ -54,11 +55,19 @@ class StoreBusConfig:
     batch_size: int = 256
     max_in_flight: int = 1024
     poll_interval_s: float = 0.5
+    # a failing store is retried after retry_delay_s, doubling (jittered) up to the max
+    retry_delay_s: float = 0.1
+    max_retry_delay_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("ack_wait_s", "poll_interval_s"):
+        for name in ("ack_wait_s", "poll_interval_s", "retry_delay_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_retry_delay_s < self.retry_delay_s:
+            raise ValueError(
+                f"max_retry_delay_s must be >= retry_delay_s ({self.retry_delay_s}), "
+                f"got {self.max_retry_delay_s}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_in_flight < self.batch_size:
@@ -74,6 +83,7 @@ class _Entry:
     due: float = 0.0  # monotonic time the current delivery expires
     member: object = None
     acked: bool = False
+    queued: bool = False  # waiting in the ready queue (never in it twice)
     hold: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -152,7 +162,7 @@ class _Group:
                 entry.hold.cancel()
         try:
             await self.save()
-        except FrameworkError as error:
+        except (FrameworkError, OSError) as error:
             logger.warning(
                 "group %s: last checkpoint not saved (%s); events after %s will come again",
                 self.name,
@@ -164,6 +174,7 @@ class _Group:
 
     async def _feed(self) -> None:
         config = self._config
+        backoff = self._backoff()
         try:
             while True:
                 while len(self._outstanding) + config.batch_size > config.max_in_flight:
@@ -171,18 +182,25 @@ class _Group:
                     await self._room.wait()
                 try:
                     events = await self._store.read_all(self._read_upto, config.batch_size)
+                    backoff.reset()
                     if not events:
                         await self._store.wait_for_events(self._read_upto, config.poll_interval_s)
                         continue
                 except (UnavailableError, OSError) as error:
-                    logger.warning("group %s: store unavailable (%s); retrying", self.name, error)
-                    await asyncio.sleep(config.poll_interval_s)
+                    delay = backoff.next_delay()
+                    logger.warning(
+                        "group %s: store unavailable (%s); retrying in %.2fs",
+                        self.name,
+                        error,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
                     continue
                 for event in events:
                     self._read_upto = event.position
                     if self.types and event.type not in self.types:
                         continue
-                    entry = _Entry(to_envelope(event))
+                    entry = _Entry(to_envelope(event), queued=True)
                     self._outstanding[event.position] = entry
                     self._ready.append(entry)
                 self._changed.set()
@@ -211,8 +229,15 @@ class _Group:
                 "group %s: position %s not acked in time, redelivering", self.name, position
             )
             expired.append(entry)
-        self._ready.extendleft(reversed(expired))
+        self._requeue(expired)
         return next_due
+
+    def _requeue(self, entries: list[_Entry]) -> None:
+        """Put entries back at the front, in order; never one that is queued or acked already."""
+        for entry in reversed(entries):
+            if not (entry.queued or entry.acked):
+                entry.queued = True
+                self._ready.appendleft(entry)
 
     async def fetch(self, member: object, max_count: int, timeout_s: float) -> list[Delivery]:
         loop = asyncio.get_running_loop()
@@ -242,6 +267,7 @@ class _Group:
         out: list[Delivery] = []
         while self._ready and len(out) < max_count:
             entry = self._ready.popleft()
+            entry.queued = False
             if entry.acked:
                 continue
             entry.attempt += 1
@@ -265,9 +291,12 @@ class _Group:
             self._dirty.set()
 
     def nack(self, entry: _Entry, attempt: int, delay_s: float) -> None:
-        if entry.acked or entry.attempt != attempt:
-            return  # already handled, or already redelivered
-        self._in_flight.pop(entry.envelope.position, None)
+        position = entry.envelope.position
+        if entry.acked or entry.attempt != attempt or self._in_flight.get(position) is not entry:
+            # already handled, redelivered, or its ack wait ran out (it is queued
+            # again already): a late nack must not add a second redelivery
+            return
+        del self._in_flight[position]
         if delay_s > 0:
             loop = asyncio.get_running_loop()
             entry.hold = loop.call_later(delay_s, self._release, entry)
@@ -277,16 +306,16 @@ class _Group:
     def _release(self, entry: _Entry) -> None:
         entry.hold = None
         if not entry.acked:
-            self._ready.appendleft(entry)
+            self._requeue([entry])
             self._changed.set()
 
     def leave(self, member: object) -> None:
         """A member left: its unacknowledged deliveries go back to the group."""
         self.members -= 1
         mine = [e for e in self._in_flight.values() if e.member is member]
-        for entry in reversed(mine):
+        for entry in mine:
             del self._in_flight[entry.envelope.position]
-            self._ready.appendleft(entry)
+        self._requeue(mine)
         if mine:
             self._changed.set()
 
@@ -296,16 +325,27 @@ class _Group:
             return next(iter(self._outstanding)) - 1
         return self._read_upto
 
+    def _backoff(self) -> Backoff:
+        return Backoff(self._config.retry_delay_s, self._config.max_retry_delay_s)
+
     async def _flush(self) -> None:
         """Save the checkpoint whenever it moved; acks arriving meanwhile share the next write."""
+        backoff = self._backoff()
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self.save()
-            except FrameworkError as error:
-                logger.warning("group %s: checkpoint not saved (%s); retrying", self.name, error)
-                await asyncio.sleep(self._config.poll_interval_s)
+                backoff.reset()
+            except (FrameworkError, OSError) as error:
+                delay = backoff.next_delay()
+                logger.warning(
+                    "group %s: checkpoint not saved (%s); retrying in %.2fs",
+                    self.name,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
                 self._dirty.set()
 
     async def save(self) -> None:

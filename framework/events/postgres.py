@@ -25,8 +25,8 @@ import asyncio
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -130,6 +130,8 @@ class PostgresConfig:
     schema: str = "events"
     min_connections: int = 1
     max_connections: int = 10
+    # shown in pg_stat_activity, so an operator can tell the store's connections apart
+    application_name: str = "framework.events"
 
     def __post_init__(self) -> None:
         if not self.dsn:
@@ -141,6 +143,40 @@ class PostgresConfig:
                 "min_connections must be >= 1 and <= max_connections, got "
                 f"{self.min_connections} and {self.max_connections}"
             )
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether `error` means the connection or server failed (not that the server refused a call).
+
+    Connection lost or refused, the backend terminated (`pg_terminate_backend`,
+    a restart: SQLSTATE class 57), too many connections or out of resources
+    (class 53), a statement cancelled, or a connection asyncpg already closed.
+    """
+    if isinstance(
+        error,
+        OSError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.OperatorInterventionError
+        | asyncpg.InsufficientResourcesError,
+    ):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
+
+
+@contextmanager
+def unavailable_on_connection_errors(what: str) -> Iterator[None]:
+    """Re-raise driver connection failures as `UnavailableError` (UNAVAILABLE: retry)."""
+    try:
+        yield
+    except UnavailableError:
+        raise
+    except Exception as error:
+        if is_connection_error(error):
+            raise UnavailableError(
+                f"PostgreSQL event store: {what} failed, the connection was lost"
+                f" ({type(error).__name__}: {error}); retry"
+            ) from error
+        raise
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -236,16 +272,25 @@ class PostgresEventStore:
                 min_size=config.min_connections,
                 max_size=config.max_connections,
                 reset=_keep_session,
+                server_settings={"application_name": config.application_name},
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise UnavailableError(f"cannot connect to PostgreSQL: {exc}") from exc
         store._pool = pool
-        # Serialize schema creation between processes opening the same store.
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", store._lock_key)
-            await conn.execute(_SCHEMA.format(s=f'"{config.schema}"'))
-            await _index_event_ids(conn, config.schema)
+        try:
+            with unavailable_on_connection_errors("schema set-up"):
+                await store._create_schema()
+        except BaseException:
+            await pool.close()
+            raise
         return store
+
+    async def _create_schema(self) -> None:
+        """Tables and the append function; serialized between processes opening the store."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+            await conn.execute(_SCHEMA.format(s=f'"{self.config.schema}"'))
+            await _index_event_ids(conn, self.config.schema)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -277,14 +322,19 @@ class PostgresEventStore:
             [r[4] for r in rows],
         )
         async with self._append_lock:
-            record = await self._append_call(args)
+            with unavailable_on_connection_errors(
+                "append (its outcome is unknown: retry it"
+                " with the same events, appends are idempotent)"
+            ):
+                record = await self._append_call(args)
         if record is None:  # a duplicate (stream_id, version): a concurrent writer won
             actual = await self.stream_version(stream_id)
             raise conflict(stream_id, expected_version, actual)
         actual, positions = record[0], record[1]
         if actual < 0:  # some ids are stored already
             ids = args[5]
-            found = await self.pool.fetch(self._find_ids_sql, ids)
+            with unavailable_on_connection_errors("append"):
+                found = await self.pool.fetch(self._find_ids_sql, ids)
             outcome = retried_append(stream_id, expected_version, ids, [tuple(r) for r in found])
             if isinstance(outcome, ConflictError):
                 raise outcome
@@ -311,9 +361,12 @@ class PostgresEventStore:
             return None
         except asyncpg.DataError as exc:
             raise InvalidArgumentError(f"append refused by PostgreSQL: {exc}") from exc
-        except asyncpg.PostgresError:
-            raise  # the server refused this call; the connection is fine
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not (
+                is_connection_error(exc) or conn.is_closed()
+            ):
+                raise  # the server refused this call; the connection is fine
+            # Lost, terminated or cancelled mid-call: never reuse this connection.
             self._append_conn = None
             await asyncio.shield(self.pool.release(conn))
             raise
@@ -322,18 +375,20 @@ class PostgresEventStore:
         check_stream_id(snapshot.stream_id)
         check_non_negative("snapshot.version", snapshot.version)
         at = snapshot.recorded_at or datetime.now(UTC)
-        await self.pool.execute(
-            self._save_snapshot_sql,
-            snapshot.stream_id,
-            snapshot.version,
-            snapshot.type,
-            snapshot.state,
-            at,
-        )
+        with unavailable_on_connection_errors("save_snapshot"):
+            await self.pool.execute(
+                self._save_snapshot_sql,
+                snapshot.stream_id,
+                snapshot.version,
+                snapshot.type,
+                snapshot.state,
+                at,
+            )
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         check_non_negative("position", position)
-        await self.pool.execute(self._save_checkpoint_sql, name, position)
+        with unavailable_on_connection_errors("save_checkpoint"):
+            await self.pool.execute(self._save_checkpoint_sql, name, position)
 
     # ------------------------------------------------------------ reads
 
@@ -343,56 +398,69 @@ class PostgresEventStore:
         check_stream_id(stream_id)
         check_non_negative("from_version", from_version)
         check_limit(limit)
-        rows = await self.pool.fetch(self._read_stream_sql, stream_id, from_version, limit)
-        return [self.codec.recorded(tuple(r)) for r in rows]
+        with unavailable_on_connection_errors("read_stream"):
+            rows = await self.pool.fetch(self._read_stream_sql, stream_id, from_version, limit)
+            return [self.codec.recorded(tuple(r)) for r in rows]
 
     async def read_all(
         self, after_position: int = 0, limit: int = DEFAULT_PAGE_SIZE
     ) -> list[RecordedEvent]:
         check_non_negative("after_position", after_position)
         check_limit(limit)
-        rows = await self.pool.fetch(self._read_all_sql, after_position, limit)
-        return [self.codec.recorded(tuple(r)) for r in rows]
+        with unavailable_on_connection_errors("read_all"):
+            rows = await self.pool.fetch(self._read_all_sql, after_position, limit)
+            return [self.codec.recorded(tuple(r)) for r in rows]
 
     async def stream_version(self, stream_id: str) -> int:
         check_stream_id(stream_id)
-        return int(await self.pool.fetchval(self._version_sql, stream_id))
+        with unavailable_on_connection_errors("stream_version"):
+            return int(await self.pool.fetchval(self._version_sql, stream_id))
 
     async def head_position(self) -> int:
-        return int(await self.pool.fetchval(self._head_sql))
+        with unavailable_on_connection_errors("head_position"):
+            return int(await self.pool.fetchval(self._head_sql))
 
     async def wait_for_events(self, after_position: int, timeout_s: float) -> bool:
         return await self._signal.wait_past(after_position, timeout_s, self.head_position)
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         check_stream_id(stream_id)
-        row = await self.pool.fetchrow(self._load_snapshot_sql, stream_id)
-        if row is None:
-            return None
-        return Snapshot(row[0], row[1], row[2], bytes(row[3]), row[4])
+        with unavailable_on_connection_errors("load_snapshot"):
+            row = await self.pool.fetchrow(self._load_snapshot_sql, stream_id)
+            if row is None:
+                return None
+            return Snapshot(row[0], row[1], row[2], bytes(row[3]), row[4])
 
     async def load_checkpoint(self, name: str) -> int:
-        value = await self.pool.fetchval(self._load_checkpoint_sql, name)
-        return int(value) if value is not None else 0
+        with unavailable_on_connection_errors("load_checkpoint"):
+            value = await self.pool.fetchval(self._load_checkpoint_sql, name)
+            return int(value) if value is not None else 0
 
     # ------------------------------------------------------------ projections
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
-        """An asyncpg connection inside a transaction on the store's database."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn
+        """An asyncpg connection inside a transaction on the store's database.
+
+        A lost connection, also one the block's own statements ran into, leaves
+        it as `UnavailableError` (the transaction did not commit; retry it).
+        """
+        with unavailable_on_connection_errors("transaction"):
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
 
     async def checkpoint_in(self, tx: Any, name: str) -> int:
         # One runner per checkpoint at a time: the lock lasts until `tx` ends.
-        await tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", self.config.schema, name
-        )
-        value = await tx.fetchval(self._load_checkpoint_sql, name)
-        return int(value) if value is not None else 0
+        with unavailable_on_connection_errors("checkpoint_in"):
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))", self.config.schema, name
+            )
+            value = await tx.fetchval(self._load_checkpoint_sql, name)
+            return int(value) if value is not None else 0
 
     async def set_checkpoint_in(self, tx: Any, name: str, position: int) -> None:
-        await tx.execute(self._save_checkpoint_sql, name, position)
+        with unavailable_on_connection_errors("set_checkpoint_in"):
+            await tx.execute(self._save_checkpoint_sql, name, position)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

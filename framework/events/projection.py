@@ -28,11 +28,14 @@ so each span starts its own trace and only *links* to the producer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from framework.errors import UnavailableError
+from framework.events.backoff import Backoff
 from framework.events.store import RecordedEvent
 
 if TYPE_CHECKING:
@@ -81,12 +84,21 @@ class ProjectionConfig:
 
     batch_size: int = 500
     idle_wait_s: float = 0.5
+    # `run()` retries a failing store after retry_delay_s, doubling (jittered) up to the max
+    retry_delay_s: float = 0.1
+    max_retry_delay_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.idle_wait_s <= 0:
-            raise ValueError(f"idle_wait_s must be > 0, got {self.idle_wait_s}")
+        for name in ("idle_wait_s", "retry_delay_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_retry_delay_s < self.retry_delay_s:
+            raise ValueError(
+                f"max_retry_delay_s must be >= retry_delay_s ({self.retry_delay_s}), "
+                f"got {self.max_retry_delay_s}"
+            )
 
 
 class ProjectionRunner(Generic[TxT]):
@@ -109,6 +121,7 @@ class ProjectionRunner(Generic[TxT]):
         self.tracer_provider = tracer_provider
         # set once `run()` has caught up and follows live appends
         self.live = asyncio.Event()
+        self.last_error: BaseException | None = None  # while `run()` is retrying a failure
 
     async def step(self, *, link_only: bool = False) -> int:
         """Apply the next batch after the checkpoint in one transaction; events applied.
@@ -172,12 +185,39 @@ class ProjectionRunner(Generic[TxT]):
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Catch up (spans linked only), then follow new events (child spans) until `stop`."""
-        await self.catch_up()
-        self.live.set()
+        """Catch up (spans linked only), then follow new events (child spans) until `stop`.
+
+        A failing store (`UnavailableError`: connection lost, database
+        restarting) is retried with backoff until `stop`; the batch that failed
+        did not commit, and the next one starts from the stored checkpoint, so
+        nothing is skipped or applied twice.  `last_error` holds the failure
+        meanwhile.  Anything else (a bug in the projection) ends the run.
+        """
+        config = self.config
+        backoff = Backoff(config.retry_delay_s, config.max_retry_delay_s)
+        caught_up = False
         while not stop.is_set():
-            if await self.host.wait_for_events(self.position, self.config.idle_wait_s):
-                await self.step()
+            try:
+                if not caught_up:
+                    await self.catch_up()
+                    caught_up = True
+                    self.live.set()
+                elif await self.host.wait_for_events(self.position, config.idle_wait_s):
+                    await self.step()
+                self.last_error = None
+                backoff.reset()
+            except (UnavailableError, OSError) as error:
+                self.last_error = error
+                delay = backoff.next_delay()
+                logger.warning(
+                    "projection %s: %s; retrying in %.2fs from its checkpoint",
+                    self.projection.name,
+                    error,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
 
     async def rebuild(self) -> int:
         """Reset the read model and its checkpoint together, then replay from zero."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from framework.clock import Clock, SystemClock
 from framework.errors import FrameworkError, UnavailableError
+from framework.events.backoff import Backoff
 from framework.events.bus import EventBus
 from framework.events.consumer_group import CheckpointedStore
 from framework.events.envelope import to_envelope
@@ -39,8 +40,9 @@ class RelayConfig:
     name: str = "default"
     batch_size: int = 256
     poll_interval_s: float = 0.5
-    retry_delay_s: float = 1.0
+    retry_delay_s: float = 0.2  # first wait after a failure; doubles (jittered) up to the max
     checkpoint_interval_s: float = 1.0
+    max_retry_delay_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
@@ -55,6 +57,11 @@ class RelayConfig:
         for name in ("poll_interval_s", "retry_delay_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_retry_delay_s < self.retry_delay_s:
+            raise ValueError(
+                f"max_retry_delay_s must be >= retry_delay_s ({self.retry_delay_s}), "
+                f"got {self.max_retry_delay_s}"
+            )
 
 
 class OutboxRelay:
@@ -137,24 +144,33 @@ class OutboxRelay:
                 return total
 
     async def run(self) -> None:
-        """Publish forever: catch up, then follow new appends; retry on bus failures."""
+        """Publish until cancelled: catch up, then follow new appends.
+
+        A failing store or bus (connection lost, server restarting, broker
+        down) is retried with backoff from the same cursor, for as long as it
+        takes; `last_error` holds the failure meanwhile (see `check`).
+        """
         config = self._config
+        backoff = Backoff(config.retry_delay_s, config.max_retry_delay_s)
         while True:
             try:
                 published = await self.run_once()
                 self.last_error = None
+                backoff.reset()
                 if published == 0:
                     cursor = await self.cursor()
                     await self._store.wait_for_events(cursor, config.poll_interval_s)
             except (FrameworkError, OSError) as error:
                 self.last_error = error
+                delay = backoff.next_delay()
                 logger.warning(
-                    "relay %s: publish failed (%s); retrying in %ss from the same cursor",
+                    "relay %s: %s (failure %s); retrying in %.2fs from the same cursor",
                     config.name,
                     error,
-                    config.retry_delay_s,
+                    backoff.attempt,
+                    delay,
                 )
-                await asyncio.sleep(config.retry_delay_s)
+                await asyncio.sleep(delay)
 
     async def start(self, *_: object) -> None:
         """Run in the background (also usable as a server `on_started` hook)."""

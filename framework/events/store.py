@@ -12,7 +12,8 @@ relay reads `read_all` from its durable cursor and publishes (see README.md).
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,24 @@ from google.protobuf.message import Message
 from framework.errors import ConflictError, InvalidArgumentError
 
 DEFAULT_PAGE_SIZE = 1000
+
+
+def new_event_id() -> str:
+    """A fresh event id: a UUID version 7 (RFC 9562), time-ordered.
+
+    Millisecond time first, then 74 random bits: ids made later sort later, so
+    the store's unique index on event ids grows at its right edge instead of
+    at random places (a random UUID4 costs about twice the CPU per appended
+    event on SQLite, more as the table grows).  Any unique string still works
+    as an id.
+    """
+    r = os.urandom(10)
+    h = (
+        (time.time_ns() // 1_000_000).to_bytes(6, "big")
+        + bytes((0x70 | r[0] & 0x0F, r[1], 0x80 | r[2] & 0x3F))  # version 7, RFC variant
+        + r[3:]
+    ).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +80,7 @@ class NewEvent:
     type: str
     payload: bytes
     metadata: EventMetadata = EMPTY_METADATA
-    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    event_id: str = field(default_factory=lambda: new_event_id())
     # True when `payload` was serialized from a message of `type` in this process
     # (`of()`): the store then skips re-parsing it (it still checks the type).
     serialized_here: bool = field(default=False, repr=False, compare=False)
@@ -78,7 +97,7 @@ class NewEvent:
             type=message.DESCRIPTOR.full_name,
             payload=message.SerializeToString(),
             metadata=metadata,
-            event_id=event_id or str(uuid.uuid4()),
+            event_id=event_id or new_event_id(),
             serialized_here=True,
         )
 

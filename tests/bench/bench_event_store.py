@@ -25,6 +25,7 @@ The PostgreSQL variants are skipped with a note when no server answers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import sqlite3
 import tempfile
@@ -59,6 +60,11 @@ CREATE TABLE IF NOT EXISTS raw_events (
 
 def _events(batch: int) -> list[NewEvent]:
     return [NewEvent.of(AmountDeposited(amount=i + 1)) for i in range(batch)]
+
+
+def _fresh_ids(batches: list[list[NewEvent]]) -> list[list[NewEvent]]:
+    """The same events under new ids (built before the clock starts)."""
+    return [[dataclasses.replace(e, event_id=str(uuid.uuid4())) for e in b] for b in batches]
 
 
 def _rows(stream: str, first_version: int, events: list[NewEvent]) -> list[tuple[Any, ...]]:
@@ -98,11 +104,13 @@ async def _sqlite(directory: Path) -> None:
         batches = [_events(batch) for _ in range(count)]
 
         def ours(batch: int = batch, batches: list[list[NewEvent]] = batches) -> Any:
+            fresh = _fresh_ids(batches)  # event ids are unique in the store: new ones per round
+
             async def run() -> int:
                 stream = uuid.uuid4().hex
-                for i, events in enumerate(batches):
+                for i, events in enumerate(fresh):
                     await store.append(stream, events, i * batch)
-                return len(batches)
+                return len(fresh)
 
             return timed(run)
 
@@ -197,11 +205,13 @@ async def _postgres() -> None:
             batches = [_events(batch) for _ in range(count)]
 
             def ours(batch: int = batch, batches: list[list[NewEvent]] = batches) -> Any:
+                fresh = _fresh_ids(batches)  # event ids are unique in the store
+
                 async def run() -> int:
                     stream = uuid.uuid4().hex
-                    for i, events in enumerate(batches):
+                    for i, events in enumerate(fresh):
                         await store.append(stream, events, i * batch)
-                    return len(batches)
+                    return len(fresh)
 
                 return timed(run)
 

@@ -109,6 +109,28 @@ async def test_nack_and_ack_timeout_redeliver(store: Any) -> None:
     assert [d.attempt for d in again] == [2, 2]
 
 
+async def test_late_nack_after_ack_wait_does_not_duplicate(store: Any) -> None:
+    """A nack that arrives after the ack wait expired adds no second redelivery."""
+    await _append(store, "a", 1)
+    bus = StoreBus(store, StoreBusConfig(ack_wait_s=0.2))
+    sub = await bus.subscribe("g")
+    first, second = await _take(sub, 2, ack=False)
+    # Both expire; fetching one at a time takes position 1 again and leaves 2 queued.
+    [redelivered] = await _take(sub, 1, ack=False)
+    await redelivered.ack()
+    await first.nack()  # stale: position 1 was redelivered (and acked) meanwhile
+    await second.nack()  # late: position 2 is already queued for redelivery
+    batch = await sub.fetch(max_count=10, timeout_s=1.0)
+    for delivery in batch:
+        await delivery.ack()
+    await bus.flush()
+    checkpoint = await store.load_checkpoint("group:g")
+    await bus.close()
+    assert (redelivered.envelope.position, redelivered.attempt) == (1, 2)
+    assert [(d.envelope.position, d.attempt) for d in batch] == [(2, 2)]
+    assert checkpoint == 2
+
+
 async def test_leaving_member_hands_its_events_back(store: Any) -> None:
     """Deliveries a member took but never acked go to the other member when it leaves."""
     await _append(store, "a", 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from framework.errors import ConflictError, InvalidArgumentError
 from framework.events.aggregate import Repository
 from framework.events.projection import ProjectionRunner
 from framework.events.service import EventStoreServicer
-from framework.events.store import NewEvent
+from framework.events.store import NewEvent, new_event_id
 from framework.testing import serve
 from gen.events.v1 import store_pb2
 from gen.events.v1.store_pb2_grpc import EventStoreServiceStub
@@ -135,3 +136,15 @@ async def test_append_retried_over_grpc_is_stored_once(store: Any) -> None:
         second = await stub.Append(request)
     assert second == first
     assert len(await store.read_all()) == 1
+
+
+def test_new_event_ids_are_time_ordered_uuid7() -> None:
+    """Default event ids are RFC 9562 version 7 UUIDs whose time prefix never goes back."""
+    ids = [new_event_id() for _ in range(2000)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert all(str(u) == i for u, i in zip(parsed, ids, strict=True))
+    prefixes = [i[:13] for i in ids]  # 48-bit millisecond timestamp
+    assert prefixes == sorted(prefixes)
+    assert len(set(ids)) == len(ids)
+    assert NewEvent.of(AccountOpened()).event_id[14] == "7"
