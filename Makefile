@@ -11,7 +11,7 @@ BUF := .tools/buf/node_modules/.bin/buf
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run bench clean check-protos buf docs check-docs analysis check-analysis
+.PHONY: venv protos test lint run demo bench clean check-protos buf docs check-docs analysis check-analysis
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -62,8 +62,17 @@ check-analysis: analysis
 	$(ANALYZE) --fail-on cycle,undeclared
 	@git diff --exit-code --stat -- docs/system.svg docs/system.mmd || (echo "docs/system.* are stale: run 'make analysis' and commit" && exit 1)
 
+# The whole example system on embedded defaults (SQLite files in data/, the in-process bus).
+# SYSTEM_STORE=postgresql://... and SYSTEM_BUS=nats://... switch engines. Development keys and
+# tokens are created in data/keys and data/tokens (said loudly at start): nothing to type.
 run: protos
-	$(BIN)/python -m services.demo
+	@echo "make run: DEVELOPMENT keys and tokens in data/ (never for production); Ctrl-C stops everything"
+	$(BIN)/python -m framework up system.toml
+
+# The scripted story over HTTP through the gateway, on a throwaway system; exits 0 when both
+# saga outcomes (completed, compensated) were seen.
+demo: protos
+	$(BIN)/python -m services.demo.walkthrough
 
 bench: protos
 	$(BIN)/python -m tests.bench $(BENCH)
