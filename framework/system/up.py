@@ -33,6 +33,7 @@ from typing import TextIO
 from framework.system.keys import (
     PLATFORM_ISSUER,
     PLATFORM_KID,
+    USER_ISSUER,
     KeyFiles,
     TokenFile,
     TokenSigner,
@@ -268,12 +269,24 @@ def plan(
                 "SERVICE_TOKEN_FILE": str(workload.token_path(tokens)),
                 "GATEWAY_HOST": host,
                 "GATEWAY_PORT": str(gateway_port),
+                "GATEWAY_REGISTRY": registry,
+                "GATEWAY_AUTH": "jwt",
+                "GATEWAY_JWKS_FILE": str(keys.jwks),
+                "GATEWAY_JWT_ISSUER": f"{USER_ISSUER},{PLATFORM_ISSUER}",
+                "GATEWAY_JWT_AUDIENCE": manifest.name,
+                "GATEWAY_SERVICES": ",".join(
+                    s
+                    for spec in manifest.services
+                    for s in spec.registers
+                    if not s.startswith("events.")
+                ),
+                "GATEWAY_TITLE": f"{manifest.name} API",
                 **manifest.gateway.env,
             }
             processes.append(
                 ProcessSpec(
                     "gateway",
-                    (python, "-m", "framework.gateway"),
+                    (python, "-m", "framework.system.gateway"),
                     env,
                     tier=3,
                     ready=readiness.http_ok(f"{gateway_url}/readyz"),
