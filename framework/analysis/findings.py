@@ -315,7 +315,7 @@ def _unused(model: SystemModel) -> list[Finding]:
                     severity="info",
                     subject=f"{service.name} -> {dep}",
                     explanation=f"{service.short} declares a dependency on {dep} that "
-                    f"{' and '.join(evidence)} never show",
+                    f"{' and '.join(evidence)} never {'show' if len(evidence) > 1 else 'shows'}",
                     suggestion="remove it from depends_on if it is gone, or check it is "
                     "still reached",
                     services=(service.name,),
