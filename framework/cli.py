@@ -8,6 +8,7 @@ Commands:
   faults   set|clear|list fault injection on every instance of a service
   registry run or query the service registry (`python -m framework registry --help`)
   events   event store tools: `events tail [SERVICE] [-f]`, rebuild a projection (see --help)
+  gateway  the HTTP/JSON and gRPC-Web gateway (`python -m framework gateway --help`)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
   analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
 """
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(name, help=f"{text} (see {name} --help)")
     sub.add_parser("registry", help="the service registry: serve, list, show, weights (see --help)")
+    sub.add_parser("gateway", help="the HTTP/JSON and gRPC-Web gateway (see --help)")
     sub.add_parser("events", help="event store tools: rebuild a projection (see --help)")
     sub.add_parser("analyze", help="coupling and decomposition findings (see --help)")
     u = sub.add_parser("up", help="run a whole system from its manifest (Ctrl-C stops it)")
@@ -100,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from framework.registry.cli import main as registry_main
 
         return int(registry_main(args_list[1:]))
+    if args_list[:1] == ["gateway"]:
+        from framework.gateway.cli import main as gateway_main
+
+        return int(gateway_main(args_list[1:]))
     if args_list[:1] == ["events"]:
         from framework.events.cli import main as events_main
 
