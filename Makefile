@@ -7,11 +7,13 @@ BENCH ?=
 # buf CLI (lint, breaking) from the npm registry, installed under .tools/ (git-ignored).
 BUF_VERSION ?= 1.75.0
 BUF := .tools/buf/node_modules/.bin/buf
+# Real gRPC-Web clients for the gateway's tests (npm, under .tools/grpcweb, git-ignored).
+GRPCWEB := .tools/grpcweb/node_modules/@connectrpc/connect-web/package.json
 # What `buf breaking` compares the contracts with: main's committed protos
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run demo bench clean check-protos buf docs check-docs analysis check-analysis
+.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb gateway-fuzz docs check-docs analysis check-analysis
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +32,7 @@ check-protos: protos
 	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make protos' and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen && echo "gen/ has untracked files" && exit 1)
 
-test: protos $(BUF)
+test: protos $(BUF) $(GRPCWEB)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv $(BUF)
@@ -44,6 +46,17 @@ $(BUF):
 	npm install --prefix .tools/buf --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
 
 buf: $(BUF)
+
+$(GRPCWEB):
+	npm install --prefix .tools/grpcweb --no-audit --no-fund --silent @connectrpc/connect@2.2.0 \
+		@connectrpc/connect-web@2.2.0 @bufbuild/protobuf@2.17.0 grpc-web@2.1.1 xhr2@0.2.1
+
+grpcweb: $(GRPCWEB)
+
+# A longer schemathesis run against the gateway than the default suite's.
+gateway-fuzz: protos
+	SCHEMATHESIS_EXAMPLES=100 SCHEMATHESIS_MAX_TIME_S=900 $(BIN)/python -m pytest -q \
+		tests/gateway/test_schemathesis.py
 
 docs: protos
 	$(BIN)/python -m framework reference

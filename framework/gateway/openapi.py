@@ -313,20 +313,24 @@ def _operation(
     if description:
         operation["description"] = description
     parameters: list[dict[str, Any]] = []
-    for variable in binding.template.variables:
-        leaf = _leaf(request, variable.field_path)
-        schema = _parameter_schema(leaf, schemas)
-        pattern = binding.template.variable_pattern(variable)
-        if pattern is not None:
-            schema = {"type": "string", "pattern": pattern}
-        param: dict[str, Any] = {
-            "name": variable.name,
-            "in": "path",
-            "required": True,
-            "schema": schema,
-        }
-        if comments.get(leaf.full_name):
-            param["description"] = comments[leaf.full_name]
+    for name, variable, role in binding.template.openapi_path()[1]:
+        if role == "field":
+            leaf = _leaf(request, variable.field_path)
+            schema = _parameter_schema(leaf, schemas)
+            text = comments.get(leaf.full_name, "")
+        else:
+            schema = (
+                {"type": "string", "pattern": "^[^/]+$"}
+                if role == "segment"
+                else {"type": "string"}
+            )
+            text = (
+                f"Part of `{variable.name}` ({binding.template.source}: the field holds the "
+                "whole matched path)."
+            )
+        param: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": schema}
+        if text:
+            param["description"] = text
         parameters.append(param)
     seen: set[tuple[str, ...]] = set()
     for name, (path, leaf) in codec.query_fields.items():
@@ -446,7 +450,7 @@ def openapi_document(
     for binding in routes.bindings:
         service = binding.method.containing_service
         tags[service.full_name] = comments.get(service.full_name, "")
-        item = paths.setdefault(binding.template.openapi_path(), {})
+        item = paths.setdefault(binding.template.openapi_path()[0], {})
         verb = binding.http_method.lower()
         operation = _operation(binding, schemas, chain, auth_on)
         if verb in ("get", "put", "post", "delete", "patch", "head", "options", "trace"):

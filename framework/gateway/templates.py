@@ -106,37 +106,52 @@ class PathTemplate:
                 )
         return values
 
-    def openapi_path(self) -> str:
-        """The path as OpenAPI writes it: each variable as `{field.path}`."""
-        parts: list[str] = []
-        by_start = {v.start: v for v in self.variables}
-        i = 0
-        while i < len(self.kinds):
-            variable = by_start.get(i)
-            if variable is not None:
-                parts.append("{" + variable.name + "}")
-                i = len(self.kinds) if variable.end < 0 else variable.end
-                continue
-            parts.append(self.literals[i] if self.kinds[i] == _LITERAL_SEGMENT else "*")
-            i += 1
-        path = "/" + "/".join(parts)
-        return f"{path}:{self.verb}" if self.verb else path
+    def openapi_path(self) -> tuple[str, list[tuple[str, Variable, str]]]:
+        """The path as OpenAPI writes it, and its parameters: (name, variable, kind).
 
-    def variable_pattern(self, variable: Variable) -> str | None:
-        """A regular expression for a variable's value when it spans more than `*`."""
-        end = len(self.kinds) if variable.end < 0 else variable.end
-        kinds = self.kinds[variable.start : end]
-        if kinds == (_ONE,):
-            return None
-        parts = []
-        for offset, kind in enumerate(kinds):
+        A one-segment variable keeps its field path (dots as `_`); the wildcards of
+        a `name=shelves/*/books/*` variable become one parameter each, named after
+        the literal before them (`/v1/shelves/{shelf}/books/{book}`), since an
+        OpenAPI path parameter cannot hold a slash.  kind: "field", "segment", "rest".
+        """
+        parts: list[str] = []
+        params: list[tuple[str, Variable, str]] = []
+        owner = {i: v for v in self.variables for i in range(v.start, self._end(v))}
+        taken: set[str] = set()
+        for i, kind in enumerate(self.kinds):
+            variable = owner.get(i)
             if kind == _LITERAL_SEGMENT:
-                parts.append(re.escape(self.literals[variable.start + offset]))
-            elif kind == _ONE:
-                parts.append("[^/]+")
+                parts.append(self.literals[i])
+                continue
+            if variable is None:  # a bare wildcard outside any variable
+                name, role = f"segment_{i}", "segment"
+            elif self._end(variable) - variable.start == 1 and kind == _ONE:
+                name, role = variable.name.replace(".", "_"), "field"
             else:
-                parts.append(".+")
-        return "^" + "/".join(parts) + "$"
+                before = self.literals[i - 1] if i and self.kinds[i - 1] == _LITERAL_SEGMENT else ""
+                name = _singular(before) if before else variable.name.replace(".", "_")
+                role = "rest" if kind == _MANY else "segment"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            params.append((name, variable, role) if variable else (name, _NO_VARIABLE, role))
+            parts.append("{" + name + "}")
+        path = "/" + "/".join(parts)
+        return (f"{path}:{self.verb}" if self.verb else path), params
+
+    def _end(self, variable: Variable) -> int:
+        return len(self.kinds) if variable.end < 0 else variable.end
+
+
+_NO_VARIABLE = Variable(("",), 0, 0)
+
+
+def _singular(word: str) -> str:
+    """`shelves` -> `shelf`, `categories` -> `category`, `books` -> `book` (parameter names)."""
+    for plural, single in (("ies", "y"), ("ves", "f"), ("sses", "ss"), ("s", "")):
+        if word.endswith(plural) and len(word) > len(plural):
+            return word[: -len(plural)] + single
+    return f"{word}_id"
 
 
 def _decode_keeping_slash(segment: str) -> str:

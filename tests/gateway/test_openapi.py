@@ -1,4 +1,4 @@
-"""OpenAPI 3.1 from the descriptors: valid per the spec's schema, and saying what the contract says."""
+"""OpenAPI 3.1 from the descriptors: valid per the 3.1 schema, saying what the contract says."""
 
 from __future__ import annotations
 
@@ -57,18 +57,21 @@ def test_binding_forms_in_the_document() -> None:
     """Path patterns for `name=...` variables, query parameters, streams, response_body."""
     document = _document()
     paths = document["paths"]
-    get_book = paths["/v1/{name}"]["get"]
-    name = next(p for p in get_book["parameters"] if p["name"] == "name")
-    assert name["schema"]["pattern"] == "^shelves/[^/]+/books/[^/]+$"
+    book_path = paths["/v1/shelves/{shelf}/books/{book}"]
+    assert set(book_path) == {"get", "patch", "delete"}
+    get_book = book_path["get"]
+    shelf = next(p for p in get_book["parameters"] if p["name"] == "shelf")
+    assert shelf["schema"]["pattern"] == "^[^/]+$"
+    assert "`name`" in shelf["description"]
     assert get_book["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/gateway.v1.Book"
     }
-    listing = paths["/v1/{parent}/books"]["get"]
+    listing = paths["/v1/shelves/{shelf}/books"]["get"]
     names = {p["name"] for p in listing["parameters"]}
     assert {"page_size", "genre", "tags", "filter.min_pages", "edition"} <= names
-    watch = paths["/v1/{parent}/books:watch"]["get"]["responses"]["200"]["content"]
+    watch = paths["/v1/shelves/{shelf}/books:watch"]["get"]["responses"]["200"]["content"]
     assert set(watch) == {"application/x-ndjson", "text/event-stream"}
-    assert "x-search" in paths["/v1/{parent}/books"]  # the custom SEARCH method
+    assert "x-search" in paths["/v1/shelves/{shelf}/books"]  # the custom SEARCH method
 
 
 async def test_served_document_and_docs_page(gw: Harness) -> None:
