@@ -71,7 +71,7 @@ async def test_grpc_web_clients_under_node(gw: Harness, tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 180)
     results = {r["case"]: r for r in map(json.loads, stdout.decode().splitlines())}
     assert process.returncode == 0, stdout.decode() + stderr.decode()
     assert results["binary-unary"]["text"] == "hello from connect-web"
