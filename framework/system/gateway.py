@@ -19,8 +19,8 @@ __all__ = ["main"]
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from framework.gateway.config import GatewayConfig  # type: ignore[import-not-found]
-    from framework.gateway.serving import build_gateway, serve  # type: ignore[import-not-found]
+    from framework.gateway.config import GatewayConfig
+    from framework.gateway.serving import build_gateway, serve
 
     runtime = ServiceRuntime(RuntimeConfig.from_env("gateway"))
     gateway = build_gateway(GatewayConfig.from_env(), registry_policies=[runtime.bearer()])
