@@ -60,7 +60,9 @@ async def _gateway(backend: str) -> None:
     from framework.gateway import GatewayConfig, build_gateway, running
 
     pin_to_cpu(0)
-    config = GatewayConfig(port=0, auth="off", backends={"echo.v1.EchoService": backend})
+    config = GatewayConfig(
+        port=0, auth="off", backends={"echo.v1.EchoService": backend}, rate_per_s=1e9, burst=10**9
+    )
     gateway = build_gateway(config, services=["echo.v1.EchoService"])
     async with running(gateway) as url:
         print(url, flush=True)
