@@ -10,7 +10,9 @@ store behind `/metrics`.
 Client process (this one, pinned to core 1): a bare channel for the bare server; for
 the framework server `connect()` with tracing, metrics, circuit breaker, retries
 (service config), bearer token and the pinned deadline policy.  Rounds are
-interleaved; medians are reported; server CPU per call is read from /proc.
+interleaved; medians are reported; server CPU per call is read from /proc.  A third
+variant, "adapters", is the framework `Server` and `connect()` with no policy at all,
+to tell the adapters' share from the policies'.
 
 BENCH production_chain_unary  ratio = production / bare  (calls/s)
 """
@@ -108,11 +110,16 @@ async def serve() -> None:
     )
     server.add(EchoServicer())
     production_port = await server.start()
-    print(json.dumps({"bare": bare_port, "production": production_port}), flush=True)
+    plain = Server(ServerConfig(name="plain", host="127.0.0.1", port=0, grace_s=0.5))
+    plain.add(EchoServicer())
+    plain_port = await plain.start()
+    ports = {"bare": bare_port, "production": production_port, "adapters": plain_port}
+    print(json.dumps(ports), flush=True)
     await asyncio.to_thread(sys.stdin.read)  # the client closes stdin when done
     telemetry.flush()
     print(json.dumps({"spans_exported": exporter.exported}), flush=True)
     await server.stop(grace_s=0)
+    await plain.stop(grace_s=0)
     await bare.stop(0)
     telemetry.shutdown()
 
@@ -142,9 +149,11 @@ async def drive(ports: dict[str, int], pid: int) -> tuple[dict[str, list[Sample]
     ]
     bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['bare']}")
     production_channel = connect(f"127.0.0.1:{ports['production']}", policies=client_policies)
+    adapters_channel = connect(f"127.0.0.1:{ports['adapters']}")
     request = echo_pb2.EchoRequest(text="hello")
     bare_stub = echo_pb2_grpc.EchoServiceStub(bare_channel)
     production_stub = echo_pb2_grpc.EchoServiceStub(production_channel)
+    adapters_stub = echo_pb2_grpc.EchoServiceStub(adapters_channel)
 
     async def bare_call() -> object:
         return await bare_stub.Echo(request, timeout=30.0)
@@ -152,7 +161,10 @@ async def drive(ports: dict[str, int], pid: int) -> tuple[dict[str, list[Sample]
     async def production_call() -> object:
         return await production_stub.Echo(request)
 
-    server_cpu: dict[str, list[float]] = {"bare": [], "production": []}
+    async def adapters_call() -> object:
+        return await adapters_stub.Echo(request)
+
+    server_cpu: dict[str, list[float]] = {"bare": [], "adapters": [], "production": []}
 
     def variant(name: str, call: Any) -> Any:
         async def run() -> Sample:
@@ -163,13 +175,17 @@ async def drive(ports: dict[str, int], pid: int) -> tuple[dict[str, list[Sample]
 
         return run
 
-    for call in (bare_call, production_call):
+    for call in (bare_call, adapters_call, production_call):
         await closed_loop(call, concurrency=CONCURRENCY, total=WARMUP_CALLS)
     results = await interleave(
-        ROUNDS, bare=variant("bare", bare_call), production=variant("production", production_call)
+        ROUNDS,
+        bare=variant("bare", bare_call),
+        adapters=variant("adapters", adapters_call),
+        production=variant("production", production_call),
     )
     await bare_channel.close()
     await production_channel.close()
+    await adapters_channel.close()
     telemetry.shutdown()
     return results, server_cpu
 
@@ -202,7 +218,9 @@ def main() -> None:
         )
     print(
         f"production chain adds {cpu['production'] - cpu['bare']:.1f} us of server CPU and "
-        f"{client['production'] - client['bare']:.1f} us of client CPU per call; "
+        f"{client['production'] - client['bare']:.1f} us of client CPU per call, of which the "
+        f"framework's adapters with no policy {cpu['adapters'] - cpu['bare']:.1f} us (server) "
+        f"and {client['adapters'] - client['bare']:.1f} us (client); "
         f"server exported: {tail.strip()}",
         flush=True,
     )

@@ -235,3 +235,21 @@ def test_bad_settings_are_refused_with_the_field_named() -> None:
         AccessLogPolicy(AccessLogWriter(io.StringIO()), sample_ratio=1.5)
     with pytest.raises(ValueError, match="max_batch"):
         AccessLogWriter(io.StringIO(), max_batch=10, max_pending=5)
+
+
+async def test_a_call_the_client_cancels_is_logged_as_cancelled() -> None:
+    """A call dropped half-way by its client gets a server record with code CANCELLED,
+    written at once (an error record)."""
+    import asyncio
+
+    stream = io.StringIO()
+    writer = AccessLogWriter(stream, flush_interval_s=600)
+    gate = EchoServicer(release=asyncio.Event())  # holds Echo until released: never here
+    async with serve(gate, policies=[AccessLogPolicy(writer)]) as t:
+        stub = t.stub(echo_pb2_grpc.EchoServiceStub)
+        call = asyncio.ensure_future(stub.Echo(echo_pb2.EchoRequest(text="held")))
+        await asyncio.wait_for(gate.started.wait(), timeout=10)
+        call.cancel()
+        await _until(lambda: '"code":"CANCELLED"' in stream.getvalue())
+    (record,) = _records(stream)
+    assert (record["side"], record["method"], record["code"]) == ("server", "Echo", "CANCELLED")

@@ -87,9 +87,7 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
 def receiver() -> Iterator[tuple[Receiver, int]]:
     """An OTLP/gRPC receiver on 127.0.0.1 (its own thread pool, off the test's loop)."""
     received = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(received), server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(received), server)
+    server = _receiver_server(received, 0)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield received, port
@@ -167,3 +165,53 @@ async def test_spans_and_metrics_of_real_calls_reach_an_otlp_receiver(
     assert exemplar.span_id == server.span_id
     assert received.metric("rpc.client.call.duration")
     assert received.metric("rpc.server.in_flight")
+
+
+async def test_export_resumes_after_the_receiver_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Receiver stopped: calls still succeed and the failed export is bounded; once a
+    receiver listens on the same port again, later spans reach it."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # seconds, read by the exporter
+    first = Receiver()
+    server = _receiver_server(first, 0)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    telemetry = Telemetry.build(
+        TelemetryConfig(
+            service_name="otlp-restart",
+            traces_exporter="otlp",
+            metrics_exporter="none",
+            otlp_endpoint=f"http://127.0.0.1:{port}",
+        )
+    )
+    try:
+        async with serve(EchoServicer(), policies=telemetry.policies()) as t:
+            stub = t.stub(echo_pb2_grpc.EchoServiceStub)
+            await stub.Echo(echo_pb2.EchoRequest(text="before"))
+            await asyncio.to_thread(telemetry.flush)
+            await _until(lambda: len(first.spans()) == 1)
+            server.stop(0).wait()
+            assert (await stub.Echo(echo_pb2.EchoRequest(text="during"))).text == "during"
+            await asyncio.to_thread(telemetry.flush)  # fails after its timeout; spans lost
+            second = Receiver()
+            server = _receiver_server(second, port)
+            server.start()
+            await stub.Echo(echo_pb2.EchoRequest(text="after"))
+            await asyncio.to_thread(telemetry.flush)
+            await _until(lambda: len(second.spans()) >= 1)
+    finally:
+        await asyncio.to_thread(telemetry.shutdown)
+        server.stop(0)
+    assert [s.name for _, s in first.spans()] == ["echo.v1.EchoService/Echo"]
+    assert all(s.name == "echo.v1.EchoService/Echo" for _, s in second.spans())
+
+
+def _receiver_server(received: Receiver, port: int) -> grpc.Server:
+    """A receiver's gRPC server; bound to `port` when non-zero (the caller binds port 0)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(received), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(received), server)
+    if port:
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    return server
