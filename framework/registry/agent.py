@@ -5,7 +5,14 @@
 * `on_started`: registers the server's bound address and starts renewing the
   lease every `ttl_s * renew_fraction` seconds;
 * a renewal answered NOT_FOUND (the lease expired, or the registry lost it)
-  registers again; an unreachable registry is retried on the next period;
+  registers again;
+* a failed heartbeat (registry down or restarting) is retried quickly, after
+  `retry_min_s` doubling up to `retry_max_s` with jitter, for as long as the
+  lease may still be alive, then at the renewal period; the calls wait for the
+  channel to be ready (within `call_timeout_s`) and the channel's reconnect
+  backoff is capped at `retry_max_s`, so the first heartbeat after the registry
+  is back goes out within about `retry_max_s` (a restarted registry has given
+  every lease a full TTL, so none is lost);
 * `on_draining` (the server already answers health NOT_SERVING and still
   accepts calls): stops renewing, deregisters, then holds the drain for
   `deregister_wait_s` so that watching clients see the instance leave before
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +60,10 @@ class AgentConfig:
     # Address to register instead of the server's bound one (e.g. behind NAT).
     advertise_address: str = ""
     call_timeout_s: float = 3.0
+    # A failed heartbeat is retried after retry_min_s, doubling up to retry_max_s (with
+    # jitter) while the lease may still be alive; later at the renewal period.
+    retry_min_s: float = 0.05
+    retry_max_s: float = 1.0
     # After deregistering at drain, wait this long (wall time) before the server stops
     # accepting calls: the registry pushes the change to every watcher, and clients
     # stop picking this instance once they have it. 0 = no wait.
@@ -67,6 +79,11 @@ class AgentConfig:
             raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
         if self.deregister_wait_s < 0:
             raise ValueError(f"deregister_wait_s must be >= 0, got {self.deregister_wait_s}")
+        if not 0 < self.retry_min_s <= self.retry_max_s:
+            raise ValueError(
+                "need 0 < retry_min_s <= retry_max_s, got "
+                f"retry_min_s={self.retry_min_s} retry_max_s={self.retry_max_s}"
+            )
 
 
 class RegistrationAgent:
@@ -81,10 +98,14 @@ class RegistrationAgent:
         policies: Sequence[Policy] = (),
         credentials: grpc.ChannelCredentials | None = None,
         clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.service = check_service_name(service)
         self.config = config or AgentConfig()
         self.clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self._lease_deadline = 0.0  # monotonic, by self.clock: when the lease ends unrenewed
+        self.failures = 0  # failed heartbeats in a row
         self._registry = registry
         self._policies = tuple(policies)
         self._credentials = credentials
@@ -123,23 +144,35 @@ class RegistrationAgent:
         if self._channel is None:
             if isinstance(self._registry, str):
                 from framework.client import connect
+                from framework.config import ClientConfig
 
+                low = max(1, int(self.config.retry_min_s * 1000))
+                high = max(low, int(self.config.retry_max_s * 1000))
                 self._channel = connect(
-                    self._registry, policies=self._policies, credentials=self._credentials
+                    self._registry,
+                    policies=self._policies,
+                    credentials=self._credentials,
+                    config=ClientConfig(  # reconnect backoff capped (grpc's grows to 120 s)
+                        grpc_options=(
+                            ("grpc.initial_reconnect_backoff_ms", low),
+                            ("grpc.min_reconnect_backoff_ms", low),
+                            ("grpc.max_reconnect_backoff_ms", high),
+                        )
+                    ),
                 )
             else:
                 self._channel = self._registry
             self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         self.address = address
         try:
-            await self.register()
+            await self.register(wait_for_ready=False)  # a registry that is down: fail fast
         except (grpc.aio.AioRpcError, FrameworkError) as error:
+            self.failures = 1
             logger.warning(
-                "could not register %s at %s (%s); retrying every %.1fs",
+                "could not register %s at %s (%s); retrying in the background",
                 self.service,
                 address,
                 error,
-                self.ttl_s * self.config.renew_fraction,
             )
         self._task = asyncio.create_task(self._renew_loop(), name=f"registry-agent-{address}")
 
@@ -174,7 +207,7 @@ class RegistrationAgent:
         self._channel, self._stub = None, None
         return deregistered
 
-    async def register(self) -> None:
+    async def register(self, *, wait_for_ready: bool = True) -> None:
         cfg = self.config
         reply = await self._stub.Register(
             pb.RegisterRequest(
@@ -187,16 +220,21 @@ class RegistrationAgent:
                 ttl_s=cfg.ttl_s,
             ),
             timeout=cfg.call_timeout_s,
+            wait_for_ready=wait_for_ready,
         )
         self.lease_id, self.ttl_s = reply.lease_id, reply.ttl_s
+        self._lease_deadline = self.clock.monotonic() + reply.ttl_s
         logger.info("registered %s at %s (ttl %.1fs)", self.service, self.address, self.ttl_s)
 
     async def renew(self) -> None:
         """One heartbeat; registers again when the registry no longer knows the lease."""
         try:
-            await self._stub.Renew(
-                pb.RenewRequest(lease_id=self.lease_id), timeout=self.config.call_timeout_s
+            reply = await self._stub.Renew(
+                pb.RenewRequest(lease_id=self.lease_id),
+                timeout=self.config.call_timeout_s,
+                wait_for_ready=True,
             )
+            self._lease_deadline = self.clock.monotonic() + reply.ttl_s
         except (grpc.aio.AioRpcError, FrameworkError) as error:
             if code_of(error) is not grpc.StatusCode.NOT_FOUND:
                 raise
@@ -205,18 +243,41 @@ class RegistrationAgent:
             )
             await self.register()
 
+    def _next_wait(self) -> float:
+        """The renewal period, or after a failure a short jittered backoff (while the lease
+        may still be alive; the period again once it surely ended)."""
+        period = self.ttl_s * self.config.renew_fraction
+        if not self.failures:
+            return period
+        cap = self.config.retry_max_s
+        if self.clock.monotonic() >= self._lease_deadline:
+            cap = max(cap, period)
+        backoff = min(cap, self.config.retry_min_s * 2.0 ** min(self.failures - 1, 30))
+        return backoff * (0.5 + 0.5 * self._rng.random())
+
     async def _renew_loop(self) -> None:
         while True:
-            await self.clock.sleep(self.ttl_s * self.config.renew_fraction)
+            await self.clock.sleep(self._next_wait())
             try:
                 if self.lease_id:
                     await self.renew()
                 else:
                     await self.register()
             except (grpc.aio.AioRpcError, FrameworkError) as error:
-                logger.warning(
-                    "registry heartbeat of %s at %s failed (%s); retrying next period",
+                self.failures += 1
+                if self.failures == 1:
+                    logger.warning(
+                        "registry heartbeat of %s at %s failed (%s); retrying",
+                        self.service,
+                        self.address,
+                        error,
+                    )
+                continue
+            if self.failures:
+                logger.info(
+                    "registry heartbeat of %s at %s works again after %d failures",
                     self.service,
                     self.address,
-                    error,
+                    self.failures,
                 )
+            self.failures = 0

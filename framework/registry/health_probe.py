@@ -1,10 +1,14 @@
 """Active health checks of registered instances over the standard grpc.health.v1 protocol.
 
-Runs beside the registry, never on a request path: every `interval_s` it asks
-each instance `Check(service="")` with a `timeout_s` deadline.  After
+Runs beside the registry, never on a request path, and only on the leading
+replica (one prober per instance, so replicas that see an instance differently
+never take turns rewriting its health): every `interval_s` it asks each
+instance `Check(service="")` with a `timeout_s` deadline.  After
 `unhealthy_after` failures in a row an instance is marked NOT_SERVING (and no
-longer handed out); one success marks it SERVING again.  Only changes are
-written, so a steady fleet causes no store traffic and no watch events.
+longer handed out); `healthy_after` successes in a row mark it SERVING again
+(hysteresis; a new, UNKNOWN instance is SERVING after its first success).  Only
+changes are written, so a steady fleet causes no store traffic and no watch
+events.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class ProbeConfig:
     interval_s: float = 2.0
     timeout_s: float = 1.0
     unhealthy_after: int = 2
+    healthy_after: int = 2
     # Health service name asked for; "" is the whole server.
     service: str = ""
 
@@ -45,6 +50,8 @@ class ProbeConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.unhealthy_after < 1:
             raise ValueError(f"unhealthy_after must be >= 1, got {self.unhealthy_after}")
+        if self.healthy_after < 1:
+            raise ValueError(f"healthy_after must be >= 1, got {self.healthy_after}")
 
     @property
     def enabled(self) -> bool:
@@ -72,6 +79,8 @@ class HealthProber:
         self._channel_factory = channel_factory
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._failures: dict[str, int] = {}
+        self._successes: dict[str, int] = {}
+        self.rounds = 0  # probe rounds completed (tests wait on it)
 
     async def run(self) -> None:
         while True:
@@ -89,8 +98,15 @@ class HealthProber:
         live_leases = {i.lease_id for i in instances}
         for address in [a for a in self._channels if a not in live_addresses]:
             await self._channels.pop(address).close()
-        for lease in [k for k in self._failures if k not in live_leases]:
-            del self._failures[lease]
+        for counts in (self._failures, self._successes):
+            for lease in [k for k in counts if k not in live_leases]:
+                del counts[lease]
+        self.rounds += 1
+
+    def forget(self) -> None:
+        """Drop the counts (leadership lost: the next leader starts from its own)."""
+        self._failures.clear()
+        self._successes.clear()
 
     async def check(self, address: str) -> bool:
         """Whether the server at `address` answers SERVING within the timeout."""
@@ -113,9 +129,14 @@ class HealthProber:
         lease = instance.lease_id
         if ok:
             self._failures.pop(lease, None)
-            if instance.health is not Health.SERVING:
+            if instance.health is Health.SERVING:
+                return
+            successes = self._successes[lease] = self._successes.get(lease, 0) + 1
+            if instance.health is Health.UNKNOWN or successes >= self.config.healthy_after:
+                self._successes.pop(lease, None)
                 await self.store.set_health(lease, Health.SERVING)
             return
+        self._successes.pop(lease, None)
         failures = self._failures[lease] = self._failures.get(lease, 0) + 1
         if failures >= self.config.unhealthy_after and instance.health is not Health.NOT_SERVING:
             logger.warning(

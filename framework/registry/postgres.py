@@ -32,6 +32,11 @@ from framework.registry.store import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+# The database's clock, in epoch seconds: leases are timed by it unless the registry has
+# a clock of its own (tests), so replicas whose wall clocks disagree still agree on leases.
+DB_NOW = "extract(epoch from clock_timestamp())::float8"
+# Lost connections and a server that went away: the store is unavailable for now.
+_GONE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -82,6 +87,9 @@ class PostgresStore:
         self._listener: Any = None
         self._signal = RevisionSignal()
         self._relisten_lock = asyncio.Lock()
+        # The connection holding the leader lock (a session advisory lock), if any.
+        self._lock_conn: Any = None
+        self._leading = False
 
     # ----------------------------------------------------------- plumbing
     async def open(self) -> None:
@@ -96,6 +104,7 @@ class PostgresStore:
         self._signal.publish(await self.revision())
 
     async def close(self) -> None:
+        await self.resign()
         listener, pool = self._listener, self._pool
         self._listener, self._pool = None, None
         if listener is not None:
@@ -158,14 +167,65 @@ class PostgresStore:
             self._signal.publish(revision)
         return revision
 
-    async def renew(self, lease_id: str, expires_at: float) -> Instance | None:
+    async def now(self) -> float:
+        return float(await self._require_pool().fetchval(f"SELECT {DB_NOW}"))
+
+    async def renew(self, lease_id: str, now: float | None) -> Instance | None:
         row = await self._require_pool().fetchrow(
-            f"UPDATE {self.schema}.registry_instances SET expires_at = $1 WHERE lease_id = $2 "
-            f"RETURNING {INSTANCE_COLUMNS}",
-            expires_at,
+            f"WITH t AS (SELECT COALESCE($1::float8, {DB_NOW}) AS now) "
+            f"UPDATE {self.schema}.registry_instances SET expires_at = t.now + ttl_s FROM t "
+            f"WHERE lease_id = $2 AND expires_at > t.now RETURNING {INSTANCE_COLUMNS}",
+            now,
             lease_id,
         )
         return None if row is None else instance_from_row(tuple(row))
+
+    async def extend_leases(self, now: float | None) -> int:
+        status = await self._require_pool().execute(
+            f"WITH t AS (SELECT COALESCE($1::float8, {DB_NOW}) AS now) "
+            f"UPDATE {self.schema}.registry_instances SET expires_at = t.now + ttl_s FROM t "
+            "WHERE expires_at < t.now + ttl_s",
+            now,
+        )
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    # --------------------------------------------------------- leadership
+    async def try_lead(self) -> bool:
+        """Hold a session advisory lock on a connection of our own: the lock lives exactly
+        as long as that session, so a replica that dies or loses it frees the lock."""
+        conn = self._lock_conn
+        if self._leading and (conn is None or conn.is_closed()):
+            logger.warning("registry leader lock connection closed; the lead is lost")
+            await self._drop_lock_conn()  # report the loss; try again next period
+            return False
+        try:
+            if conn is None or conn.is_closed():
+                conn = self._lock_conn = await asyncpg.connect(self.dsn)
+            if self._leading:
+                await conn.fetchval("SELECT 1")  # the session (and so the lock) is alive
+                return True
+            self._leading = bool(
+                await conn.fetchval(
+                    "SELECT pg_try_advisory_lock(hashtext('framework.registry'), hashtext($1))",
+                    self.schema,
+                )
+            )
+        except (*_GONE, asyncpg.PostgresError) as error:  # e.g. AdminShutdownError
+            logger.warning("registry leader lock connection lost (%s)", error)
+            await self._drop_lock_conn()
+            return False
+        return self._leading
+
+    async def resign(self) -> None:
+        await self._drop_lock_conn()
+
+    async def _drop_lock_conn(self) -> None:
+        conn, self._lock_conn, self._leading = self._lock_conn, None, False
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except (*_GONE, TimeoutError):
+                conn.terminate()
 
     async def delete(self, lease_id: str) -> Instance | None:
         async def body(conn: Any) -> tuple[Instance | None, int | None]:
@@ -199,10 +259,11 @@ class PostgresStore:
             self._signal.publish(revision)
         return revision is not None
 
-    async def expire(self, now: float) -> list[Instance]:
+    async def expire(self, now: float | None) -> list[Instance]:
         async def body(conn: Any) -> tuple[list[Instance], int | None]:
             rows = await conn.fetch(
-                f"DELETE FROM {self.schema}.registry_instances WHERE expires_at <= $1 "
+                f"DELETE FROM {self.schema}.registry_instances "
+                f"WHERE expires_at <= COALESCE($1::float8, {DB_NOW}) "
                 f"RETURNING {INSTANCE_COLUMNS}",
                 now,
             )

@@ -108,47 +108,91 @@ class Registry:
         probe_clock: Clock | None = None,
         probe_channel_factory: ChannelFactory | None = None,
     ) -> None:
-        """`probe_channel_factory(address)` makes the health checker's channels (e.g. mTLS)."""
+        """`clock` times leases and sweeps (tests); by default leases follow the store's
+        clock. `probe_channel_factory(address)` makes the health checker's channels (e.g.
+        mTLS)."""
         self.store = store
         self.config = config or RegistryConfig()
         self.clock = clock or SystemClock()
+        self._lease_clock = clock
         self.prober = HealthProber(
             store,
             self.config.probe,
             clock=probe_clock or self.clock,
             channel_factory=probe_channel_factory or insecure_channel,
         )
-        self._tasks: list[asyncio.Task[None]] = []
+        self._leader_task: asyncio.Task[None] | None = None
+        self._prober_task: asyncio.Task[None] | None = None
+        self.leading = False
+        self.terms = 0  # how many times this registry took the lead
 
     # ---------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Open the store and start the lease sweeper and the health prober."""
+        """Open the store, try to take the lead (sweeper and prober), keep trying."""
         await self.store.open()
-        await self.expire_leases()
-        self._tasks.append(asyncio.create_task(self._sweep(), name="registry-sweeper"))
-        if self.config.probe.enabled:
-            self._tasks.append(asyncio.create_task(self.prober.run(), name="registry-prober"))
+        await self._lead_once()
+        self._leader_task = asyncio.create_task(self._lead(), name="registry-leader")
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
+        task, self._leader_task = self._leader_task, None
+        if task is not None:
             task.cancel()
-        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._stop_probing()
+        self.leading = False
         await self.prober.close()
         await self.store.close()
 
-    async def _sweep(self) -> None:
+    async def _lead(self) -> None:
         while True:
             await self.clock.sleep(self.config.sweep_interval_s)
             try:
-                await self.expire_leases()
+                await self._lead_once()
             except Exception:  # the store may be briefly unreachable; try next period
                 logger.exception("registry lease sweep failed; retrying next period")
 
+    async def _lead_once(self) -> None:
+        """One period: keep or take the lead; as leader, sweep expired leases."""
+        leading = await self.store.try_lead()
+        if leading and not self.leading:
+            extended = await self.store.extend_leases(self._lease_time())
+            logger.info(
+                "this registry leads lease sweeps and health checks; %d leases extended to "
+                "a full TTL before the first sweep",
+                extended,
+            )
+            self.leading = True
+            self.terms += 1
+            if self.config.probe.enabled:
+                self._prober_task = asyncio.create_task(self.prober.run(), name="registry-prober")
+        elif not leading and self.leading:
+            logger.warning("this registry lost the lead; another replica sweeps and probes")
+            self.leading = False
+            await self._stop_probing()
+        if self.leading:
+            await self.expire_leases()
+
+    async def _stop_probing(self) -> None:
+        task, self._prober_task = self._prober_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.prober.forget()
+
+    def _lease_time(self) -> float | None:
+        """Now by the registry's own clock, or None: the store's clock (one round trip less)."""
+        return None if self._lease_clock is None else self._lease_clock.now().timestamp()
+
+    async def lease_now(self) -> float:
+        """Now, by the clock that times leases."""
+        if self._lease_clock is not None:
+            return self._lease_clock.now().timestamp()
+        return await self.store.now()
+
     async def expire_leases(self) -> list[Instance]:
-        removed = await self.store.expire(self.clock.now().timestamp())
+        removed = await self.store.expire(self._lease_time())
         for instance in removed:
             logger.info(
                 "lease of %s at %s expired; instance removed", instance.service, instance.address
@@ -188,7 +232,7 @@ class Registry:
             service=service,
             address=address,
             lease_id=uuid.uuid4().hex,
-            expires_at=self.clock.now().timestamp() + ttl,
+            expires_at=await self.lease_now() + ttl,
             ttl_s=ttl,
             version=version,
             zone=zone,
@@ -223,13 +267,9 @@ class Registry:
 
     async def renew(self, lease_id: str, *, owner: str | None = None) -> Lease:
         """Push the lease's expiry one TTL ahead; `owner` None skips the ownership check."""
-        current = await self._owned(lease_id, owner)
-        now = self.clock.now().timestamp()
-        if current.expires_at <= now:
-            await self.store.delete(lease_id)
-            raise _unknown_lease()
-        renewed = await self.store.renew(lease_id, now + current.ttl_s)
-        if renewed is None:  # removed between the two statements
+        await self._owned(lease_id, owner)
+        renewed = await self.store.renew(lease_id, self._lease_time())
+        if renewed is None:  # it ended (the sweeper removes it; registering again replaces it)
             raise _unknown_lease()
         return Lease(lease_id, renewed.ttl_s)
 

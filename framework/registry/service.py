@@ -51,8 +51,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.grants = grants or NameGrants()
         self.admin_scope = admin_scope
 
-    def _now(self) -> float:
-        return self.registry.clock.now().timestamp()
+    async def _now(self) -> float:
+        return await self.registry.lease_now()
 
     def _caller(self) -> tuple[Principal | None, bool]:
         """The verified caller (None without authentication) and whether it is an admin."""
@@ -112,7 +112,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             selector_from_proto(request.selector),
             include_unhealthy=request.include_unhealthy,
         )
-        return view_to_proto(view, self._now())
+        return view_to_proto(view, await self._now())
 
     async def Watch(  # noqa: N802
         self, request: pb.WatchRequest, context: Context
@@ -124,7 +124,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             include_unhealthy=request.include_unhealthy,
         )
         async for view in views:
-            yield view_to_proto(view, self._now())
+            yield view_to_proto(view, await self._now())
 
     async def SetWeights(  # noqa: N802
         self, request: pb.SetWeightsRequest, context: Context

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,16 +149,39 @@ class SqliteStore:
         self._changed(revision)
         return revision
 
-    async def renew(self, lease_id: str, expires_at: float) -> Instance | None:
+    async def now(self) -> float:
+        return time.time()
+
+    async def renew(self, lease_id: str, now: float | None) -> Instance | None:
+        at = time.time() if now is None else now
+
         def work(conn: sqlite3.Connection) -> Instance | None:
             row = conn.execute(
-                f"UPDATE registry_instances SET expires_at = ? WHERE lease_id = ? "
-                f"RETURNING {INSTANCE_COLUMNS}",
-                (expires_at, lease_id),
+                f"UPDATE registry_instances SET expires_at = ? + ttl_s "
+                f"WHERE lease_id = ? AND expires_at > ? RETURNING {INSTANCE_COLUMNS}",
+                (at, lease_id, at),
             ).fetchone()
             return None if row is None else instance_from_row(row)
 
         return await self._run(work)
+
+    async def extend_leases(self, now: float | None) -> int:
+        at = time.time() if now is None else now
+
+        def work(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE registry_instances SET expires_at = ? + ttl_s WHERE expires_at < ? + ttl_s",
+                (at, at),
+            )
+            return int(cursor.rowcount)
+
+        return await self._run(work)
+
+    async def try_lead(self) -> bool:
+        return self._conn is not None
+
+    async def resign(self) -> None:
+        return None
 
     async def delete(self, lease_id: str) -> Instance | None:
         def work(conn: sqlite3.Connection) -> tuple[Instance | None, int | None]:
@@ -194,13 +218,15 @@ class SqliteStore:
         self._changed(revision)
         return revision is not None
 
-    async def expire(self, now: float) -> list[Instance]:
+    async def expire(self, now: float | None) -> list[Instance]:
+        at = time.time() if now is None else now
+
         def work(conn: sqlite3.Connection) -> tuple[list[Instance], int | None]:
             def body() -> tuple[list[Instance], int | None]:
                 rows = conn.execute(
                     f"DELETE FROM registry_instances WHERE expires_at <= ? "
                     f"RETURNING {INSTANCE_COLUMNS}",
-                    (now,),
+                    (at,),
                 ).fetchall()
                 removed = [instance_from_row(r) for r in rows]
                 revision = None

@@ -37,8 +37,13 @@ class RegistryStore(Protocol):
 
     async def get(self, lease_id: str) -> Instance | None: ...
 
-    async def renew(self, lease_id: str, expires_at: float) -> Instance | None:
-        """Move a lease's expiry; None when the lease is unknown. Not a view change."""
+    async def now(self) -> float:
+        """The store's clock (epoch seconds), which times leases unless the registry is
+        given a clock: the database's on PostgreSQL, so replicas with skewed clocks agree."""
+
+    async def renew(self, lease_id: str, now: float | None) -> Instance | None:
+        """Move a lease's expiry to `now` + its TTL if it has not ended by `now` (None: the
+        store's clock); the renewed instance, or None when unknown or ended. Not a view change."""
 
     async def delete(self, lease_id: str) -> Instance | None:
         """Remove an instance; the removed instance, or None when the lease is unknown."""
@@ -46,8 +51,23 @@ class RegistryStore(Protocol):
     async def set_health(self, lease_id: str, health: Health) -> bool:
         """Record a health state; True when it changed (and the revision moved)."""
 
-    async def expire(self, now: float) -> list[Instance]:
-        """Remove every instance whose lease ended at or before `now`; the removed ones."""
+    async def expire(self, now: float | None) -> list[Instance]:
+        """Remove every instance whose lease ended at or before `now` (None: the store's
+        clock); the removed ones."""
+
+    async def extend_leases(self, now: float | None) -> int:
+        """Make every lease last at least its TTL from `now` (None: the store's clock), as a
+        new leader does before its first sweep; how many moved. Not a view change."""
+
+    async def try_lead(self) -> bool:
+        """Whether this process is (still) the one that sweeps leases and probes health.
+
+        SQLite: always (one registry process per file). PostgreSQL: the holder of a
+        session advisory lock; False when another replica holds it or the lock's
+        connection was lost (the lock went with it)."""
+
+    async def resign(self) -> None:
+        """Give up leadership (another replica may take it at once)."""
 
     async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int: ...
 

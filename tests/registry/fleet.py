@@ -16,7 +16,7 @@ from framework.clock import Clock, SystemClock
 from framework.config import ServerConfig
 from framework.policy import BasePolicy, Call, Policy, Side
 from framework.registry.agent import AgentConfig, RegistrationAgent
-from framework.registry.health_probe import ProbeConfig
+from framework.registry.health_probe import ChannelFactory, ProbeConfig
 from framework.registry.registry import Registry, RegistryConfig
 from framework.registry.service import RegistryServicer
 from framework.registry.store import RegistryStore
@@ -66,12 +66,14 @@ async def start_registry(
     port: int = 0,
     policies: Sequence[Policy] = (),
     grants: NameGrants | None = None,
+    probe_channel_factory: ChannelFactory | None = None,
 ) -> RegistryNode:
     registry = Registry(
         store,
         RegistryConfig(sweep_interval_s=sweep_interval_s, watch_poll_s=0.5, probe=probe),
         clock=clock,
         probe_clock=SystemClock(),
+        probe_channel_factory=probe_channel_factory,
     )
     await registry.start()
     server = Server(
@@ -169,14 +171,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
         await asyncio.sleep(0.01)
 
 
-async def spawn(module: str, *args: str, log: Path) -> tuple[Process, str]:
-    """`python -m module args...` in its own process; returns it and the address it prints
-    as its first line (its stderr goes to `log`, shown if it fails to start)."""
+async def spawn(
+    module: str, *args: str, log: Path, prefix: Sequence[str] = ()
+) -> tuple[Process, str]:
+    """`[prefix...] python -m module args...` in its own process; returns it and the address
+    it prints as its first line (its stderr goes to `log`, shown if it fails to start)."""
     import asyncio
     import sys
 
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
+            *prefix,
             sys.executable,
             "-m",
             module,
@@ -218,3 +223,12 @@ class Attempts(BasePolicy):
 
     def enter(self, call: Call) -> None:
         self.targets[call.target] += 1
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released; only used on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

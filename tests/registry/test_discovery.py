@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,7 @@ from framework.registry.discovery import DiscoveryConfig
 from framework.registry.sqlite import SqliteStore
 from gen.echo.v1.echo_pb2 import EchoRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
-from tests.registry.fleet import ECHO, start_echo, start_registry, wait_until
-
-
-def _free_port() -> int:
-    """A port nothing listens on (bound and released; only used on 127.0.0.1)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.registry.fleet import ECHO, free_port, start_echo, start_registry, wait_until
 
 
 async def test_waiting_for_the_registry_never_outlives_the_calls_deadline() -> None:
@@ -30,7 +22,7 @@ async def test_waiting_for_the_registry_never_outlives_the_calls_deadline() -> N
     DEADLINE_EXCEEDED (reason REGISTRY_UNREACHABLE) at its own deadline, not with
     UNAVAILABLE after the channel's 30 s ready timeout."""
     channel = await balanced_channel(
-        f"127.0.0.1:{_free_port()}", ECHO, config=BalancerConfig(ready_timeout_s=30)
+        f"127.0.0.1:{free_port()}", ECHO, config=BalancerConfig(ready_timeout_s=30)
     )
     try:
         with pytest.raises(DeadlineExceededError) as caught:
@@ -44,7 +36,7 @@ async def test_waiting_for_the_registry_never_outlives_the_calls_deadline() -> N
 async def test_bootstrap_addresses_serve_until_the_registry_answers(tmp_path: Path) -> None:
     """Registry down at start: calls go to the bootstrap address; once the registry is up
     its view replaces the bootstrap one."""
-    port = _free_port()
+    port = free_port()
     early = await start_echo(None)
     channel = await balanced_channel(
         f"127.0.0.1:{port}",
@@ -119,7 +111,7 @@ async def test_a_damaged_cache_file_is_ignored_in_favour_of_bootstrap(tmp_path: 
     registry: the call fails UNAVAILABLE saying the registry is unreachable."""
     cache = DiscoveryConfig(cache_dir=str(tmp_path), reconnect_max_s=0.2)
     instance = await start_echo(None)
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     channel = await balanced_channel(target, ECHO, discovery_config=cache)
     path = channel.discovery.cache_file
     await channel.close()

@@ -189,8 +189,13 @@ async def test_sweeper_expires_leases_as_the_clock_moves(
     stream.cancel()
 
 
-async def test_registry_restart_keeps_registrations(tmp_path: Path) -> None:
-    """A registry restarted on the same SQLite file still knows the instance and its lease."""
+@pytest.mark.parametrize("outage_s", [10, 90])
+async def test_registry_restart_keeps_registrations_and_extends_their_leases(
+    tmp_path: Path, outage_s: float
+) -> None:
+    """A registry restarted on the same SQLite file after an outage shorter or longer than
+    the TTL (30 s) still knows the instance, under the same lease, which now runs a full
+    TTL from the restart (nothing was swept at start), and can be renewed."""
     clock = ManualClock()
     path = tmp_path / "registry.sqlite"
     first = await start_registry(SqliteStore(path), clock=clock)
@@ -199,14 +204,14 @@ async def test_registry_restart_keeps_registrations(tmp_path: Path) -> None:
     await channel.close()
     await first.stop()
 
-    clock.advance(10)
+    clock.advance(outage_s)
     second = await start_registry(SqliteStore(path), clock=clock)
     channel = connect(second.address)
     stub = RegistryServiceStub(channel)
     try:
         view = await stub.Discover(pb.DiscoverRequest(service="orders"))
         assert [i.address for i in view.instances] == ["127.0.0.1:7001"]
-        assert view.instances[0].lease_remaining_s == pytest.approx(20)
+        assert view.instances[0].lease_remaining_s == pytest.approx(30)
         await stub.Renew(pb.RenewRequest(lease_id=lease.lease_id))
     finally:
         await channel.close()

@@ -74,13 +74,50 @@ async def test_unchanged_health_is_not_a_change(store: RegistryStore) -> None:
 
 
 async def test_renew_moves_expiry_without_a_view_change(store: RegistryStore) -> None:
-    """A heartbeat extends the lease but is not a view change."""
+    """A heartbeat extends the lease to now + its TTL but is not a view change."""
     await store.put(_instance("10.0.0.1:5000", "l1"))
     before = await store.revision()
-    renewed = await store.renew("l1", 500.0)
-    assert renewed is not None and renewed.expires_at == 500.0
+    renewed = await store.renew("l1", 90.0)
+    assert renewed is not None and renewed.expires_at == 100.0  # 90 + ttl 10
     assert await store.revision() == before
-    assert await store.renew("missing", 500.0) is None
+    assert await store.renew("missing", 90.0) is None
+
+
+async def test_a_lease_that_has_ended_is_not_renewed(store: RegistryStore) -> None:
+    """Renewing at or after the lease's end changes nothing and returns None."""
+    await store.put(_instance("10.0.0.1:5000", "l1", expires_at=100.0))
+    assert await store.renew("l1", 100.0) is None
+    assert (await store.get("l1")).expires_at == 100.0  # type: ignore[union-attr]
+
+
+async def test_store_clock_times_leases_when_no_time_is_given(store: RegistryStore) -> None:
+    """now=None means the store's clock: a lease ending in the past is swept, one renewed
+    by the store's clock lasts its TTL from it."""
+    now = await store.now()
+    await store.put(_instance("10.0.0.1:5000", "old", expires_at=now - 1))
+    await store.put(_instance("10.0.0.2:5000", "young", expires_at=now + 60))
+    assert [i.lease_id for i in await store.expire(None)] == ["old"]
+    renewed = await store.renew("young", None)
+    assert renewed is not None and now + 10 <= renewed.expires_at <= await store.now() + 10
+
+
+async def test_extend_leases_gives_every_lease_at_least_its_ttl(store: RegistryStore) -> None:
+    """A new leader's extension: short leases move to now + TTL, longer ones stay; no
+    revision change."""
+    await store.put(_instance("10.0.0.1:5000", "short", expires_at=101.0))
+    await store.put(_instance("10.0.0.2:5000", "long", expires_at=500.0))
+    before = await store.revision()
+    assert await store.extend_leases(100.0) == 1
+    assert (await store.get("short")).expires_at == 110.0  # type: ignore[union-attr]
+    assert (await store.get("long")).expires_at == 500.0  # type: ignore[union-attr]
+    assert await store.revision() == before
+
+
+async def test_one_open_store_may_lead(store: RegistryStore) -> None:
+    """try_lead is True for the only store on this state, and stays so until it resigns."""
+    assert await store.try_lead()
+    assert await store.try_lead()
+    await store.resign()
 
 
 async def test_expire_removes_only_ended_leases(store: RegistryStore) -> None:
