@@ -389,8 +389,13 @@ class SpanFactory:
         """A span under a valid `parent`, when `follows_parent` (the sampler's decision is
         the parent's sampled flag): no sampler call, no Context, nothing copied."""
         flags = parent.trace_flags
+        span_id = random.getrandbits(64) if self.fast_ids else 0
         context = span_context(
-            parent.trace_id, self.span_id(), False, FLAGS[flags & (1 | _RANDOM)], parent.trace_state
+            parent.trace_id,
+            span_id or self.ids.generate_span_id(),
+            False,
+            FLAGS[flags & (1 | _RANDOM)],
+            parent.trace_state,
         )
         if not flags & 1:
             return trace_api.NonRecordingSpan(context)

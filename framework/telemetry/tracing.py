@@ -291,10 +291,20 @@ class _Enter:
                         FLAGS[int(traceparent[53:55], 16)],
                         TraceState.from_header([tracestate]) if tracestate else None,
                     )
-                    span = self.factory.start_child(
-                        self.name, SpanKind.SERVER, parent, self._server_attrs(), True
-                    )
-                    return self._recording(span, call, None)
+                    base = self.server_base  # inline _server_attrs(): the common case
+                    attrs = base[1] if base[0] is policy._server_attrs else self._server_attrs()
+                    span = self.factory.start_child(self.name, SpanKind.SERVER, parent, attrs, True)
+                    if call.header(_RETRY_HEADER) is not None:
+                        return self._recording(span, call, None)
+                    token = attach(context_with(span))
+
+                    def exit_(error: BaseException | None) -> None:
+                        detach(token)
+                        if error is not None:
+                            _ended(span, Side.SERVER, error)
+                        span.end()
+
+                    return exit_
         parent_context, remote = policy._extract(call)
         span = self.factory.start(
             self.name,
