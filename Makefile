@@ -9,11 +9,13 @@ BUF_VERSION ?= 1.75.0
 BUF := .tools/buf/node_modules/.bin/buf
 # Real gRPC-Web clients for the gateway's tests (npm, under .tools/grpcweb, git-ignored).
 GRPCWEB := .tools/grpcweb/node_modules/@connectrpc/connect-web/package.json
+# A foreign gRPC client for the system tests: Node's @grpc/grpc-js (npm, under .tools/grpcjs).
+GRPCJS := .tools/grpcjs/node_modules/@grpc/grpc-js/package.json
 # What `buf breaking` compares the contracts with: main's committed protos
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb gateway-fuzz docs check-docs analysis check-analysis
+.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb grpcjs gateway-fuzz docs check-docs analysis check-analysis
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,7 +34,7 @@ check-protos: protos
 	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make protos' and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen && echo "gen/ has untracked files" && exit 1)
 
-test: protos $(BUF) $(GRPCWEB)
+test: protos $(BUF) $(GRPCWEB) $(GRPCJS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv $(BUF)
@@ -57,6 +59,10 @@ grpcweb: $(GRPCWEB)
 gateway-fuzz: protos
 	SCHEMATHESIS_EXAMPLES=100 SCHEMATHESIS_MAX_TIME_S=900 $(BIN)/python -m pytest -q \
 		tests/gateway/test_schemathesis.py
+$(GRPCJS):
+	npm install --prefix .tools/grpcjs --no-audit --no-fund --silent @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
+
+grpcjs: $(GRPCJS)
 
 docs: protos
 	$(BIN)/python -m framework reference
