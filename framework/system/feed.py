@@ -73,18 +73,12 @@ def publish_events(runtime: ServiceRuntime, server: Server, db: ServiceDatabase)
     bus = StoreBus(db.store)
     server.add(PublishedEventStore(db.store, bus=bus))
     runtime.register(server, EVENT_STORE_SERVICE)
+    runtime.close_on_stop(bus)
     if runtime.config.bus_url.startswith(("nats://", "tls://")):
-        server.add_hook(_Relay(runtime, db))
-    server.add_hook(_CloseBus(bus))
+        relay = _Relay(runtime, db)
+        server.add_hook(relay)
+        runtime.close_on_stop(relay)
     return bus
-
-
-class _CloseBus:
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
-
-    async def on_stopped(self, server: Server) -> None:
-        await self.bus.close()
 
 
 def _jetstream_config(runtime: ServiceRuntime) -> Any:
@@ -115,11 +109,14 @@ class _Relay:
         self._relay = OutboxRelay(self.db.store, self._bus, RelayConfig(name=name))
         await self._relay.start()
 
-    async def on_stopped(self, server: Server) -> None:
-        if self._relay is not None:
-            await self._relay.close()
-        if self._bus is not None:
-            await self._bus.close()
+    async def close(self) -> None:
+        """Called by the runtime after the drain, before the database closes."""
+        relay, self._relay = self._relay, None
+        bus, self._bus = self._bus, None
+        if relay is not None:
+            await relay.close()
+        if bus is not None:
+            await bus.close()
 
 
 Apply = Callable[[Any, EventEnvelope], Awaitable[None]]

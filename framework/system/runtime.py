@@ -121,6 +121,7 @@ class ServiceRuntime:
         self._bearer: BearerToken | None = None
         self._breakers = CircuitBreakerPolicy()
         self._channels: list[Any] = []
+        self._close_first: list[Closable] = []
 
     # ------------------------------------------------------------ identity
     def verifier(self) -> JwtVerifier:
@@ -274,7 +275,14 @@ class ServiceRuntime:
             config=ClientConfig(default_timeout_s=None),
         )
 
+    def close_on_stop(self, resource: Closable) -> None:
+        """Close `resource` once the server drained, before the `closing` ones (the database)."""
+        self._close_first.append(resource)
+
     async def close(self) -> None:
+        first, self._close_first = self._close_first, []
+        for resource in reversed(first):
+            await resource.close()
         channels, self._channels = self._channels, []
         for channel in channels:
             await channel.close()

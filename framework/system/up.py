@@ -459,7 +459,9 @@ async def run_up(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(sig)
-    unclean = {n: c for n, c in codes.items() if c not in (0, None)}
+    # uvicorn (the gateway) re-raises the SIGTERM it handled gracefully: that is a clean stop
+    clean = (0, None, -signal.SIGTERM, -signal.SIGINT)
+    unclean = {n: c for n, c in codes.items() if c not in clean}
     if unclean:
         out.write(f"stopped; not cleanly: {unclean}\n")
         return 1
