@@ -59,6 +59,7 @@ grpcweb: $(GRPCWEB)
 gateway-fuzz: protos
 	SCHEMATHESIS_EXAMPLES=100 SCHEMATHESIS_MAX_TIME_S=900 $(BIN)/python -m pytest -q \
 		tests/gateway/test_schemathesis.py
+
 $(GRPCJS):
 	npm install --prefix .tools/grpcjs --no-audit --no-fund --silent @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
 

@@ -60,7 +60,7 @@ class Backends:
         # The gateway sets every deadline itself (caller, contract, or its default).
         self.client_config = ClientConfig(default_timeout_s=None)
         self._channels: dict[str, Any] = {}
-        self._callables: dict[tuple[str, str, bool], Any] = {}
+        self._callables: dict[tuple[str, str, str, bool], Any] = {}
 
     async def start(self) -> None:
         for service in self.services:
@@ -116,7 +116,7 @@ class Backends:
 
         Without (de)serializers it sends and returns raw bytes (gRPC-Web).
         """
-        key = (method, "raw" if serializer is None else "typed", streaming)
+        key = (service, method, "raw" if serializer is None else "typed", streaming)
         found = self._callables.get(key)
         if found is None:
             channel = self.channel(service)
