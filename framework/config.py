@@ -25,6 +25,9 @@ class ServerConfig:
     health: bool = True
     max_concurrent_rpcs: int | None = None
     grpc_options: tuple[tuple[str, str | int], ...] = ()
+    # Development only: serve methods whose contract requires authentication (scopes,
+    # auth_required) with no authentication policy; logged as a WARNING at start.
+    insecure_dev: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -42,20 +45,25 @@ class ServerConfig:
     def from_env(
         cls, name: str, environ: Mapping[str, str] | None = None, prefix: str = "SERVICE_"
     ) -> ServerConfig:
-        """Read `<PREFIX>HOST`, `PORT`, `GRACE_S`, `DRAIN_DELAY_S` over the defaults."""
+        """Read `<PREFIX>HOST`, `PORT`, `GRACE_S`, `DRAIN_DELAY_S`, `INSECURE_DEV` over the
+        defaults (`INSECURE_DEV=1` turns on `insecure_dev`)."""
         env = os.environ if environ is None else environ
         defaults = cls(name=name)
         host = _env(env, f"{prefix}HOST") or defaults.host
         port = _env(env, f"{prefix}PORT")
         grace = _env(env, f"{prefix}GRACE_S")
         drain = _env(env, f"{prefix}DRAIN_DELAY_S")
+        insecure = (_env(env, f"{prefix}INSECURE_DEV") or "0").lower()
         try:
+            if insecure not in ("0", "1", "true", "false"):
+                raise ValueError(f"{prefix}INSECURE_DEV must be 1 or 0, got {insecure!r}")
             return cls(
                 name=name,
                 host=host,
                 port=int(port) if port else defaults.port,
                 grace_s=float(grace) if grace else defaults.grace_s,
                 drain_delay_s=float(drain) if drain else defaults.drain_delay_s,
+                insecure_dev=insecure in ("1", "true"),
             )
         except ValueError as error:
             raise ValueError(f"bad {prefix}* environment setting: {error}") from error

@@ -4,7 +4,11 @@ Checks (a store reachable, a bus connected, CPU or memory under a threshold) run
 periodically in background tasks, never on the request path.  While a required
 check fails, the services it gates are NOT_SERVING; they return to SERVING when
 it recovers.  Draining turns every service NOT_SERVING for good.  Operators get
-each check's status, latency and last error from `HealthReportService`.
+each check's status, latency and last error from `HealthReportService`: the
+checks are in the report only for a caller whose verified token holds the
+`operator` scope (`OPERATOR_SCOPE`); anyone else gets the services' statuses
+and whether the server is draining, no more (a probe's error text can name a
+database role, a host or a path).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framework.errors import NotFoundError
+from framework.policy import current_call
 from gen.framework.v1 import health_pb2 as report_pb2
 from gen.framework.v1 import health_pb2_grpc as report_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+OPERATOR_SCOPE = "operator"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -255,9 +261,12 @@ class HealthMonitor:
                     self._status[service] = status
                     self._changed.notify_all()
 
-    def report(self) -> report_pb2.GetHealthReportResponse:
-        response = report_pb2.GetHealthReportResponse(draining=self._draining)
-        for state in self._states:
+    def report(self, *, detail: bool = True) -> report_pb2.GetHealthReportResponse:
+        """Statuses and draining; with `detail`, every check with latency and last error."""
+        response = report_pb2.GetHealthReportResponse(
+            draining=self._draining, checks_withheld=not detail
+        )
+        for state in self._states if detail else ():
             item = response.checks.add(
                 name=state.check.name,
                 required=state.check.required,
@@ -322,7 +331,9 @@ class _ReportServicer(report_pb2_grpc.HealthReportServiceServicer):
     async def GetHealthReport(
         self, request: report_pb2.GetHealthReportRequest, context: Any
     ) -> report_pb2.GetHealthReportResponse:
-        return self._monitor.report()
+        call = current_call()
+        scopes = getattr(call.principal if call is not None else None, "scopes", ())
+        return self._monitor.report(detail=OPERATOR_SCOPE in scopes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,20 +356,27 @@ class HealthSummary:
             state = "ok" if c.healthy else f"FAILING ({c.last_error})"
             kind = "required" if c.required else "advisory"
             lines.append(f"  check {c.name} [{kind}]: {state}, {c.latency_ms:.1f} ms")
+        if self.report.checks_withheld:
+            lines.append(
+                "  checks: withheld (the server reports them to callers with the "
+                f"'{OPERATOR_SCOPE}' scope: give such a token with --token-file)"
+            )
         return "\n".join(lines)
 
 
-async def fetch_report(target: str, *, timeout_s: float = 5.0) -> HealthSummary:
-    """Ask a server for its standard health status and its detailed report."""
+async def fetch_report(target: str, *, timeout_s: float = 5.0, token: str = "") -> HealthSummary:
+    """Ask a server for its standard health status and its report (checks need a `token`
+    with the operator scope)."""
     import grpc.aio
     from grpc_health.v1 import health_pb2_grpc
 
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     async with grpc.aio.insecure_channel(target) as channel:
         check = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
         )
         report = await report_pb2_grpc.HealthReportServiceStub(channel).GetHealthReport(
-            report_pb2.GetHealthReportRequest(), timeout=timeout_s
+            report_pb2.GetHealthReportRequest(), timeout=timeout_s, metadata=metadata
         )
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(check.status)
     return HealthSummary(target, status, report)

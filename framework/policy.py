@@ -151,6 +151,7 @@ class Call:
         "context",
         "finished",
         "method",
+        "principal",
         "request",
         "side",
         "started",
@@ -179,6 +180,9 @@ class Call:
         self.target = target  # client: the channel target
         self.status: RpcStatus | None = None  # server: the status the error mapping chose
         self.finished = False  # server: the handler has returned
+        # server: the verified caller, set by the auth policy (a framework.auth Principal
+        # with `.subject`, `.scopes`); None when anonymous or without authentication
+        self.principal: Any = None
         self._inbound: dict[str, str | bytes] | None = None
         self._outbound: list[tuple[str, str | bytes]] | None = None
         if side is Side.CLIENT:
@@ -276,9 +280,31 @@ class _Selected:
         hit = any(method.matches(p) for p in self.patterns)
         return self.policy.bind(method) if hit == self.keep else None
 
+    def authenticates(self, method: Method) -> bool:
+        """The wrapped policy's answer (see `authenticates`) for the methods it applies to."""
+        hit = any(method.matches(p) for p in self.patterns)
+        return hit == self.keep and authenticates(self.policy, method)
+
     def __repr__(self) -> str:
         kind = "only" if self.keep else "skip"
         return f"{kind}({self.policy!r}, {', '.join(self.patterns)})"
+
+
+def authenticates(policy: object, method: Method) -> bool:
+    """Whether `policy` requires a verified caller for `method`.
+
+    Authentication policies answer through an `authenticates(method)` method
+    (`framework.auth.policy.AuthPolicy` does); the server asks it before serving a
+    method whose contract declares scopes or `auth_required: true`.
+    """
+    check = getattr(policy, "authenticates", None)
+    return bool(check(method)) if callable(check) else False
+
+
+def requires_authentication(method: Method) -> bool:
+    """Whether the contract says `method` needs a verified caller (scopes, auth_required)."""
+    options = method.policy
+    return bool(options.scopes) or (options.HasField("auth_required") and options.auth_required)
 
 
 def only(policy: Policy, *patterns: str) -> Policy:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from framework.config import ServerConfig
 from framework.health import HealthCheck, HealthMonitor
 from framework.policies.error_mapping import ErrorMappingPolicy
-from framework.policy import Chain, Policy, Side
+from framework.policy import Chain, Method, Policy, Side, authenticates, requires_authentication
 from framework.server_adapter import Registrar
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Server:
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         self._services: list[str] = []
+        self._unguarded: list[str] = []  # methods served without authentication (insecure_dev)
         self._hooks: list[object] = list(hooks)
         self._port: int | None = None
         self._stopping: asyncio.Event | None = None
@@ -84,6 +85,7 @@ class Server:
         register = register or _find_register(servicer)
         registrar = Registrar(self.chain)
         register(servicer, registrar)
+        self._check_authentication(registrar.registered)
         for service, handlers in registrar.registered.items():
             self._grpc.add_registered_method_handlers(service, handlers)
             self._grpc.add_generic_rpc_handlers(
@@ -92,6 +94,33 @@ class Server:
             self._services.append(service)
         for handler in registrar.generic:
             self._grpc.add_generic_rpc_handlers((handler,))
+
+    def _check_authentication(self, registered: dict[str, dict[str, Any]]) -> None:
+        """Refuse methods whose contract requires a verified caller that no policy checks.
+
+        A contract with scopes (or `auth_required: true`) on a server without an
+        authentication policy for that method would serve everyone; that takes the
+        explicit `ServerConfig.insecure_dev`.
+        """
+        unguarded = []
+        for service, handlers in registered.items():
+            for name in handlers:
+                method = Method.resolve(f"/{service}/{name}")
+                if requires_authentication(method) and not any(
+                    authenticates(p, method) for p in self.chain.policies
+                ):
+                    unguarded.append(method.full_name[1:])
+        if not unguarded:
+            return
+        if not self.config.insecure_dev:
+            raise RuntimeError(
+                f"refusing to serve {', '.join(unguarded)} without authentication: the "
+                "contract declares scopes (or auth_required) but no policy of this server "
+                "verifies callers. Add AuthPolicy(...) (framework.auth.policy) to the "
+                "server's policies, or set ServerConfig(insecure_dev=True) "
+                "(SERVICE_INSECURE_DEV=1) for local development only"
+            )
+        self._unguarded += unguarded
 
     def add_hook(self, hook: object) -> None:
         """Add an object with any of `on_started`, `on_draining`, `on_stopped` (async)."""
@@ -139,6 +168,15 @@ class Server:
                     (grpc.method_handlers_generic_handler(service, handlers),)
                 )
         bind = f"{self.config.host}:{self.config.port}"
+        if self.config.insecure_dev:
+            logger.warning(
+                "INSECURE DEVELOPMENT MODE (insecure_dev) on %s: %s",
+                bind,
+                "anyone who can connect may call "
+                + (", ".join(self._unguarded) or "any method")
+                + " without authentication; never run this way outside local development",
+                extra={"service": self.config.name},
+            )
         if self.credentials is not None:
             port = self._grpc.add_secure_port(bind, self.credentials)
         else:

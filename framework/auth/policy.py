@@ -12,9 +12,12 @@ Server::
 `AuthPolicy` reads `authorization: Bearer <jwt>`.  What a method needs comes from
 its contract (`framework.v1.method_policy`): `auth_required` (unset -> the
 policy's default, required; `false` -> public) and `scopes` (all required).
-Health (`grpc.health.v1.Health`), reflection (`grpc.reflection.*`) and
-`framework.v1.HealthReportService` are open.  The rules per method are computed
-once, in `bind`.
+Declared scopes always imply authentication: a method with scopes is never
+public, whatever `auth_required` or `required_by_default` say.  Health
+(`grpc.health.v1.Health`) and reflection (`grpc.reflection.*`) are open;
+`framework.v1.HealthReportService` is public, and its detail goes only to
+callers holding the `operator` scope (see `framework.health`).  The rules per
+method are computed once, in `bind`.
 
 Outcomes: no/malformed/invalid token -> `UnauthenticatedError` (UNAUTHENTICATED)
 with a reason (`TOKEN_MISSING`, `TOKEN_MALFORMED`, `TOKEN_EXPIRED`,
@@ -77,7 +80,6 @@ logger = logging.getLogger(__name__)
 OPEN_SERVICES: tuple[str, ...] = (
     "grpc.health.v1.Health",
     "grpc.reflection.*",
-    "framework.v1.HealthReportService",
 )
 
 _principal: ContextVar[Principal | None] = ContextVar("framework_principal", default=None)
@@ -194,10 +196,16 @@ class AuthPolicy(BasePolicy):
                 scopes.update(extra)
         return _Rule(
             method=method.full_name,
-            required=required,
+            required=required or bool(scopes),  # declared scopes always imply authentication
             scopes=frozenset(scopes),
             identity_allowed=self._identity_rule(method),
         )
+
+    def authenticates(self, method: Method) -> bool:
+        """Whether this policy requires a verified caller for `method` (the server asks
+        before serving a method whose contract declares scopes)."""
+        rule = self.rule(method)
+        return rule is not None and rule.required
 
     def _identity_rule(self, method: Method) -> Callable[[str], bool] | None:
         rule = self.allowed_identities
@@ -232,7 +240,7 @@ class AuthPolicy(BasePolicy):
             identity = peer_identity(call.context)
         if identity is not None and rule.identity_allowed is not None:
             if rule.identity_allowed(identity):
-                return _publish(_with_identity(principal, identity))
+                return _publish(call, _with_identity(principal, identity))
             if principal is None and rule.required:
                 raise PermissionDeniedError(
                     f"workload identity {identity!r} is not allowed to call {rule.method}",
@@ -244,15 +252,15 @@ class AuthPolicy(BasePolicy):
                     "TOKEN_MISSING",
                     f"{rule.method} requires a bearer token: send 'authorization: Bearer <jwt>'",
                 )
-            return _publish(_with_identity(None, identity)) if identity is not None else None
-        if rule.required and not rule.scopes <= principal.scopes:
+            return _publish(call, _with_identity(None, identity)) if identity is not None else None
+        if not rule.scopes <= principal.scopes:
             missing = ", ".join(sorted(rule.scopes - principal.scopes))
             raise PermissionDeniedError(
                 f"the token lacks scope {missing} required by {rule.method}",
                 reason="SCOPE_MISSING",
                 metadata={"missing_scopes": missing},
             )
-        return _publish(_with_identity(principal, identity) if identity else principal)
+        return _publish(call, _with_identity(principal, identity) if identity else principal)
 
 
 def _with_identity(principal: Principal | None, identity: str) -> Principal:
@@ -261,7 +269,8 @@ def _with_identity(principal: Principal | None, identity: str) -> Principal:
     return Principal(principal.subject, principal.scopes, principal.claims, identity)
 
 
-def _publish(principal: Principal) -> Exit:
+def _publish(call: Call, principal: Principal) -> Exit:
+    call.principal = principal  # for the core (e.g. the health report's operator detail)
     token = _principal.set(principal)
 
     def reset(error: BaseException | None) -> None:

@@ -7,9 +7,10 @@ them (drawn from an injectable random source, so tests are deterministic), and
 delays them by `delay_s` (through the injected clock) and/or aborts them with
 `abort_code`.  Rules are changed at runtime in code (`set_rules`, `clear`) or
 through the `framework.v1.FaultInjectionService` admin RPC
-(`FaultInjectionServicer`), whose methods require the "admin" scope in the
-contract.  The admin service and health checks are never faulted, so an
-experiment can always be switched off.
+(`FaultInjectionServicer`), whose methods require the "operator" scope in the
+contract (so a server refuses to add it without an authentication policy).
+The admin service and health checks are never faulted, so an experiment can
+always be switched off.
 
 The enter is `async` (a delay must await), so a chain with this policy runs on
 the grpc.aio path.  Which rules apply to a method is recomputed only when the
@@ -42,6 +43,7 @@ NEVER_FAULTED = (
     "framework.v1.HealthReportService",
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+MAX_DELAY_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,11 @@ class FaultRule:
             raise ValueError("name must not be empty: rules are replaced and cleared by name")
         if not 0.0 <= self.percent <= 100.0:
             raise ValueError(f"percent must be between 0 and 100, got {self.percent!r}")
-        if self.delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {self.delay_s!r}")
+        if not 0 <= self.delay_s <= MAX_DELAY_S:  # also refuses NaN and infinity
+            raise ValueError(
+                f"delay_s must be a number of seconds from 0 to {MAX_DELAY_S:g}, "
+                f"got {self.delay_s!r}"
+            )
         if self.abort_code is grpc.StatusCode.OK:
             raise ValueError("abort_code must be an error code, not OK (use None for no abort)")
         if self.header_value and not self.header:
@@ -190,7 +195,7 @@ class FaultInjectionPolicy:
 
 
 class FaultInjectionServicer(faults_pb2_grpc.FaultInjectionServiceServicer):
-    """The admin RPC: switches a policy's rules at runtime (requires scope "admin")."""
+    """The admin RPC: switches a policy's rules at runtime (requires scope "operator")."""
 
     def __init__(self, policy: FaultInjectionPolicy) -> None:
         self.policy = policy

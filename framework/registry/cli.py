@@ -226,7 +226,7 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = Registry(store, config)
     await registry.start()
     server = Server(
-        ServerConfig(name="registry", host=args.host, port=args.port),
+        ServerConfig(name="registry", host=args.host, port=args.port, insecure_dev=not policies),
         policies=policies,
         credentials=credentials,
     )

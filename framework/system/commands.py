@@ -74,13 +74,16 @@ def _target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
         endpoints = _endpoints(args.manifest)
     registry = args.registry or endpoints.get("registry", "")
     token_file = args.token_file or environ.get(TOKEN_ENV) or endpoints.get("operator_token", "")
-    token = ""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as error:
-            raise UsageError(f"cannot read the token file {token_file}: {error.strerror}") from None
-    return Target(registry, token)
+    return Target(registry, _read_token(token_file))
+
+
+def _read_token(token_file: str) -> str:
+    if not token_file:
+        return ""
+    try:
+        return Path(token_file).read_text().strip()
+    except OSError as error:
+        raise UsageError(f"cannot read the token file {token_file}: {error.strerror}") from None
 
 
 class Progress:
@@ -253,10 +256,13 @@ async def _health(args: argparse.Namespace, environ: Mapping[str, str], out: Tex
     from framework.health import fetch_report
 
     looks_like_address = ":" in args.target and args.target.rsplit(":", 1)[1].isdigit()
+    token = ""  # the checks' detail is only reported to operators (framework.health)
     if looks_like_address:
         addresses = [(args.target, "")]
+        token = _read_token(args.token_file or environ.get(TOKEN_ENV, ""))
     else:
         target = _target(args, environ)
+        token = target.token
         addresses = [(r.address, r.instance) for r in await _instances(target, args.target)]
     summaries: list[Any] = []
     failed: list[dict[str, str]] = []
@@ -264,7 +270,7 @@ async def _health(args: argparse.Namespace, environ: Mapping[str, str], out: Tex
     for index, (address, _) in enumerate(addresses, start=1):
         progress(index, len(addresses), address)
         try:
-            summaries.append(await fetch_report(address, timeout_s=args.timeout_s))
+            summaries.append(await fetch_report(address, timeout_s=args.timeout_s, token=token))
         except grpc.aio.AioRpcError as error:
             failed.append(
                 {"target": address, "status": "UNREACHABLE", "error": error.details() or ""}

@@ -87,10 +87,13 @@ async def serve(
     """Start `servicers` on 127.0.0.1:0 with `policies`; yield a `TestServer`.
 
     `credentials` serve TLS/mTLS (see framework.auth.tls); `client_credentials` are used
-    by the default channel.
+    by the default channel.  The default config is `insecure_dev` (an in-process test
+    server may serve scoped methods with no AuthPolicy); pass `config=` to test a
+    server as it will run.
     """
     server = Server(
-        config or ServerConfig(name="test", host="127.0.0.1", port=0, grace_s=1.0),
+        config
+        or ServerConfig(name="test", host="127.0.0.1", port=0, grace_s=1.0, insecure_dev=True),
         policies=policies,
         health_checks=health_checks,
         hooks=hooks,

@@ -90,7 +90,10 @@ async def start() -> AsyncIterator[Any]:
 
     async def run(credentials: grpc.ServerCredentials, policies: Sequence[Policy]) -> Server:
         server = Server(
-            ServerConfig(name="tls", host="127.0.0.1", port=0, grace_s=0),
+            # no policy: an anonymous echo server (scoped Echo then needs insecure_dev)
+            ServerConfig(
+                name="tls", host="127.0.0.1", port=0, grace_s=0, insecure_dev=not policies
+            ),
             policies=policies,
             credentials=credentials,
         )
@@ -183,8 +186,7 @@ async def test_jwt_and_identity_combine(start: Any, pki: Pki) -> None:
 
 async def test_server_only_tls_serves_clients_without_certificates(start: Any, pki: Pki) -> None:
     """Plain TLS (no client CA) encrypts; the caller has no workload identity."""
-    policy = AuthPolicy(None, required_by_default=False)
-    server = await start(server_credentials(_server_tls(pki, mutual=False)), [policy])
+    server = await start(server_credentials(_server_tls(pki, mutual=False)), [])
     assert await _echo(start, server, ClientTls(ca_file=pki.path("ca.pem"))) == "anonymous"
 
 

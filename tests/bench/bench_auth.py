@@ -71,7 +71,14 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
     servers = []
     for policies in ([], [AuthPolicy(verifier)]):
         server = Server(
-            ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5, reflection=False),
+            ServerConfig(
+                name="bench",
+                host="127.0.0.1",
+                port=0,
+                grace_s=0.5,
+                reflection=False,
+                insecure_dev=not policies,  # the baseline: no authentication at all
+            ),
             policies=policies,
         )
         server.add(EchoServicer())

@@ -146,13 +146,14 @@ async def _serve(conn: multiprocessing.connection.Connection, profile: bool) -> 
     await bare.start()
     policies, note = _server_chain()
     server = Server(
-        ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5), policies=policies
+        ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True),
+        policies=policies,
     )
     server.add(EchoServicer())
     chain_port = await server.start()
     # The same chain without the access log, to show what writing a record costs.
     quiet = Server(
-        ServerConfig(name="bench-quiet", host="127.0.0.1", port=0, grace_s=0.5),
+        ServerConfig(name="bench-quiet", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True),
         policies=_server_chain(access_log=False)[0],
     )
     quiet.add(EchoServicer())

@@ -52,7 +52,7 @@ async def _serve_echo() -> None:
     pin_to_cpu(1)
     servers = []
     for _ in range(2):
-        server = Server(ServerConfig(name="echo", grace_s=0, reflection=False))
+        server = Server(ServerConfig(name="echo", grace_s=0, reflection=False, insecure_dev=True))
         server.add(EchoServicer())
         await server.start()
         servers.append(server)
@@ -88,7 +88,9 @@ async def main() -> None:
         from framework.registry.service import RegistryServicer
         from framework.server import Server
 
-        registry_server = Server(ServerConfig(name="registry", grace_s=0, reflection=False))
+        registry_server = Server(
+            ServerConfig(name="registry", grace_s=0, reflection=False, insecure_dev=True)
+        )
         registry_server.add(RegistryServicer(registry))
         await registry_server.start()
         balanced = await balanced_channel(registry_server.address, SERVICE)

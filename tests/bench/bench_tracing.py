@@ -113,7 +113,9 @@ async def serve() -> None:
     ports["bare"] = bare.add_insecure_port("127.0.0.1:0")
     await bare.start()
 
-    plain = Server(ServerConfig(name="plain", host="127.0.0.1", port=0, grace_s=0.5))
+    plain = Server(
+        ServerConfig(name="plain", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True)
+    )
     plain.add(Echo())
     ports["framework"] = await plain.start()
 
@@ -122,7 +124,7 @@ async def serve() -> None:
         TelemetryConfig(service_name="bench", metrics_exporter="none"), span_exporter=ours_exporter
     )
     ours = Server(
-        ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5),
+        ServerConfig(name="bench", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True),
         policies=telemetry.policies(),
     )
     ours.add(Echo())
@@ -141,7 +143,9 @@ async def serve() -> None:
             ("metrics_only", telemetry.policies()[1:]),
         ):
             extra = Server(
-                ServerConfig(name=variant, host="127.0.0.1", port=0, grace_s=0.5),
+                ServerConfig(
+                    name=variant, host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True
+                ),
                 policies=policies,
             )
             extra.add(Echo())
@@ -157,7 +161,9 @@ async def serve() -> None:
     await contrib.start()
 
     if "framework_late" in VARIANTS:  # same as "framework", started last: position effects
-        late = Server(ServerConfig(name="late", host="127.0.0.1", port=0, grace_s=0.5))
+        late = Server(
+            ServerConfig(name="late", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True)
+        )
         late.add(Echo())
         ports["framework_late"] = await late.start()
         keep.append(late)

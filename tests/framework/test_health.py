@@ -16,6 +16,7 @@ from framework.testing import serve
 from framework.testing.echo import EchoServicer
 from gen.framework.v1 import health_pb2 as report_pb2
 from gen.framework.v1 import health_pb2_grpc as report_pb2_grpc
+from tests.framework.test_cli import AUTH, _operator_token
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,7 +56,7 @@ async def test_a_failing_required_check_turns_services_not_serving_until_it_reco
     db = Dependency()
     check = Check("postgres", db.ping, interval_s=0.02, timeout_s=1.0)
     async with (
-        serve(EchoServicer(), health_checks=[check]) as t,
+        serve(EchoServicer(), policies=[AUTH], health_checks=[check]) as t,
         grpc.aio.insecure_channel(t.target) as channel,
     ):
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -70,7 +71,8 @@ async def test_a_failing_required_check_turns_services_not_serving_until_it_reco
         )
         assert checked.status == NOT_SERVING
         report = await report_pb2_grpc.HealthReportServiceStub(channel).GetHealthReport(
-            report_pb2.GetHealthReportRequest()
+            report_pb2.GetHealthReportRequest(),
+            metadata=(("authorization", f"Bearer {_operator_token()}"),),  # checks: operators
         )
         db.up = True
         assert await asyncio.wait_for(next_status(updates, SERVING), 5) == SERVING

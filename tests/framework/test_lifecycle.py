@@ -38,7 +38,7 @@ async def test_in_flight_call_completes_while_new_calls_are_refused() -> None:
     release = asyncio.Event()
     servicer = EchoServicer(release=release)
     hooks = Hooks()
-    server = Server(ServerConfig(name="echo", grace_s=5.0), hooks=[hooks])
+    server = Server(ServerConfig(name="echo", grace_s=5.0, insecure_dev=True), hooks=[hooks])
     server.add(servicer)
     await server.start()
     async with (

@@ -118,10 +118,10 @@ async def test_admin_rpc_switches_faults_at_runtime() -> None:
 
 
 def test_admin_methods_require_the_admin_scope_in_the_contract() -> None:
-    """Every FaultInjectionService method declares scope "admin" for the auth policy."""
+    """Every FaultInjectionService method declares scope "operator" for the auth policy."""
     for name in ("SetFaults", "ClearFaults", "ListFaults"):
         method = Method.resolve(f"/framework.v1.FaultInjectionService/{name}")
-        assert list(method.policy.scopes) == ["admin"]
+        assert list(method.policy.scopes) == ["operator"]
 
 
 def test_rules_are_validated() -> None:
@@ -146,13 +146,13 @@ def _hs256_auth() -> tuple[AuthPolicy, Callable[[str], str]]:
     return policy, token
 
 
-async def test_admin_rpc_refuses_callers_without_the_admin_scope() -> None:
-    """Through AuthPolicy, SetFaults needs scope "admin": other tokens get PERMISSION_DENIED."""
+async def test_admin_rpc_refuses_callers_without_the_operator_scope() -> None:
+    """Through AuthPolicy, SetFaults needs scope "operator": other tokens get PERMISSION_DENIED."""
     auth, token = _hs256_auth()
     faults = FaultInjectionPolicy()
     async with serve(EchoServicer(), FaultInjectionServicer(faults), policies=[auth, faults]) as t:
         reader = t.connect(policies=[BearerToken(token("echo:read"))])
-        admin = t.connect(policies=[BearerToken(token("admin echo:read"))])
+        admin = t.connect(policies=[BearerToken(token("operator echo:read"))])
         rule = faults_pb2.FaultRule(name="down", abort_code=14)
         with pytest.raises(PermissionDeniedError):
             await FaultInjectionServiceStub(reader).SetFaults(

@@ -77,7 +77,11 @@ async def start_registry(
     )
     await registry.start()
     server = Server(
-        ServerConfig(name="registry", port=port, grace_s=0, reflection=False), policies=policies
+        # no policies: the registry tests' anonymous registry (insecure_dev)
+        ServerConfig(
+            name="registry", port=port, grace_s=0, reflection=False, insecure_dev=not policies
+        ),
+        policies=policies,
     )
     server.add(RegistryServicer(registry, grants=grants))
     await server.start()
@@ -132,7 +136,11 @@ async def start_echo(
     servicer = EchoServicer()
     server = Server(
         ServerConfig(
-            name=f"echo-{version}", grace_s=grace_s, drain_delay_s=drain_delay_s, reflection=False
+            name=f"echo-{version}",
+            grace_s=grace_s,
+            drain_delay_s=drain_delay_s,
+            reflection=False,
+            insecure_dev=True,  # the echo test service, no AuthPolicy
         )
     )
     server.add(servicer)

@@ -20,7 +20,11 @@ from tests.registry.fleet import ECHO
 
 
 async def main(registry: str, ttl_s: float) -> None:
-    server = Server(ServerConfig(name="echo-killable", host="127.0.0.1", port=0, reflection=False))
+    server = Server(
+        ServerConfig(
+            name="echo-killable", host="127.0.0.1", port=0, reflection=False, insecure_dev=True
+        )
+    )
     server.add(EchoServicer())
     agent = RegistrationAgent(registry, ECHO, AgentConfig(ttl_s=ttl_s))
     server.add_hook(agent)

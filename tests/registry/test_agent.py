@@ -69,7 +69,7 @@ async def test_agent_registers_again_after_its_lease_was_lost(node: RegistryNode
     """When the lease expired (registry-side), the next heartbeat registers the instance again."""
     agent_clock = ManualClock()
     servicer = EchoServicer()
-    server = Server(ServerConfig(name="echo", grace_s=0, reflection=False))
+    server = Server(ServerConfig(name="echo", grace_s=0, reflection=False, insecure_dev=True))
     server.add(servicer)
     agent = RegistrationAgent(node.address, ECHO, AgentConfig(ttl_s=3), clock=agent_clock)
     server.add_hook(agent)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramework/v1/faults.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\"\xad\x01\n\tFaultRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06header\x18\x03 \x01(\t\x12\x14\n\x0cheader_value\x18\x04 \x01(\t\x12\x14\n\x07percent\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65lay_s\x18\x06 \x01(\x01\x12\x12\n\nabort_code\x18\x07 \x01(\r\x12\x15\n\rabort_message\x18\x08 \x01(\tB\n\n\x08_percent\":\n\x10SetFaultsRequest\x12&\n\x05rules\x18\x01 \x03(\x0b\x32\x17.framework.v1.FaultRule\"#\n\x12\x43learFaultsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"\x13\n\x11ListFaultsRequest\"4\n\nFaultRules\x12&\n\x05rules\x18\x01 \x03(\x0b\x32\x17.framework.v1.FaultRule2\xb1\x02\n\x15\x46\x61ultInjectionService\x12T\n\tSetFaults\x12\x1e.framework.v1.SetFaultsRequest\x1a\x18.framework.v1.FaultRules\"\r\x92\x82\x19\t\x12\x05\x61\x64min(\x01\x12X\n\x0b\x43learFaults\x12 .framework.v1.ClearFaultsRequest\x1a\x18.framework.v1.FaultRules\"\r\x92\x82\x19\t\x12\x05\x61\x64min(\x01\x12V\n\nListFaults\x12\x1f.framework.v1.ListFaultsRequest\x1a\x18.framework.v1.FaultRules\"\r\x92\x82\x19\t\x12\x05\x61\x64min(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramework/v1/faults.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\"\xad\x01\n\tFaultRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06header\x18\x03 \x01(\t\x12\x14\n\x0cheader_value\x18\x04 \x01(\t\x12\x14\n\x07percent\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64\x65lay_s\x18\x06 \x01(\x01\x12\x12\n\nabort_code\x18\x07 \x01(\r\x12\x15\n\rabort_message\x18\x08 \x01(\tB\n\n\x08_percent\":\n\x10SetFaultsRequest\x12&\n\x05rules\x18\x01 \x03(\x0b\x32\x17.framework.v1.FaultRule\"#\n\x12\x43learFaultsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"\x13\n\x11ListFaultsRequest\"4\n\nFaultRules\x12&\n\x05rules\x18\x01 \x03(\x0b\x32\x17.framework.v1.FaultRule2\xba\x02\n\x15\x46\x61ultInjectionService\x12W\n\tSetFaults\x12\x1e.framework.v1.SetFaultsRequest\x1a\x18.framework.v1.FaultRules\"\x10\x92\x82\x19\x0c\x12\x08operator(\x01\x12[\n\x0b\x43learFaults\x12 .framework.v1.ClearFaultsRequest\x1a\x18.framework.v1.FaultRules\"\x10\x92\x82\x19\x0c\x12\x08operator(\x01\x12Y\n\nListFaults\x12\x1f.framework.v1.ListFaultsRequest\x1a\x18.framework.v1.FaultRules\"\x10\x92\x82\x19\x0c\x12\x08operator(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAULTINJECTIONSERVICE']._loaded_options = None
   _globals['_FAULTINJECTIONSERVICE']._serialized_options = b'\222\202\031\014\n\noperations'
   _globals['_FAULTINJECTIONSERVICE'].methods_by_name['SetFaults']._loaded_options = None
-  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['SetFaults']._serialized_options = b'\222\202\031\t\022\005admin(\001'
+  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['SetFaults']._serialized_options = b'\222\202\031\014\022\010operator(\001'
   _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ClearFaults']._loaded_options = None
-  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ClearFaults']._serialized_options = b'\222\202\031\t\022\005admin(\001'
+  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ClearFaults']._serialized_options = b'\222\202\031\014\022\010operator(\001'
   _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ListFaults']._loaded_options = None
-  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ListFaults']._serialized_options = b'\222\202\031\t\022\005admin(\001'
+  _globals['_FAULTINJECTIONSERVICE'].methods_by_name['ListFaults']._serialized_options = b'\222\202\031\014\022\010operator(\001'
   _globals['_FAULTRULE']._serialized_start=72
   _globals['_FAULTRULE']._serialized_end=245
   _globals['_SETFAULTSREQUEST']._serialized_start=247
@@ -51,5 +51,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAULTRULES']._serialized_start=365
   _globals['_FAULTRULES']._serialized_end=417
   _globals['_FAULTINJECTIONSERVICE']._serialized_start=420
-  _globals['_FAULTINJECTIONSERVICE']._serialized_end=725
+  _globals['_FAULTINJECTIONSERVICE']._serialized_end=734
 # @@protoc_insertion_point(module_scope)

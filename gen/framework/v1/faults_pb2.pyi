@@ -3,7 +3,8 @@
 isort:skip_file
 Fault injection for chaos experiments: an admin RPC switches injected delays
 and aborts on and off at runtime. Off by default: a server with no rules
-injects nothing.
+injects nothing. Every method needs the "operator" scope; a server refuses
+to add this service without an authentication policy.
 """
 
 from collections import abc as _abc
@@ -48,7 +49,7 @@ class FaultRule(_message.Message):
     percent: _builtins.float
     """Share of matching calls affected, 0..100; unset means 100 (every matching call)."""
     delay_s: _builtins.float
-    """Delay before the handler runs, in seconds (0: none)."""
+    """Delay before the handler runs, in seconds (0: none; finite, at most 3600)."""
     abort_code: _builtins.int
     """gRPC status code to abort with (numeric, e.g. 14 = UNAVAILABLE; 0: no abort)."""
     abort_message: _builtins.str

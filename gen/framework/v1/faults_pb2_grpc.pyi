@@ -3,7 +3,8 @@
 isort:skip_file
 Fault injection for chaos experiments: an admin RPC switches injected delays
 and aborts on and off at runtime. Off by default: a server with no rules
-injects nothing.
+injects nothing. Every method needs the "operator" scope; a server refuses
+to add this service without an authentication policy.
 """
 
 from collections import abc as _abc

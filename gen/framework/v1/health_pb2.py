@@ -26,7 +26,7 @@ from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramework/v1/health.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x01\n\x0b\x43heckReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12.\n\nchecked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\r\x12\x10\n\x08services\x18\x08 \x03(\t\"0\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x18\n\x16GetHealthReportRequest\"\x85\x01\n\x17GetHealthReportResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12)\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x19.framework.v1.CheckReport\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.framework.v1.ServiceStatus2\x9a\x01\n\x13HealthReportService\x12q\n\x0fGetHealthReport\x12$.framework.v1.GetHealthReportRequest\x1a%.framework.v1.GetHealthReportResponse\"\x11\x92\x82\x19\r\x08\x00!\x00\x00\x00\x00\x00\x00\x14@(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramework/v1/health.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x01\n\x0b\x43heckReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12.\n\nchecked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\r\x12\x10\n\x08services\x18\x08 \x03(\t\"0\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x18\n\x16GetHealthReportRequest\"\x9e\x01\n\x17GetHealthReportResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12)\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x19.framework.v1.CheckReport\x12-\n\x08services\x18\x03 \x03(\x0b\x32\x1b.framework.v1.ServiceStatus\x12\x17\n\x0f\x63hecks_withheld\x18\x04 \x01(\x08\x32\x9a\x01\n\x13HealthReportService\x12q\n\x0fGetHealthReport\x12$.framework.v1.GetHealthReportRequest\x1a%.framework.v1.GetHealthReportResponse\"\x11\x92\x82\x19\r\x08\x00!\x00\x00\x00\x00\x00\x00\x14@(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETHEALTHREPORTREQUEST']._serialized_start=355
   _globals['_GETHEALTHREPORTREQUEST']._serialized_end=379
   _globals['_GETHEALTHREPORTRESPONSE']._serialized_start=382
-  _globals['_GETHEALTHREPORTRESPONSE']._serialized_end=515
-  _globals['_HEALTHREPORTSERVICE']._serialized_start=518
-  _globals['_HEALTHREPORTSERVICE']._serialized_end=672
+  _globals['_GETHEALTHREPORTRESPONSE']._serialized_end=540
+  _globals['_HEALTHREPORTSERVICE']._serialized_start=543
+  _globals['_HEALTHREPORTSERVICE']._serialized_end=697
 # @@protoc_insertion_point(module_scope)

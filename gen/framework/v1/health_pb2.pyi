@@ -3,6 +3,8 @@
 isort:skip_file
 Operator view of a process's health: every dependency check with its
 latency and last error. The pass/fail view lives in grpc.health.v1.
+Public, but the checks are only reported to callers whose verified token
+holds the "operator" scope; others get the service statuses and draining.
 """
 
 from collections import abc as _abc
@@ -111,7 +113,12 @@ class GetHealthReportResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     SERVICES_FIELD_NUMBER: _builtins.int
+    CHECKS_WITHHELD_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
+    checks_withheld: _builtins.bool
+    """The caller is not an operator (no verified token with the "operator" scope):
+    `checks` were left out.
+    """
     @_builtins.property
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckReport]: ...
     @_builtins.property
@@ -122,10 +129,11 @@ class GetHealthReportResponse(_message.Message):
         draining: _builtins.bool = ...,
         checks: _abc.Iterable[Global___CheckReport] | None = ...,
         services: _abc.Iterable[Global___ServiceStatus] | None = ...,
+        checks_withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "draining", b"draining", "services", b"services"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "checks_withheld", b"checks_withheld", "draining", b"draining", "services", b"services"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,8 @@
 isort:skip_file
 Operator view of a process's health: every dependency check with its
 latency and last error. The pass/fail view lives in grpc.health.v1.
+Public, but the checks are only reported to callers whose verified token
+holds the "operator" scope; others get the service statuses and draining.
 """
 
 from collections import abc as _abc
