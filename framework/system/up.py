@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_TTL_S = 3600.0
 OPERATOR_SCOPES = (
-    "admin",
+    "operator",
     "registry:read",
     "registry:admin",
     "events:read",

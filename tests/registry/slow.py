@@ -40,7 +40,11 @@ class BlockingEcho(EchoServicer):
 
 async def main(registry: str, block_s: float) -> None:
     servicer = BlockingEcho(block_s)
-    server = Server(ServerConfig(name="echo-slow", host="127.0.0.1", port=0, reflection=False))
+    server = Server(
+        ServerConfig(
+            name="echo-slow", host="127.0.0.1", port=0, reflection=False, insecure_dev=True
+        )
+    )
     server.add(servicer)
     agent = RegistrationAgent(registry, ECHO, AgentConfig(ttl_s=30))
     server.add_hook(agent)

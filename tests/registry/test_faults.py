@@ -114,7 +114,10 @@ async def _failing_instance(registry: str) -> tuple[EchoInstance, FaultInjection
         [FaultRule("down", method="*/Echo", abort_code=grpc.StatusCode.UNAVAILABLE)]
     )
     servicer = EchoServicer()
-    server = Server(ServerConfig(name="echo", grace_s=0, reflection=False), policies=[faults])
+    server = Server(
+        ServerConfig(name="echo", grace_s=0, reflection=False, insecure_dev=True),
+        policies=[faults],
+    )
     server.add(servicer)
     agent = RegistrationAgent(registry, ECHO, AgentConfig())
     server.add_hook(agent)

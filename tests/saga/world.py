@@ -40,7 +40,10 @@ SKU = "WIDGET-1"
 
 
 def server_config(port: int = 0) -> ServerConfig:
-    return ServerConfig(name="participant", host="127.0.0.1", port=port, grace_s=0.5)
+    # payment and notification participants run without an AuthPolicy in these tests
+    return ServerConfig(
+        name="participant", host="127.0.0.1", port=port, grace_s=0.5, insecure_dev=True
+    )
 
 
 async def start_server(servicer: Any, policies: Sequence[Policy], port: int = 0) -> Server:

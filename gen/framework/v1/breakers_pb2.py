@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66ramework/v1/breakers.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\"`\n\x07\x42reaker\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0c\x66\x61ilure_rate\x18\x04 \x01(\x01\x12\x10\n\x08recorded\x18\x05 \x01(\r\"\x15\n\x13ListBreakersRequest\"Q\n\x14ListBreakersResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\'\n\x08\x62reakers\x18\x02 \x03(\x0b\x32\x15.framework.v1.Breaker2\x91\x01\n\x0e\x42reakerService\x12m\n\x0cListBreakers\x12!.framework.v1.ListBreakersRequest\x1a\".framework.v1.ListBreakersResponse\"\x16\x92\x82\x19\x12\x12\x05\x61\x64min!\x00\x00\x00\x00\x00\x00\x14@(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66ramework/v1/breakers.proto\x12\x0c\x66ramework.v1\x1a\x1a\x66ramework/v1/options.proto\"`\n\x07\x42reaker\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0c\x66\x61ilure_rate\x18\x04 \x01(\x01\x12\x10\n\x08recorded\x18\x05 \x01(\r\"\x15\n\x13ListBreakersRequest\"Q\n\x14ListBreakersResponse\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\'\n\x08\x62reakers\x18\x02 \x03(\x0b\x32\x15.framework.v1.Breaker2\x94\x01\n\x0e\x42reakerService\x12p\n\x0cListBreakers\x12!.framework.v1.ListBreakersRequest\x1a\".framework.v1.ListBreakersResponse\"\x19\x92\x82\x19\x15\x12\x08operator!\x00\x00\x00\x00\x00\x00\x14@(\x01\x1a\x10\x92\x82\x19\x0c\n\noperationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BREAKERSERVICE']._loaded_options = None
   _globals['_BREAKERSERVICE']._serialized_options = b'\222\202\031\014\n\noperations'
   _globals['_BREAKERSERVICE'].methods_by_name['ListBreakers']._loaded_options = None
-  _globals['_BREAKERSERVICE'].methods_by_name['ListBreakers']._serialized_options = b'\222\202\031\022\022\005admin!\000\000\000\000\000\000\024@(\001'
+  _globals['_BREAKERSERVICE'].methods_by_name['ListBreakers']._serialized_options = b'\222\202\031\025\022\010operator!\000\000\000\000\000\000\024@(\001'
   _globals['_BREAKER']._serialized_start=73
   _globals['_BREAKER']._serialized_end=169
   _globals['_LISTBREAKERSREQUEST']._serialized_start=171
@@ -43,5 +43,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTBREAKERSRESPONSE']._serialized_start=194
   _globals['_LISTBREAKERSRESPONSE']._serialized_end=275
   _globals['_BREAKERSERVICE']._serialized_start=278
-  _globals['_BREAKERSERVICE']._serialized_end=423
+  _globals['_BREAKERSERVICE']._serialized_end=426
 # @@protoc_insertion_point(module_scope)
