@@ -1,8 +1,9 @@
 """A development certificate authority: mint a CA, server and client certificates.
 
 For tests and the demo only: keys are ECDSA P-256, kept in memory, and written
-to files unencrypted.  Production certificates come from your PKI (SPIFFE/SPIRE,
-cert-manager, Vault); `framework.auth.tls` reads whatever files they produce.
+to files unencrypted (mode 0600 from creation, see `_write`).  Production
+certificates come from your PKI (SPIFFE/SPIRE, cert-manager, Vault);
+`framework.auth.tls` reads whatever files they produce.
 
     ca = DevCA.create("dev CA")
     server = ca.issue(dns=["localhost"], ips=["127.0.0.1"])           # server cert
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,14 +42,30 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
 def _write(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> None:
-    """Write atomically (temp file + rename), so a watcher never reads half a file."""
+    """Write atomically (temp file + rename), so a watcher never reads half a file.
+
+    The temporary file has an unpredictable name and is created with
+    O_EXCL|O_NOFOLLOW at its final mode (0600 for keys): a symlink or file an
+    attacker planted there makes the write fail instead of being followed, and a
+    key is never readable by others, not even for a moment.  The rename replaces
+    a symlink at `path` itself, never its target.
+    """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    if private:
-        tmp.chmod(0o600)
-    tmp.replace(target)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _CREATE, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +149,11 @@ class DevCA:
     ) -> IssuedCert:
         """A leaf certificate usable for both TLS server and client auth.
 
-        Give at least one SAN; `common_name` defaults to the first of them.
+        Give at least one SAN; `common_name` defaults to the first of them.  A
+        `common_name` alone makes a certificate without SANs (legacy; for testing
+        that peers do not take the CN as an identity).
         """
-        if not (dns or ips or uris):
+        if not (dns or ips or uris or common_name):
             raise ValueError("give at least one SAN: dns=, ips= or uris=")
         if valid_days <= 0:
             raise ValueError("valid_days must be > 0")
@@ -143,7 +163,7 @@ class DevCA:
         cn = common_name or (list(dns) + list(ips) + list(uris))[0]
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn[:64])]))
             .issuer_name(self.cert.subject)
@@ -152,8 +172,11 @@ class DevCA:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=valid_days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = (
+            builder.add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),

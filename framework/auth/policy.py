@@ -22,15 +22,16 @@ method are computed once, in `bind`.
 Outcomes: no/malformed/invalid token -> `UnauthenticatedError` (UNAUTHENTICATED)
 with a reason (`TOKEN_MISSING`, `TOKEN_MALFORMED`, `TOKEN_EXPIRED`,
 `TOKEN_NOT_YET_VALID`, `TOKEN_BAD_SIGNATURE`, `TOKEN_WRONG_ISSUER`,
-`TOKEN_WRONG_AUDIENCE`, `TOKEN_UNKNOWN_KEY`, `TOKEN_ALGORITHM_REJECTED`); a valid
+`TOKEN_WRONG_AUDIENCE`, `TOKEN_WRONG_TYPE`, `TOKEN_UNKNOWN_KEY`,
+`TOKEN_ALGORITHM_REJECTED`); a valid
 token without a scope -> `PermissionDeniedError` (`SCOPE_MISSING`).  Messages say
 what is wrong and never contain the token or a key.  A token that is sent must
 be valid, even on a public method.
 
-Workload identity (mTLS, see `framework.auth.tls`): the peer certificate's SPIFFE ID
-(or first SAN) is `principal.identity`.  `allowed_identities` maps method
-patterns to identity patterns (shell-style), or is a callable
-`(method, identity) -> bool`; an allowed identity is authorized for that method
+Workload identity (mTLS, see `framework.auth.tls`): the peer certificate's URI SAN
+(its SPIFFE ID; never a DNS name or the CN) is `principal.identity`.
+`allowed_identities` maps method patterns to identity patterns (shell-style), or
+is a callable `(method, identity) -> bool`; an allowed identity is authorized for that method
 without a token.  A caller with a certificate whose identity is not allowed and
 no token gets PERMISSION_DENIED (`IDENTITY_NOT_ALLOWED`).
 
@@ -59,7 +60,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from framework.auth.bearer import BearerToken, IssuedToken
-from framework.auth.tls import peer_identity
+from framework.auth.tls import PeerIdentity
 from framework.auth.verifier import JwtConfig, JwtVerifier, Principal
 from framework.errors import PermissionDeniedError, UnauthenticatedError
 from framework.policy import BasePolicy, Call, Exit, Method, Side
@@ -170,6 +171,7 @@ class AuthPolicy(BasePolicy):
         self.method_scopes = {k: tuple(v) for k, v in (method_scopes or {}).items()}
         self.allowed_identities = allowed_identities
         self.read_peer_identity = read_peer_identity
+        self._peer_identity = PeerIdentity()
 
     async def start(self) -> None:
         if self.verifier is not None:
@@ -237,7 +239,7 @@ class AuthPolicy(BasePolicy):
             principal = self.verifier.verify(_bearer(header))
         identity: str | None = None
         if self.read_peer_identity and call.context is not None:
-            identity = peer_identity(call.context)
+            identity = self._peer_identity(call.context)
         if identity is not None and rule.identity_allowed is not None:
             if rule.identity_allowed(identity):
                 return _publish(call, _with_identity(principal, identity))

@@ -3,8 +3,16 @@
 `JwtVerifier.verify(token)` returns the `Principal` a bearer token stands for, or
 raises `UnauthenticatedError` with a reason (`TOKEN_MALFORMED`, `TOKEN_EXPIRED`,
 `TOKEN_NOT_YET_VALID`, `TOKEN_BAD_SIGNATURE`, `TOKEN_WRONG_ISSUER`,
-`TOKEN_WRONG_AUDIENCE`, `TOKEN_UNKNOWN_KEY`, `TOKEN_ALGORITHM_REJECTED`) and a
-message that says what is wrong without the token or a key.
+`TOKEN_WRONG_AUDIENCE`, `TOKEN_WRONG_TYPE`, `TOKEN_UNKNOWN_KEY`,
+`TOKEN_ALGORITHM_REJECTED`) and a message that says what is wrong without the
+token or a key.
+
+Time claims (`exp`, `nbf`, `iat`) must be finite JSON numbers within years 1970
+to 9999: `NaN`, `Infinity` (which Python's JSON reader accepts) and `1e400`
+would otherwise compare as never expiring or overflow the date conversion.
+When `JwtConfig.token_type` is set (the issuer marks its access tokens, e.g.
+`at+jwt`, RFC 9068), the `typ` header must say so, so an ID token or another
+kind of JWT from the same issuer is not accepted as an access token.
 
 The JWS is parsed here and verified with keys prepared once when the key set
 loads (`framework.auth.keyset`); pyjwt's per-call key preparation and base64
@@ -21,6 +29,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -79,6 +88,8 @@ class JwtConfig:
     leeway_s: float = 10.0
     require_exp: bool = True
     cache_size: int = 10_000
+    # The `typ` header the issuer puts on its access tokens (e.g. "at+jwt"); None: not checked.
+    token_type: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.leeway_s <= 300:
@@ -87,6 +98,8 @@ class JwtConfig:
             raise ValueError("cache_size must be >= 0 (0 disables the cache)")
         if isinstance(self.issuer, tuple) and not self.issuer:
             raise ValueError("issuer must name at least one trusted issuer, or be None")
+        if self.token_type is not None and not self.token_type:
+            raise ValueError("token_type must be a media type such as 'at+jwt', or None")
 
     @property
     def issuers(self) -> tuple[str, ...]:
@@ -107,6 +120,39 @@ def _shown(value: object, limit: int = 64) -> str:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can show
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (seconds since the epoch): None when absent; rejects anything
+    that is not a finite number within 0..MAX_TIMESTAMP."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _rejected("TOKEN_MALFORMED", f"the token's {name!r} claim is not a number")
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_TIMESTAMP:
+        raise _rejected(
+            "TOKEN_MALFORMED",
+            f"the token's {name!r} claim is not a time between 1970 and 9999",
+        )
+    return float(value)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity otherwise
+
+
+def _json(data: bytes) -> Any:
+    return json.loads(data, parse_constant=_no_constants)
+
+
+def _media_type(value: str) -> str:
+    """RFC 7515 4.1.9: 'application/' may be left out of `typ`; compare case-insensitively."""
+    value = value.lower()
+    return value[len("application/") :] if value.startswith("application/") else value
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -208,7 +254,7 @@ class JwtVerifier:
                 "TOKEN_MALFORMED", "the bearer token is not a JWT (three base64url parts)"
             )
         try:
-            header = json.loads(_b64decode(parts[0]))
+            header = _json(_b64decode(parts[0]))
         except ValueError:
             raise _rejected("TOKEN_MALFORMED", "the token header is not base64url JSON") from None
         if not isinstance(header, dict):
@@ -223,6 +269,16 @@ class JwtVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _rejected("TOKEN_MALFORMED", "the token's 'kid' header must be a string")
+        typ = header.get("typ")
+        if typ is not None and not isinstance(typ, str):
+            raise _rejected("TOKEN_MALFORMED", "the token's 'typ' header must be a string")
+        wanted = self.config.token_type
+        if wanted is not None and (typ is None or _media_type(typ) != _media_type(wanted)):
+            raise _rejected(
+                "TOKEN_WRONG_TYPE",
+                f"the token's type {_shown(typ, 32)} is not {wanted!r}: this service accepts "
+                "only access tokens of that type",
+            )
         key = self.keys.get(kid)
         if key is None and self.keys.check_if_due():
             self._cache.clear()
@@ -254,7 +310,7 @@ class JwtVerifier:
                 "TOKEN_BAD_SIGNATURE", f"the token's signature does not verify with key {key.kid!r}"
             )
         try:
-            claims = json.loads(_b64decode(parts[1]))
+            claims = _json(_b64decode(parts[1]))
         except ValueError:
             raise _rejected("TOKEN_MALFORMED", "the token's claims are not JSON") from None
         if not isinstance(claims, dict):
@@ -276,15 +332,13 @@ class JwtVerifier:
         """Validate exp/nbf/iss/aud; return the time (with leeway) the token stops being valid."""
         config = self.config
         now = self._now_s()
-        exp = claims.get("exp")
+        exp = _time_claim(claims, "exp")
         expires_at: float | None = None
         if exp is None:
             if config.require_exp:
                 raise _rejected(
                     "TOKEN_MALFORMED", "the token has no 'exp' claim; tokens must expire"
                 )
-        elif not isinstance(exp, int | float) or isinstance(exp, bool):
-            raise _rejected("TOKEN_MALFORMED", "the token's 'exp' claim is not a number")
         else:
             expires_at = exp + config.leeway_s
             if now >= expires_at:
@@ -292,15 +346,13 @@ class JwtVerifier:
                     "TOKEN_EXPIRED",
                     f"the token expired at {_iso(exp)} ({now - exp:.0f} s ago); get a new one",
                 )
-        nbf = claims.get("nbf")
-        if nbf is not None:
-            if not isinstance(nbf, int | float) or isinstance(nbf, bool):
-                raise _rejected("TOKEN_MALFORMED", "the token's 'nbf' claim is not a number")
-            if nbf - config.leeway_s > now:
-                raise _rejected(
-                    "TOKEN_NOT_YET_VALID",
-                    f"the token is not valid before {_iso(nbf)} ({nbf - now:.0f} s from now)",
-                )
+        _time_claim(claims, "iat")  # not used, but must be a sane number when present
+        nbf = _time_claim(claims, "nbf")
+        if nbf is not None and nbf - config.leeway_s > now:
+            raise _rejected(
+                "TOKEN_NOT_YET_VALID",
+                f"the token is not valid before {_iso(nbf)} ({nbf - now:.0f} s from now)",
+            )
         issuers = config.issuers
         if issuers and claims.get("iss") not in issuers:
             raise _rejected(
