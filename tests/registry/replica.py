@@ -26,7 +26,7 @@ async def main(dsn: str, schema: str) -> None:
         RegistryConfig(sweep_interval_s=0.2, probe=ProbeConfig(interval_s=0)),
     )
     await registry.start()
-    server = Server(ServerConfig(name="registry", grace_s=0, reflection=False))
+    server = Server(ServerConfig(name="registry", grace_s=0, reflection=False, insecure_dev=True))
     server.add(RegistryServicer(registry))
     await server.start()
     role = "leader" if registry.leading else "follower"
