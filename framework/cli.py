@@ -11,6 +11,7 @@ Commands:
   gateway  the HTTP/JSON and gRPC-Web gateway (`python -m framework gateway --help`)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
   analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
+  sagas    list, show, watch or retry sagas (`python -m framework sagas --help`)
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="run a whole system from its manifest (Ctrl-C stops it)")
     u.add_argument("manifest", nargs="?", default="system.toml", help="default: system.toml")
     u.set_defaults(func=_up)
+    sub.add_parser("sagas", help="sagas: list, show ID, watch ID, retry ID (see --help)")
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")
@@ -114,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from framework.analysis.cli import main as analyze_main
 
         return analyze_main(args_list[1:])
+    if args_list[:1] == ["sagas"]:
+        from framework.saga.cli import main as sagas_main
+
+        return sagas_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     result: int = args.func(args)
     return result

@@ -56,6 +56,7 @@ import logging
 import random
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -99,6 +100,7 @@ SAGA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MAX_DEADLINE_S = 86_400.0
 TYPE_URL_PREFIX = "type.googleapis.com/"
 DOMAIN = "framework.saga"
+FINAL_KEPT = 4096  # finished sagas kept in memory for waiters
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,7 @@ class SagaOrchestrator:
         )
         self._rng = rng or random.Random()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._final: OrderedDict[str, SagaRun] = OrderedDict()  # recently finished, recorded
         self._changes = _Changes()
         self._runner = ProjectionRunner(
             store,  # type: ignore[arg-type]  # both stores are projection hosts
@@ -287,6 +290,10 @@ class SagaOrchestrator:
             except Exception:
                 logger.exception("saga index projection failed; retrying")
                 await self.clock.sleep(self.config.recovery_backoff_s)
+
+    async def refresh_index(self) -> int:
+        """Bring the saga index up to the log now (it follows on its own within moments)."""
+        return await self._runner.catch_up()
 
     @property
     def active(self) -> int:
@@ -357,6 +364,16 @@ class SagaOrchestrator:
         returns the existing saga (created False); with another one it is
         ALREADY_EXISTS.  Returns once the start is durably recorded.
         """
+        run, found, created = await self._start(definition, input, saga_id, deadline_s)
+        return saga_message(run, found), created
+
+    async def _start(
+        self,
+        definition: str,
+        input: Message | any_pb2.Any,
+        saga_id: str | None,
+        deadline_s: float | None,
+    ) -> tuple[SagaRun, SagaDefinition, bool]:
         found = self.definition(definition)
         packed = self._packed(found, input)
         saga_id = saga_id or str(uuid.uuid4())
@@ -368,10 +385,10 @@ class SagaOrchestrator:
                 violations=[FieldViolation("deadline_s", "out of range")],
                 domain=DOMAIN,
             )
-        existing = await self.repository.get(saga_id)
-        if existing is not None:
-            return self._same_start(existing, found, packed), False
         if len(self._tasks) >= self.config.max_active:
+            existing = await self.repository.get(saga_id)
+            if existing is not None:
+                return self._same_start(existing, found, packed), found, False
             raise ResourceExhaustedError(
                 f"{len(self._tasks)} sagas are running, the limit is {self.config.max_active};"
                 " retry later",
@@ -387,16 +404,16 @@ class SagaOrchestrator:
             attributes={"saga.id": saga_id, "saga.definition": found.name},
         ):
             run.start(found.name, packed, now + timedelta(seconds=seconds), now)
-            try:
+            try:  # expects a new stream: an existing saga is a conflict, not a second start
                 await self._save(run)
-            except ConflictError:  # started at the same moment by another call
-                raced = await self.repository.load(saga_id)
-                return self._same_start(raced, found, packed), False
+            except ConflictError:
+                existing = await self.repository.load(saga_id)
+                return self._same_start(existing, found, packed), found, False
             parent = context_api.get_current()
         self._spawn(run, parent)
-        return saga_message(run, found), True
+        return run, found, True
 
-    def _same_start(self, run: SagaRun, definition: SagaDefinition, packed: any_pb2.Any) -> pb.Saga:
+    def _same_start(self, run: SagaRun, definition: SagaDefinition, packed: any_pb2.Any) -> SagaRun:
         stored = run.input
         same = run.definition == definition.name and stored.type_url == packed.type_url
         if same:
@@ -411,7 +428,7 @@ class SagaOrchestrator:
                 metadata={"saga_id": run.id},
                 domain=DOMAIN,
             )
-        return saga_message(run, definition)
+        return run
 
     async def get(self, saga_id: str) -> pb.Saga:
         """The saga and its step log; NotFoundError when unknown."""
@@ -440,19 +457,28 @@ class SagaOrchestrator:
         return run
 
     async def wait(self, saga_id: str, timeout_s: float) -> pb.Saga:
-        """The saga once finished (or needing attention); DeadlineExceededError after timeout_s."""
+        """The saga once finished (or needing attention); DeadlineExceededError after timeout_s.
+
+        A saga driven by this orchestrator is answered from memory once its final
+        transition is recorded; any other is re-read from the store.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
             waiter = self._changes.waiter(saga_id)
-            saga = await self.get(saga_id)
-            if SagaStatus(saga.status).finished:
-                return saga
+            final = self._final.get(saga_id)
+            if final is not None:
+                return saga_message(final, self.definitions.get(final.definition))
+            status = SagaStatus.UNSPECIFIED
+            if saga_id not in self._tasks:
+                saga = await self.get(saga_id)
+                status = SagaStatus(saga.status)
+                if status.finished:
+                    return saga
             remaining = end - loop.time()
             if remaining <= 0:
                 raise DeadlineExceededError(
-                    f"saga {saga_id} is still {SagaStatus(saga.status).name} after {timeout_s}s",
-                    domain=DOMAIN,
+                    f"saga {saga_id} has not finished after {timeout_s}s", domain=DOMAIN
                 )
             await _wait(waiter, min(remaining, self.config.watch_poll_s))
 
@@ -466,11 +492,9 @@ class SagaOrchestrator:
         wait_s: float | None = None,
     ) -> pb.Saga:
         """Start (or find) a saga and wait for it to finish; the final saga."""
-        saga, _ = await self.start_saga(definition, input, saga_id=saga_id, deadline_s=deadline_s)
-        limit = (
-            wait_s if wait_s is not None else (deadline_s or self.definition(definition).deadline_s)
-        )
-        return await self.wait(saga.saga_id, limit + self.config.watch_poll_s)
+        run, found, _ = await self._start(definition, input, saga_id, deadline_s)
+        limit = wait_s if wait_s is not None else (deadline_s or found.deadline_s)
+        return await self.wait(run.id, limit + self.config.watch_poll_s)
 
     async def list(
         self,
@@ -532,6 +556,10 @@ class SagaOrchestrator:
 
     async def _save(self, run: SagaRun) -> None:
         await self.repository.save(run)
+        if run.status.finished:  # everything is recorded: waiters may read it from memory
+            self._final[run.id] = run
+            while len(self._final) > FINAL_KEPT:
+                self._final.popitem(last=False)
         self._changes.notify(run.id)
 
     async def _stored_trace(self, saga_id: str) -> context_api.Context:
@@ -547,6 +575,7 @@ class SagaOrchestrator:
     def _spawn(self, run: SagaRun, parent: context_api.Context) -> None:
         if run.id in self._tasks or self._stop.is_set():
             return
+        self._final.pop(run.id, None)
         # A fresh context: the saga outlives the RPC that started it, so its
         # calls must not inherit that RPC's deadline (framework.policy's current call).
         context = contextvars.copy_context()

@@ -66,6 +66,7 @@ class World:
     payment_target: str
     channels: list[Any] = field(default_factory=list)
     payment_channels: list[Any] = field(default_factory=list)
+    server_policies: list[Policy] = field(default_factory=list)
 
     @classmethod
     async def open(
@@ -78,6 +79,7 @@ class World:
         fail_notify: Callable[[notif.SendNotificationRequest], bool] | None = None,
         ledger: Ledger | None = None,
         payment_port: int | None = 0,
+        server_policies: Sequence[Policy] = (),
     ) -> World:
         """Start the participants; `payment_port=None` leaves payment down (address reserved)."""
         stack = AsyncExitStack()
@@ -97,17 +99,18 @@ class World:
         stack.push_async_callback(notifications.close)
         servers: dict[str, Server] = {}
         inventory_server = await start_server(
-            InventoryServicer(inventory), inventory_policies(TOKENS)
+            InventoryServicer(inventory), [*server_policies, *inventory_policies(TOKENS)]
         )
         stack.push_async_callback(inventory_server.stop, 0)
         servers["inventory"] = inventory_server
         payment = PaymentServicer(ledger)
         world = cls(stack, inventory, ledger, payment, notifications, servers, "")
+        world.server_policies = list(server_policies)
         if payment_port is None:
             world.payment_target = f"127.0.0.1:{free_port()}"
         else:
             await world.start_payment(payment_port)
-        notify_server = await start_server(notifications, [ValidationPolicy()])
+        notify_server = await start_server(notifications, [*server_policies, ValidationPolicy()])
         stack.push_async_callback(notify_server.stop, 0)
         servers["notification"] = notify_server
         return world
@@ -116,7 +119,7 @@ class World:
         """Start (or restart) the payment participant, on `port` or the reserved address."""
         if port == 0 and self.payment_target:
             port = int(self.payment_target.rpartition(":")[2])
-        server = await start_server(self.payment, [ValidationPolicy()], port)
+        server = await start_server(self.payment, [*self.server_policies, ValidationPolicy()], port)
         self.stack.push_async_callback(server.stop, 0)
         self.servers["payment"] = server
         self.payment_target = server.address
