@@ -70,7 +70,7 @@ async def build(
 ) -> SagaProcess:
     """The orchestrator process; `channels` (service -> channel) replaces discovery in tests."""
     from framework.saga import Participants, SagaOrchestrator, saga_types
-    from framework.saga.service import SagaServicer  # type: ignore[import-not-found]
+    from framework.saga.service import SagaServicer
 
     if definitions is None:
         specs = [s for s in config.extra.get("SAGA_DEFINITIONS", "").split(",") if s]
