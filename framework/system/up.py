@@ -76,6 +76,20 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def port_or_free(host: str, port: int, what: str) -> int:
+    """`port` if it can be bound now, else a free one (0: a free one), said in the log."""
+    if port:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                chosen = free_port(host)
+                logger.warning("%s port %s is taken; using %s", what, port, chosen)
+                return chosen
+            return port
+    return free_port(host)
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """A process's identity: its token file, subject, scopes and registrable names."""
@@ -144,9 +158,9 @@ def plan(
     data = manifest.data_dir
     keys = KeyFiles(data / "keys")
     tokens = data / "tokens"
-    registry_port = manifest.registry.port or free_port(host)
+    registry_port = port_or_free(host, manifest.registry.port, "registry")
     registry = f"{host}:{registry_port}"
-    gateway_port = manifest.gateway.port or free_port(host)
+    gateway_port = port_or_free(host, manifest.gateway.port, "gateway")
     gateway_url = f"http://{host}:{gateway_port}"
     common = {
         **env0,
