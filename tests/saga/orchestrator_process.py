@@ -20,7 +20,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from framework.auth.policy import BearerToken
+from framework.auth.policy import AuthPolicy, BearerToken
 from framework.client import connect
 from framework.config import ServerConfig
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
@@ -28,7 +28,7 @@ from framework.saga import OrchestratorConfig, Participants, Retry, SagaOrchestr
 from framework.saga.service import SagaServicer
 from framework.server import Server
 from tests.saga.participants import order_saga
-from tests.saga.world import WRITER
+from tests.saga.world import TOKENS, WRITER
 
 
 def _kill_after(store: SqliteEventStore, appends: int) -> None:
@@ -66,7 +66,10 @@ async def serve(args: argparse.Namespace) -> None:
         participants,
         config=OrchestratorConfig(compensation_retry=Retry(max_attempts=100, max_backoff_s=0.2)),
     )
-    server = Server(ServerConfig(name="sagas", host="127.0.0.1", port=0, grace_s=0.5))
+    server = Server(
+        ServerConfig(name="sagas", host="127.0.0.1", port=0, grace_s=0.5),
+        policies=[AuthPolicy(TOKENS.verifier())],
+    )
     server.add(SagaServicer(orchestrator))
     server.add_hook(orchestrator)
     await server.start()

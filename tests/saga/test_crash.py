@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+from framework.auth.policy import BearerToken
 from framework.client import connect
 from framework.errors import FrameworkError
 from gen.payment.v1 import payment_pb2 as pay
 from gen.saga.v1 import saga_pb2 as pb
 from gen.saga.v1.saga_pb2_grpc import SagaServiceStub
 from tests.saga.participants import an_order
-from tests.saga.world import World
+from tests.saga.world import TOKENS, World
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0  # imports on a loaded 2-core machine
@@ -32,6 +33,7 @@ BALANCE = 1_000_000
 SAGAS = 50
 KILLS = 8
 DECLINED_PRICE = 113  # charges of multiples of it are declined (no other order's amount is)
+OPERATOR = TOKENS.mint("operator", ["sagas:read", "sagas:write"])
 
 
 @asynccontextmanager
@@ -84,7 +86,7 @@ async def _orchestrator(
 async def _start_all(target: str, orders: list[pb.StartSagaRequest]) -> int:
     """Send every StartSaga (idempotent); how many got an answer before the process died."""
     answered = 0
-    async with connect(target) as channel:
+    async with connect(target, policies=[BearerToken(OPERATOR)]) as channel:
         stub = SagaServiceStub(channel)
 
         async def one(request: pb.StartSagaRequest) -> None:
@@ -180,7 +182,7 @@ async def _wait_all(target: str, saga_ids: list[str]) -> dict[str, pb.Saga]:
     loop = asyncio.get_running_loop()
     end = loop.time() + FINISH_TIMEOUT_S
     finished: dict[str, pb.Saga] = {}
-    async with connect(target) as channel:
+    async with connect(target, policies=[BearerToken(OPERATOR)]) as channel:
         stub = SagaServiceStub(channel)
         while len(finished) < len(saga_ids):
             for saga_id in saga_ids:
