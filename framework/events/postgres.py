@@ -172,9 +172,10 @@ def unavailable_on_connection_errors(what: str) -> Iterator[None]:
         raise
     except Exception as error:
         if is_connection_error(error):
+            # the driver's text (hosts, roles, paths) goes to the log, not to callers
+            logger.warning("PostgreSQL event store: %s failed: %r", what, error)
             raise UnavailableError(
-                f"PostgreSQL event store: {what} failed, the connection was lost"
-                f" ({type(error).__name__}: {error}); retry"
+                f"PostgreSQL event store: {what} failed, the connection was lost; retry"
             ) from error
         raise
 
@@ -360,7 +361,11 @@ class PostgresEventStore:
         except asyncpg.UniqueViolationError:
             return None
         except asyncpg.DataError as exc:
-            raise InvalidArgumentError(f"append refused by PostgreSQL: {exc}") from exc
+            logger.warning("PostgreSQL refused an append to %r: %r", args[1], exc)
+            raise InvalidArgumentError(
+                "the database refused these events (a value is malformed or out of range, "
+                "e.g. a NUL character in a string); nothing was stored"
+            ) from exc
         except BaseException as exc:
             if isinstance(exc, asyncpg.PostgresError) and not (
                 is_connection_error(exc) or conn.is_closed()

@@ -5,6 +5,12 @@ InvalidArgumentError -> INVALID_ARGUMENT) are mapped by the server edge.
 Subscribe is the bus's (`framework.events.subscribe.serve_subscribe`) and is
 served when the servicer is given a `bus` (a `StoreBus`); without one it
 answers UNIMPLEMENTED.
+
+The contract's scopes guard each method (events:append, events:read,
+events:subscribe).  Which consumer groups a caller may join is `groups`, a
+`framework.auth.grants.NameGrants` (default: the names the token lists in its
+`groups` claim, and its own subject): joining another's group would take its
+deliveries.  Without authentication (insecure development) groups are not checked.
 """
 
 from __future__ import annotations
@@ -12,10 +18,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from framework.auth.grants import NameGrants
 from framework.errors import UnimplementedError
 from framework.events.envelope import from_proposed, to_envelope
 from framework.events.store import DEFAULT_PAGE_SIZE, EventStore
-from framework.events.subscribe import GroupBus, SubscribeConfig, serve_subscribe
+from framework.events.subscribe import (
+    GROUPS_CLAIM,
+    GroupBus,
+    SubscribeConfig,
+    check_group_grant,
+    serve_subscribe,
+)
 from gen.events.v1 import envelope_pb2, store_pb2, store_pb2_grpc
 
 
@@ -29,6 +42,7 @@ class EventStoreServicer(store_pb2_grpc.EventStoreServiceServicer):
         bus: GroupBus | None = None,
         subscribe_config: SubscribeConfig | None = None,
         max_page: int = DEFAULT_PAGE_SIZE,
+        groups: NameGrants | None = None,
     ) -> None:
         if max_page < 1:
             raise ValueError(f"max_page must be >= 1, got {max_page}")
@@ -36,6 +50,11 @@ class EventStoreServicer(store_pb2_grpc.EventStoreServiceServicer):
         self.bus = bus
         self.subscribe_config = subscribe_config
         self.max_page = max_page
+        self.groups = groups or NameGrants(claim=GROUPS_CLAIM)
+
+    def authorize_group(self, group: str) -> None:
+        """PERMISSION_DENIED unless the verified caller is granted consumer group `group`."""
+        check_group_grant(self.groups, group)
 
     def _limit(self, requested: int) -> int:
         return min(requested, self.max_page) if requested else self.max_page
@@ -75,5 +94,7 @@ class EventStoreServicer(store_pb2_grpc.EventStoreServiceServicer):
             raise UnimplementedError(
                 "this EventStoreService has no bus: construct EventStoreServicer(store, bus=...)"
             )
-        async for envelope in serve_subscribe(self.bus, request_iterator, self.subscribe_config):
+        async for envelope in serve_subscribe(
+            self.bus, request_iterator, self.subscribe_config, authorize=self.authorize_group
+        ):
             yield envelope

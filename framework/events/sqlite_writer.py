@@ -68,7 +68,7 @@ class ThreadConnection:
             try:
                 return fn(self.get())
             except sqlite3.OperationalError as exc:
-                raise UnavailableError(f"SQLite event store: {exc}; retry later") from exc
+                raise _unavailable(exc) from exc
 
         return self.thread.schedule(run)
 
@@ -177,9 +177,15 @@ class GroupCommit:
             self._idle.set()
 
 
+def _unavailable(error: sqlite3.OperationalError) -> UnavailableError:
+    # the database's text (file paths) goes to the log, not to callers
+    logger.warning("SQLite event store: %s", error)
+    return UnavailableError("the SQLite event store is busy or failing; retry later")
+
+
 def _per_caller(error: BaseException) -> BaseException:
     if isinstance(error, sqlite3.OperationalError):
-        return UnavailableError(f"SQLite event store: {error}; retry later")
+        return _unavailable(error)
     return error
 
 

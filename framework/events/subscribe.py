@@ -18,16 +18,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from framework.errors import InvalidArgumentError
+from framework.auth.grants import NameGrants
+from framework.auth.policy import current_principal
+from framework.errors import InvalidArgumentError, PermissionDeniedError
 from framework.events.bus import Delivery, Subscription
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.store_pb2 import SubscribeRequest
 
 logger = logging.getLogger(__name__)
+
+
+GROUPS_CLAIM = "groups"  # token claim listing the consumer groups the holder may join
+
+
+def check_group_grant(grants: NameGrants, group: str) -> None:
+    """PERMISSION_DENIED unless the verified caller is granted consumer group `group`.
+
+    Without authentication (no caller: insecure development) nothing is checked.
+    """
+    principal = current_principal()
+    if principal is None or grants.allows(principal, group):
+        return
+    granted = NameGrants.describe(grants.patterns(principal))
+    raise PermissionDeniedError(
+        f"this caller may not join consumer group {group!r} (granted: {granted}); "
+        "a group's members share its events, so each group belongs to its consumers",
+        reason="GROUP_NOT_GRANTED",
+        metadata={"group": group},
+    )
 
 
 class GroupBus(Protocol):
@@ -70,10 +92,17 @@ async def serve_subscribe(
     bus: GroupBus,
     requests: AsyncIterator[SubscribeRequest],
     config: SubscribeConfig | None = None,
+    *,
+    authorize: Callable[[str], None] | None = None,
 ) -> AsyncIterator[EventEnvelope]:
-    """The response stream of one Subscribe call (see the module docstring)."""
+    """The response stream of one Subscribe call (see the module docstring).
+
+    `authorize(group)` runs before the group is joined and raises to refuse it.
+    """
     config = config or SubscribeConfig()
     start = await _start(requests)
+    if authorize is not None:
+        authorize(start.group)
     subscription = await bus.subscribe(
         start.group, event_types=list(start.types), start_after=start.after_position
     )
@@ -118,9 +147,16 @@ class SubscribeMixin:
 
     bus: GroupBus
     subscribe_config: SubscribeConfig = SubscribeConfig()
+    groups: NameGrants = NameGrants(claim=GROUPS_CLAIM)  # who may join which group
 
     async def Subscribe(  # noqa: N802  (the generated servicer's method name)
         self, request_iterator: AsyncIterator[SubscribeRequest], context: Any
     ) -> AsyncIterator[EventEnvelope]:
-        async for envelope in serve_subscribe(self.bus, request_iterator, self.subscribe_config):
+        grants = self.groups
+        async for envelope in serve_subscribe(
+            self.bus,
+            request_iterator,
+            self.subscribe_config,
+            authorize=lambda group: check_group_grant(grants, group),
+        ):
             yield envelope

@@ -99,6 +99,12 @@ class Workload:
     scopes: tuple[str, ...]
     services: tuple[str, ...] = ()
 
+    @property
+    def groups(self) -> list[str]:
+        """Consumer groups named after the workload's service: `<name>` and `<name>-*`."""
+        name = self.subject.partition(":")[2] or self.subject
+        return [name, f"{name}-*"]
+
     def token_path(self, tokens: Path) -> Path:
         return tokens / f"{self.process}.jwt"
 
@@ -357,7 +363,8 @@ class TokenMinter:
                     workload.subject,
                     workload.scopes,
                     ttl_s=self.ttl_s,
-                    claims={"services": list(workload.services)},
+                    # names it may register; consumer groups it may join (its own name)
+                    claims={"services": list(workload.services), "groups": workload.groups},
                 )
             )
         TokenFile(self.system.operator_token).write(

@@ -7,7 +7,7 @@ PostgreSQL schema dropped afterwards) and servers on 127.0.0.1 port 0.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,9 +43,15 @@ class Keys:
         """A customer's token, as the user service signs it."""
         return self.users.mint(user_id, scopes, ttl_s=600).token
 
-    def token_file(self, directory: Path, subject: str, scopes: Iterable[str]) -> str:
+    def token_file(
+        self,
+        directory: Path,
+        subject: str,
+        scopes: Iterable[str],
+        claims: Mapping[str, object] | None = None,
+    ) -> str:
         path = directory / f"{subject.replace(':', '-')}.jwt"
-        TokenFile(path).write(self.platform.mint(subject, scopes, ttl_s=600))
+        TokenFile(path).write(self.platform.mint(subject, scopes, ttl_s=600, claims=claims))
         return str(path)
 
 

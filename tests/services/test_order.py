@@ -118,7 +118,12 @@ async def shop(keys: Keys, backend: Backend, tmp_path: Path) -> AsyncIterator[Sh
         started.append(user.server)
         order = await _order_service(keys, backend, tmp_path, registry_at)
         started.append(order.server)
-        feed_token = keys.token_file(tmp_path, "service:notification", ["events:read"])
+        feed_token = keys.token_file(
+            tmp_path,
+            "service:notification",
+            ["events:read", "events:subscribe"],
+            {"groups": ["notification"]},
+        )
         notification = await build_notification(
             runtime_config(
                 "notification", keys, backend, registry=registry_at, token_file=feed_token

@@ -26,7 +26,7 @@ from gen.events.v1 import envelope_pb2 as events_dot_v1_dot_envelope__pb2
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65vents/v1/store.proto\x12\tevents.v1\x1a\x18\x65vents/v1/envelope.proto\x1a\x1a\x66ramework/v1/options.proto\"l\n\rProposedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12*\n\x08metadata\x18\x04 \x01(\x0b\x32\x18.events.v1.EventMetadata\"\x98\x01\n\rAppendRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61ggregate_type\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x18.events.v1.ProposedEventB\x13\n\x11_expected_version\"4\n\x0e\x41ppendResponse\x12\x11\n\tpositions\x18\x01 \x03(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"K\n\x11ReadStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\r\">\n\x12ReadStreamResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.events.v1.EventEnvelope\"7\n\x0eReadAllRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\"R\n\x0fReadAllResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.events.v1.EventEnvelope\x12\x15\n\rhead_position\x18\x02 \x01(\x04\"\xd6\x01\n\x10SubscribeRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.events.v1.SubscribeRequest.StartH\x00\x12.\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1f.events.v1.SubscribeRequest.AckH\x00\x1a=\n\x05Start\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x16\n\x0e\x61\x66ter_position\x18\x03 \x01(\x03\x1a\x17\n\x03\x41\x63k\x12\x10\n\x08position\x18\x01 \x01(\x04\x42\x06\n\x04kind2\xc5\x02\n\x11\x45ventStoreService\x12=\n\x06\x41ppend\x12\x18.events.v1.AppendRequest\x1a\x19.events.v1.AppendResponse\x12Q\n\nReadStream\x12\x1c.events.v1.ReadStreamRequest\x1a\x1d.events.v1.ReadStreamResponse\"\x06\x92\x82\x19\x02(\x01\x12H\n\x07ReadAll\x12\x19.events.v1.ReadAllRequest\x1a\x1a.events.v1.ReadAllResponse\"\x06\x92\x82\x19\x02(\x01\x12\x46\n\tSubscribe\x12\x1b.events.v1.SubscribeRequest\x1a\x18.events.v1.EventEnvelope(\x01\x30\x01\x1a\x0c\x92\x82\x19\x08\n\x06\x65ventsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65vents/v1/store.proto\x12\tevents.v1\x1a\x18\x65vents/v1/envelope.proto\x1a\x1a\x66ramework/v1/options.proto\"l\n\rProposedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12*\n\x08metadata\x18\x04 \x01(\x0b\x32\x18.events.v1.EventMetadata\"\x98\x01\n\rAppendRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61ggregate_type\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12(\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x18.events.v1.ProposedEventB\x13\n\x11_expected_version\"4\n\x0e\x41ppendResponse\x12\x11\n\tpositions\x18\x01 \x03(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\"K\n\x11ReadStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\r\">\n\x12ReadStreamResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.events.v1.EventEnvelope\"7\n\x0eReadAllRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\r\"R\n\x0fReadAllResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.events.v1.EventEnvelope\x12\x15\n\rhead_position\x18\x02 \x01(\x04\"\xd6\x01\n\x10SubscribeRequest\x12\x32\n\x05start\x18\x01 \x01(\x0b\x32!.events.v1.SubscribeRequest.StartH\x00\x12.\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1f.events.v1.SubscribeRequest.AckH\x00\x1a=\n\x05Start\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x16\n\x0e\x61\x66ter_position\x18\x03 \x01(\x03\x1a\x17\n\x03\x41\x63k\x12\x10\n\x08position\x18\x01 \x01(\x04\x42\x06\n\x04kind2\x8c\x03\n\x11\x45ventStoreService\x12R\n\x06\x41ppend\x12\x18.events.v1.AppendRequest\x1a\x19.events.v1.AppendResponse\"\x13\x92\x82\x19\x0f\x12\revents:append\x12^\n\nReadStream\x12\x1c.events.v1.ReadStreamRequest\x1a\x1d.events.v1.ReadStreamResponse\"\x13\x92\x82\x19\x0f\x12\x0b\x65vents:read(\x01\x12U\n\x07ReadAll\x12\x19.events.v1.ReadAllRequest\x1a\x1a.events.v1.ReadAllResponse\"\x13\x92\x82\x19\x0f\x12\x0b\x65vents:read(\x01\x12^\n\tSubscribe\x12\x1b.events.v1.SubscribeRequest\x1a\x18.events.v1.EventEnvelope\"\x16\x92\x82\x19\x12\x12\x10\x65vents:subscribe(\x01\x30\x01\x1a\x0c\x92\x82\x19\x08\n\x06\x65ventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENTSTORESERVICE']._loaded_options = None
   _globals['_EVENTSTORESERVICE']._serialized_options = b'\222\202\031\010\n\006events'
+  _globals['_EVENTSTORESERVICE'].methods_by_name['Append']._loaded_options = None
+  _globals['_EVENTSTORESERVICE'].methods_by_name['Append']._serialized_options = b'\222\202\031\017\022\revents:append'
   _globals['_EVENTSTORESERVICE'].methods_by_name['ReadStream']._loaded_options = None
-  _globals['_EVENTSTORESERVICE'].methods_by_name['ReadStream']._serialized_options = b'\222\202\031\002(\001'
+  _globals['_EVENTSTORESERVICE'].methods_by_name['ReadStream']._serialized_options = b'\222\202\031\017\022\013events:read(\001'
   _globals['_EVENTSTORESERVICE'].methods_by_name['ReadAll']._loaded_options = None
-  _globals['_EVENTSTORESERVICE'].methods_by_name['ReadAll']._serialized_options = b'\222\202\031\002(\001'
+  _globals['_EVENTSTORESERVICE'].methods_by_name['ReadAll']._serialized_options = b'\222\202\031\017\022\013events:read(\001'
+  _globals['_EVENTSTORESERVICE'].methods_by_name['Subscribe']._loaded_options = None
+  _globals['_EVENTSTORESERVICE'].methods_by_name['Subscribe']._serialized_options = b'\222\202\031\022\022\020events:subscribe'
   _globals['_PROPOSEDEVENT']._serialized_start=90
   _globals['_PROPOSEDEVENT']._serialized_end=198
   _globals['_APPENDREQUEST']._serialized_start=201
@@ -60,5 +64,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEREQUEST_ACK']._serialized_start=875
   _globals['_SUBSCRIBEREQUEST_ACK']._serialized_end=898
   _globals['_EVENTSTORESERVICE']._serialized_start=909
-  _globals['_EVENTSTORESERVICE']._serialized_end=1234
+  _globals['_EVENTSTORESERVICE']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

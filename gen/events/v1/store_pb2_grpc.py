@@ -27,7 +27,10 @@ if _version_not_supported:
 
 
 class EventStoreServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +61,10 @@ class EventStoreServiceStub:
 
 
 class EventStoreServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
 
     def Append(self, request, context):
         """Append events to one stream atomically, all or nothing.
@@ -119,7 +125,10 @@ def add_EventStoreServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EventStoreService:
-    """Missing associated documentation comment in .proto file."""
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
 
     @staticmethod
     def Append(request,

@@ -32,6 +32,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EventStoreServiceStub:
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -47,6 +52,11 @@ class EventStoreServiceStub:
 
 @_typing.type_check_only
 class EventStoreServiceAsyncStub(EventStoreServiceStub):
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Append: _aio.UnaryUnaryMultiCallable[_store_pb2.AppendRequest, _store_pb2.AppendResponse]  # type: ignore[assignment]
     """Append events to one stream atomically, all or nothing."""
@@ -58,6 +68,11 @@ class EventStoreServiceAsyncStub(EventStoreServiceStub):
     """
 
 class EventStoreServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Every method needs a scope: events:append, events:read (every stream) or
+    events:subscribe; a caller joins only the consumer groups the server grants it
+    (PERMISSION_DENIED otherwise), so it cannot take another group's deliveries.
+    """
+
     @_abc_1.abstractmethod
     def Append(
         self,
