@@ -44,7 +44,7 @@ from framework.registry.model import (
     check_address,
     check_service_name,
 )
-from framework.registry.wire import selector_to_proto, view_from_proto
+from framework.registry.wire import selector_to_proto, view_from_delta, view_from_proto
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1 import registry_pb2_grpc
 
@@ -224,6 +224,23 @@ class Discovery:
                 logger.warning("could not write the view cache %s: %s", path, error)
 
     # ----------------------------------------------------------- the stream
+    def _received(self, message: pb.ServiceView) -> ServiceView | None:
+        """The view a Watch message gives: a full view, or a delta applied to ours."""
+        now = self.clock.now().timestamp()
+        if not message.delta:
+            return view_from_proto(message, now)
+        base = self.view
+        if base is None or self.source != "registry" or base.revision != message.base_revision:
+            logger.warning(
+                "registry sent a delta of %s against revision %d, we hold %s; asking for a "
+                "full view",
+                self.service,
+                message.base_revision,
+                base.revision if base is not None else "none",
+            )
+            return None
+        return view_from_delta(base, message, now)
+
     async def _follow(self) -> None:
         assert self._channel is not None
         stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
@@ -235,6 +252,7 @@ class Discovery:
                 service=self.service,
                 selector=selector_to_proto(self.selector),
                 after_revision=after,
+                deltas=True,
             )
             try:
                 async for message in stub.Watch(request, timeout=None):
@@ -242,7 +260,11 @@ class Discovery:
                         logger.info("following %s in the registry", self.service)
                     self.connected = True
                     delay = self.config.reconnect_min_s
-                    self._apply(view_from_proto(message, self.clock.now().timestamp()), "registry")
+                    view = self._received(message)
+                    if view is None:  # a delta we cannot apply: start over with a full view
+                        self.source = ""
+                        break
+                    self._apply(view, "registry")
             except (grpc.aio.AioRpcError, FrameworkError) as error:
                 if self.connected:
                     logger.warning(

@@ -1,11 +1,12 @@
 """PostgreSQL registry store (asyncpg): several registry replicas share one view.
 
-Every change bumps a revision row and sends `NOTIFY` with the new revision in
-the same transaction, so a replica's watchers wake as soon as another replica
-commits.  If the listening connection is lost, `wait_for_change` still polls
-the revision row once per wait, so watchers are never stuck longer than their
-poll bound, and the next poll opens a new listening connection.  All tables
-live in one schema (`schema=`), created on `open()`.
+Every change bumps a revision row and sends `NOTIFY` with the new revision and
+the changed service in the same transaction, so a replica's watch hub wakes as
+soon as another replica commits and re-reads only that service.  While the
+listening connection is lost, `listening` is False and the hub compares the
+watched services' revisions every `watch_poll_s` (asking the store to listen
+again each time); nothing is polled while it listens.  All tables live in one
+schema (`schema=`), created on `open()`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -22,7 +23,8 @@ from framework.registry.model import Health, Instance, ServiceView
 from framework.registry.store import (
     INSTANCE_COLUMNS,
     UPSERT_ON_ADDRESS,
-    RevisionSignal,
+    ChangeFeed,
+    ChangeListener,
     instance_from_row,
     instance_row,
     weights_from_json,
@@ -85,7 +87,7 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: Any = None
         self._listener: Any = None
-        self._signal = RevisionSignal()
+        self._feed = ChangeFeed()
         self._relisten_lock = asyncio.Lock()
         # The connection holding the leader lock (a session advisory lock), if any.
         self._lock_conn: Any = None
@@ -99,9 +101,7 @@ class PostgresStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.schema)
             await conn.execute(_SCHEMA.format(s=self.schema))
-        self._listener = await asyncpg.connect(self.dsn)
-        await self._listener.add_listener(self.channel, self._on_notify)
-        self._signal.publish(await self.revision())
+        self._listener = await self._listen()
 
     async def close(self) -> None:
         await self.resign()
@@ -112,11 +112,24 @@ class PostgresStore:
         if pool is not None:
             await pool.close()
 
+    async def _listen(self) -> Any:
+        listener = await asyncpg.connect(self.dsn)
+        await listener.add_listener(self.channel, self._on_notify)
+        listener.add_termination_listener(self._on_listener_lost)
+        return listener
+
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        """ "REVISION SERVICE" (a replica of this version) or "REVISION" (an older one)."""
+        revision, _, service = payload.partition(" ")
         try:
-            self._signal.publish(int(payload))
+            self._feed.publish(int(revision), service or None)
         except ValueError:
             logger.warning("ignoring registry notification with payload %r", payload)
+
+    def _on_listener_lost(self, _conn: object) -> None:
+        if self._pool is not None:  # not our own close()
+            logger.warning("registry LISTEN connection lost; watchers poll until it is back")
+            self._feed.publish(0, None)
 
     def _require_pool(self) -> Any:
         if self._pool is None:
@@ -145,7 +158,7 @@ class PostgresStore:
             service,
             revision,
         )
-        await conn.execute("SELECT pg_notify($1, $2)", self.channel, str(revision))
+        await conn.execute("SELECT pg_notify($1, $2)", self.channel, f"{revision} {service}")
         return revision
 
     # ------------------------------------------------------------- writes
@@ -164,7 +177,7 @@ class PostgresStore:
 
         revision = await self._tx(body)
         if revision is not None:
-            self._signal.publish(revision)
+            self._feed.publish(revision, instance.service)
         return revision
 
     async def now(self) -> float:
@@ -240,27 +253,27 @@ class PostgresStore:
             return removed, await self._bump(conn, removed.service)
 
         removed, revision = await self._tx(body)
-        if revision is not None:
-            self._signal.publish(revision)
+        if removed is not None and revision is not None:
+            self._feed.publish(revision, removed.service)
         return removed
 
     async def set_health(self, lease_id: str, health: Health) -> bool:
-        async def body(conn: Any) -> int | None:
+        async def body(conn: Any) -> tuple[int, str] | None:
             service = await conn.fetchval(
                 f"UPDATE {self.schema}.registry_instances SET health = $1 "
                 "WHERE lease_id = $2 AND health != $1 RETURNING service",
                 health.value,
                 lease_id,
             )
-            return None if service is None else await self._bump(conn, service)
+            return None if service is None else (await self._bump(conn, service), service)
 
-        revision = await self._tx(body)
-        if revision is not None:
-            self._signal.publish(revision)
-        return revision is not None
+        changed = await self._tx(body)
+        if changed is not None:
+            self._feed.publish(*changed)
+        return changed is not None
 
     async def expire(self, now: float | None) -> list[Instance]:
-        async def body(conn: Any) -> tuple[list[Instance], int | None]:
+        async def body(conn: Any) -> tuple[list[Instance], list[tuple[int, str]]]:
             rows = await conn.fetch(
                 f"DELETE FROM {self.schema}.registry_instances "
                 f"WHERE expires_at <= COALESCE($1::float8, {DB_NOW}) "
@@ -268,14 +281,15 @@ class PostgresStore:
                 now,
             )
             removed = [instance_from_row(tuple(r)) for r in rows]
-            revision = None
-            for service in sorted({i.service for i in removed}):
-                revision = await self._bump(conn, service)
-            return removed, revision
+            changes = [
+                (await self._bump(conn, service), service)
+                for service in sorted({i.service for i in removed})
+            ]
+            return removed, changes
 
-        removed, revision = await self._tx(body)
-        if revision is not None:
-            self._signal.publish(revision)
+        removed, changes = await self._tx(body)
+        for revision, service in changes:
+            self._feed.publish(revision, service)
         return removed
 
     async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int:
@@ -289,7 +303,7 @@ class PostgresStore:
             return revision
 
         revision = await self._tx(body)
-        self._signal.publish(revision)
+        self._feed.publish(revision, service)
         return revision
 
     # -------------------------------------------------------------- reads
@@ -357,28 +371,37 @@ class PostgresStore:
         )
         return int(value)
 
-    async def wait_for_change(self, after: int, timeout_s: float) -> int:
-        revision = await self._signal.wait(after, timeout_s)
-        if revision <= after:  # no notification: poll, in case the listener was lost
-            self._signal.publish(await self.revision())
-            await self._relisten()
-        return self._signal.revision
+    async def service_revisions(self, services: Sequence[str]) -> dict[str, int]:
+        rows = await self._require_pool().fetch(
+            f"SELECT name, revision FROM {self.schema}.registry_services "
+            "WHERE name = ANY($1::text[])",
+            list(services),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
 
-    async def _relisten(self) -> None:
-        """Open a new LISTEN connection if the old one closed (one attempt per poll)."""
-        if self._pool is None or (self._listener is not None and not self._listener.is_closed()):
+    def on_change(self, listener: ChangeListener) -> None:
+        self._feed.subscribe(listener)
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def relisten(self) -> None:
+        """Open a new LISTEN connection if the old one closed (one attempt per call);
+        then announce that anything may have changed meanwhile."""
+        if self._pool is None or self.listening:
             return
         async with self._relisten_lock:
-            if self._listener is not None and not self._listener.is_closed():
+            if self.listening:
                 return
             try:
-                listener = await asyncpg.connect(self.dsn)
-                await listener.add_listener(self.channel, self._on_notify)
-            except (OSError, asyncpg.PostgresError) as error:
+                listener = await self._listen()
+            except (*_GONE, asyncpg.PostgresError) as error:
                 logger.warning("registry LISTEN connection lost (%s); polling meanwhile", error)
                 return
             self._listener = listener
             logger.info("registry LISTEN connection re-established")
+        self._feed.publish(0, None)
 
     async def drop(self) -> None:
         """Remove the schema and everything in it (tests, decommissioning)."""

@@ -25,8 +25,9 @@ import contextlib
 import ipaddress
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from framework.clock import Clock, SystemClock
 from framework.errors import NotFoundError, PermissionDeniedError
@@ -50,6 +51,7 @@ from framework.registry.model import (
     check_weight,
 )
 from framework.registry.store import RegistryStore
+from framework.registry.watch import WatchHub
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,8 @@ class RegistryConfig:
     min_ttl_s: float = 1.0
     max_ttl_s: float = 300.0
     sweep_interval_s: float = 1.0
-    # Upper bound between two checks of the store for changes, per watch stream.
+    # While the store may miss changes (PostgreSQL lost its LISTEN connection), how
+    # often the watched services' revisions are compared; no polling otherwise.
     watch_poll_s: float = 2.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # Networks registered addresses must lie in (CIDR strings, e.g. "10.0.0.0/8"); the
@@ -88,6 +91,16 @@ class RegistryConfig:
                 raise ValueError(
                     f"allowed_networks entry {network!r} is not a network (e.g. '10.0.0.0/8')"
                 ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ViewUpdate:
+    """One message of a watch stream, before it takes its wire form."""
+
+    view: ServiceView  # filtered by the watcher's selector
+    base: ServiceView | None  # the view this stream sent before (None: the first)
+    # Shared by every watcher of this view with the same selector: build things once.
+    memo: dict[Hashable, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +134,7 @@ class Registry:
             clock=probe_clock or self.clock,
             channel_factory=probe_channel_factory or insecure_channel,
         )
+        self.hub = WatchHub(store, poll_s=self.config.watch_poll_s)
         self._leader_task: asyncio.Task[None] | None = None
         self._prober_task: asyncio.Task[None] | None = None
         self.leading = False
@@ -130,6 +144,7 @@ class Registry:
     async def start(self) -> None:
         """Open the store, try to take the lead (sweeper and prober), keep trying."""
         await self.store.open()
+        await self.hub.start()
         await self._lead_once()
         self._leader_task = asyncio.create_task(self._lead(), name="registry-leader")
 
@@ -141,6 +156,7 @@ class Registry:
                 await task
         await self._stop_probing()
         self.leading = False
+        await self.hub.close()
         await self.prober.close()
         await self.store.close()
 
@@ -297,23 +313,31 @@ class Registry:
         *,
         after_revision: int = 0,
         include_unhealthy: bool = False,
-    ) -> AsyncIterator[ServiceView]:
-        """The current view (if newer than `after_revision`), then one per change."""
+    ) -> AsyncIterator[ViewUpdate]:
+        """The current view (unless the caller has exactly `after_revision`), then one per
+        change of this service. The view is read once per change for all its watchers
+        (watch.py) and filtered once per distinct selector."""
         check_service_name(service)
-        last = after_revision
-        seen = await self.store.revision()
-        view = await self.store.view(service)
-        # First view: sent unless the caller already has exactly this revision. A
-        # revision below the caller's means the registry lost its state: send it too.
-        if after_revision == 0 or view.revision != after_revision:
-            last = view.revision
-            yield view.select(selector, include_unhealthy=include_unhealthy)
-        while True:
-            seen = await self.store.wait_for_change(seen, self.config.watch_poll_s)
-            view = await self.store.view(service)
-            if view.revision > last:
-                last = view.revision
-                yield view.select(selector, include_unhealthy=include_unhealthy)
+        key = (
+            selector.version,
+            selector.zone,
+            tuple(sorted(selector.metadata.items())),
+            include_unhealthy,
+        )
+        base: ServiceView | None = None
+        async for publication in self.hub.follow(service):
+            memo = publication.memo.get(key)
+            if memo is None:
+                view = publication.view.select(selector, include_unhealthy=include_unhealthy)
+                memo = publication.memo[key] = {"view": view}
+            view = memo["view"]
+            # A revision other than the caller's (even a lower one: the registry lost
+            # its state) is sent; the caller's own is skipped once, at the start.
+            if base is None and after_revision and view.revision == after_revision:
+                after_revision = 0
+                continue
+            yield ViewUpdate(view, base, memo)
+            base = view
 
     async def set_weights(self, service: str, version_weights: Mapping[str, int]) -> int:
         """Traffic share per version; an empty mapping clears version routing."""

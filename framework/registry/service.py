@@ -28,7 +28,7 @@ from framework.auth.verifier import Principal
 from framework.errors import PermissionDeniedError
 from framework.registry.model import check_service_name
 from framework.registry.registry import Registry
-from framework.registry.wire import selector_from_proto, view_to_proto
+from framework.registry.wire import delta_to_proto, selector_from_proto, view_to_proto
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1 import registry_pb2_grpc
 
@@ -117,14 +117,28 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Watch(  # noqa: N802
         self, request: pb.WatchRequest, context: Context
     ) -> AsyncIterator[pb.ServiceView]:
-        views = self.registry.watch(
+        updates = self.registry.watch(
             request.service,
             selector_from_proto(request.selector),
             after_revision=request.after_revision,
             include_unhealthy=request.include_unhealthy,
         )
-        async for view in views:
-            yield view_to_proto(view, await self._now())
+        deltas = request.deltas
+        async for update in updates:
+            # Built once per change and selector, shared by every such watcher.
+            memo, base = update.memo, update.base
+            key = ("delta", base.revision) if deltas and base is not None else ("full", 0)
+            message = memo.get(key)
+            if message is None:
+                now = memo.get("now")
+                if now is None:
+                    now = memo["now"] = await self._now()
+                if key[0] == "delta" and base is not None:
+                    message = delta_to_proto(base, update.view, now)
+                else:
+                    message = view_to_proto(update.view, now)
+                memo[key] = message
+            yield message
 
     async def SetWeights(  # noqa: N802
         self, request: pb.SetWeightsRequest, context: Context

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +19,8 @@ from framework.registry.model import Health, Instance, ServiceView
 from framework.registry.store import (
     INSTANCE_COLUMNS,
     UPSERT_ON_ADDRESS,
-    RevisionSignal,
+    ChangeFeed,
+    ChangeListener,
     instance_from_row,
     instance_row,
     weights_from_json,
@@ -64,7 +65,7 @@ class SqliteStore:
         self.path = str(path)
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._signal = RevisionSignal()
+        self._feed = ChangeFeed()
 
     # ----------------------------------------------------------- plumbing
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -92,7 +93,6 @@ class SqliteStore:
 
         loop = asyncio.get_running_loop()
         self._conn = await loop.run_in_executor(self._executor, connect)
-        self._signal.publish(await self.revision())
 
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
@@ -101,9 +101,9 @@ class SqliteStore:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
             executor.shutdown(wait=False)
 
-    def _changed(self, revision: int | None) -> None:
+    def _changed(self, revision: int | None, service: str) -> None:
         if revision is not None:
-            self._signal.publish(revision)
+            self._feed.publish(revision, service)
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, service: str) -> int:
@@ -146,7 +146,7 @@ class SqliteStore:
             return self._tx(conn, body)
 
         revision = await self._run(work)
-        self._changed(revision)
+        self._changed(revision, instance.service)
         return revision
 
     async def now(self) -> float:
@@ -199,45 +199,49 @@ class SqliteStore:
             return self._tx(conn, body)
 
         removed, revision = await self._run(work)
-        self._changed(revision)
+        if removed is not None:
+            self._changed(revision, removed.service)
         return removed
 
     async def set_health(self, lease_id: str, health: Health) -> bool:
-        def work(conn: sqlite3.Connection) -> int | None:
-            def body() -> int | None:
+        def work(conn: sqlite3.Connection) -> tuple[int, str] | None:
+            def body() -> tuple[int, str] | None:
                 row = conn.execute(
                     "UPDATE registry_instances SET health = ? WHERE lease_id = ? AND health != ? "
                     "RETURNING service",
                     (health.value, lease_id, health.value),
                 ).fetchone()
-                return None if row is None else self._bump(conn, row[0])
+                return None if row is None else (self._bump(conn, row[0]), row[0])
 
             return self._tx(conn, body)
 
-        revision = await self._run(work)
-        self._changed(revision)
-        return revision is not None
+        changed = await self._run(work)
+        if changed is not None:
+            self._changed(*changed)
+        return changed is not None
 
     async def expire(self, now: float | None) -> list[Instance]:
         at = time.time() if now is None else now
 
-        def work(conn: sqlite3.Connection) -> tuple[list[Instance], int | None]:
-            def body() -> tuple[list[Instance], int | None]:
+        def work(conn: sqlite3.Connection) -> tuple[list[Instance], list[tuple[int, str]]]:
+            def body() -> tuple[list[Instance], list[tuple[int, str]]]:
                 rows = conn.execute(
                     f"DELETE FROM registry_instances WHERE expires_at <= ? "
                     f"RETURNING {INSTANCE_COLUMNS}",
                     (at,),
                 ).fetchall()
                 removed = [instance_from_row(r) for r in rows]
-                revision = None
-                for service in sorted({i.service for i in removed}):
-                    revision = self._bump(conn, service)
-                return removed, revision
+                changes = [
+                    (self._bump(conn, service), service)
+                    for service in sorted({i.service for i in removed})
+                ]
+                return removed, changes
 
             return self._tx(conn, body)
 
-        removed, revision = await self._run(work)
-        self._changed(revision)
+        removed, changes = await self._run(work)
+        for revision, service in changes:
+            self._changed(revision, service)
         return removed
 
     async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int:
@@ -255,7 +259,7 @@ class SqliteStore:
             return self._tx(conn, body)
 
         revision = await self._run(work)
-        self._changed(revision)
+        self._changed(revision, service)
         return revision
 
     # -------------------------------------------------------------- reads
@@ -313,5 +317,24 @@ class SqliteStore:
 
         return await self._run(work)
 
-    async def wait_for_change(self, after: int, timeout_s: float) -> int:
-        return await self._signal.wait(after, timeout_s)
+    async def service_revisions(self, services: Sequence[str]) -> dict[str, int]:
+        wanted = list(services)
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            marks = ", ".join("?" for _ in wanted)
+            rows = conn.execute(
+                f"SELECT name, revision FROM registry_services WHERE name IN ({marks})", wanted
+            ).fetchall()
+            return {str(name): int(revision) for name, revision in rows}
+
+        return await self._run(work) if wanted else {}
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._feed.subscribe(listener)
+
+    @property
+    def listening(self) -> bool:
+        return True  # one process: every change is its own write
+
+    async def relisten(self) -> None:
+        return None

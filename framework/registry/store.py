@@ -12,9 +12,8 @@ contract suite in tests/registry/test_store_contract.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from framework.registry.model import Health, Instance, ServiceView
@@ -82,34 +81,39 @@ class RegistryStore(Protocol):
 
     async def revision(self) -> int: ...
 
-    async def wait_for_change(self, after: int, timeout_s: float) -> int:
-        """Return the revision once it is above `after`, or after `timeout_s` at most."""
+    async def service_revisions(self, services: Sequence[str]) -> dict[str, int]:
+        """The revision of each named service's last change (unknown services left out)."""
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(revision, service)` for every change this process learns of: its
+        own writes and (PostgreSQL) other replicas' notifications; `service` None means any
+        service may have changed (notifications may have been missed)."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether every change reaches `on_change` (False while notifications may be lost)."""
+
+    async def relisten(self) -> None:
+        """Try to make the change feed reliable again (PostgreSQL: LISTEN once more)."""
 
 
-class RevisionSignal:
-    """The newest revision this process knows, and a wake-up for those waiting on it."""
+ChangeListener = Callable[[int, "str | None"], None]
 
-    __slots__ = ("_event", "revision")
+
+class ChangeFeed:
+    """Fan-out of (revision, service) changes to the listeners of one store."""
+
+    __slots__ = ("_listeners",)
 
     def __init__(self) -> None:
-        self.revision = 0
-        self._event = asyncio.Event()
+        self._listeners: list[ChangeListener] = []
 
-    def publish(self, revision: int) -> None:
-        if revision > self.revision:
-            self.revision = revision
-            event, self._event = self._event, asyncio.Event()
-            event.set()
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
 
-    async def wait(self, after: int, timeout_s: float) -> int:
-        if self.revision > after:
-            return self.revision
-        event = self._event
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-        except TimeoutError:
-            pass
-        return self.revision
+    def publish(self, revision: int, service: str | None) -> None:
+        for listener in self._listeners:
+            listener(revision, service)
 
 
 # ------------------------------------------------------------ row conversion

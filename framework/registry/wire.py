@@ -61,3 +61,51 @@ def view_from_proto(message: pb.ServiceView, now: float) -> ServiceView:
         instances=tuple(instance_from_proto(i, now) for i in message.instances),
         version_weights=dict(message.version_weights),
     )
+
+
+def _listing(i: Instance) -> tuple[object, ...]:
+    """What a watcher sees of an instance (a renewal moves only expires_at: no change)."""
+    return (
+        i.address,
+        i.version,
+        i.zone,
+        i.weight,
+        sorted(i.metadata.items()),
+        i.health,
+        i.lease_id,
+        i.ttl_s,
+    )
+
+
+def delta_to_proto(base: ServiceView, view: ServiceView, now: float) -> pb.ServiceView:
+    """The change from `base` to `view`: added or changed instances, removed addresses."""
+    old = {i.address: i for i in base.instances}
+    changed = [
+        instance_to_proto(i, now)
+        for i in view.instances
+        if i.address not in old or _listing(old[i.address]) != _listing(i)
+    ]
+    current = {i.address for i in view.instances}
+    return pb.ServiceView(
+        service=view.service,
+        revision=view.revision,
+        instances=changed,
+        version_weights=dict(view.version_weights),
+        delta=True,
+        base_revision=base.revision,
+        removed=sorted(a for a in old if a not in current),
+    )
+
+
+def view_from_delta(base: ServiceView, message: pb.ServiceView, now: float) -> ServiceView:
+    """Apply a delta message to the view it was made against."""
+    gone = set(message.removed)
+    by_address = {i.address: i for i in base.instances if i.address not in gone}
+    for changed in message.instances:
+        by_address[changed.address] = instance_from_proto(changed, now)
+    return ServiceView(
+        service=base.service,
+        revision=message.revision,
+        instances=tuple(by_address[a] for a in sorted(by_address)),
+        version_weights=dict(message.version_weights),
+    )

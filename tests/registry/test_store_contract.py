@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from framework.registry.model import Health, Instance
 from framework.registry.store import RegistryStore
+from tests.registry.fleet import wait_until
 
 
 def _instance(
@@ -157,16 +156,43 @@ async def test_views_and_instances_list_every_service(store: RegistryStore) -> N
     assert sorted(i.lease_id for i in await store.instances()) == ["l1", "l9"]
 
 
-async def test_wait_for_change_wakes_on_a_write(store: RegistryStore) -> None:
-    """A waiter returns as soon as a change commits, well before its timeout."""
-    start = await store.revision()
-    waiter = asyncio.create_task(store.wait_for_change(start, timeout_s=10.0))
-    await asyncio.sleep(0)
-    await store.put(_instance("10.0.0.1:5000", "l1"))
-    assert await asyncio.wait_for(waiter, 5.0) > start
+async def test_every_change_reaches_the_change_feed_with_its_service(
+    store: RegistryStore,
+) -> None:
+    """put, health, weights, delete and expiry each announce (revision, service) to the
+    feed; a renewal and an unchanged health announce nothing."""
+    seen: list[tuple[int, str | None]] = []
+    store.on_change(lambda revision, service: seen.append((revision, service)))
+    r1 = await store.put(_instance("10.0.0.1:5000", "l1"))
+    await store.put(_instance("10.0.0.9:5000", "l9", service="billing", expires_at=50.0))
+    await store.renew("l1", 60.0)
+    await store.set_health("l1", Health.SERVING)
+    await store.set_health("l1", Health.SERVING)
+    await store.set_version_weights("orders", {"v1": 1})
+    await store.expire(60.0)
+    await store.delete("l1")
+    await wait_until(lambda: len([s for s in seen if s[1] is not None]) >= 6)
+    local = [s for s in seen if s[1] is not None]
+    services = [service for _, service in local]
+    revisions = [revision for revision, _ in local]
+    # PostgreSQL hears its own NOTIFYs too: each change is announced once or twice
+    assert list(dict.fromkeys(zip(revisions, services, strict=True))) == [
+        (r1, "orders"),
+        (r1 + 1, "billing"),
+        (r1 + 2, "orders"),
+        (r1 + 3, "orders"),
+        (r1 + 4, "billing"),
+        (r1 + 5, "orders"),
+    ]
+    assert store.listening
 
 
-async def test_wait_for_change_returns_after_its_timeout(store: RegistryStore) -> None:
-    """With no change, the wait is bounded and returns the same revision."""
-    start = await store.revision()
-    assert await store.wait_for_change(start, timeout_s=0.05) == start
+async def test_service_revisions_name_each_service_last_change(store: RegistryStore) -> None:
+    """One query gives the revision of each named service; unknown names are left out."""
+    r1 = await store.put(_instance("10.0.0.1:5000", "l1"))
+    r2 = await store.put(_instance("10.0.0.9:5000", "l9", service="billing"))
+    assert await store.service_revisions(["orders", "billing", "nobody"]) == {
+        "orders": r1,
+        "billing": r2,
+    }
+    assert await store.service_revisions([]) == {}

@@ -396,16 +396,36 @@ class ServiceView(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
     VERSION_WEIGHTS_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    BASE_REVISION_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     revision: _builtins.int
     """Registry-wide change counter at which this view was read; only increases."""
+    delta: _builtins.bool
+    """Set only on Watch streams that asked for deltas, never on a stream's first
+    message: this message changes the view of `base_revision` (the previous
+    message on the same stream) into the view of `revision`.
+    """
+    base_revision: _builtins.int
+    """The revision this delta applies to; a client holding another revision asks
+    for a full view again (Watch with after_revision = 0).
+    """
     @_builtins.property
-    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instance]: ...
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instance]:
+        """A full view: every instance. A delta (`delta` set): the instances added or
+        changed since `base_revision`.
+        """
+
     @_builtins.property
     def version_weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Share of traffic per version (canary, blue/green). Empty: no version routing.
-        When set, versions not listed get no traffic.
+        When set, versions not listed get no traffic. Always complete, deltas included.
         """
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the instances that left the view (or stopped matching the selector)."""
 
     def __init__(
         self,
@@ -414,10 +434,13 @@ class ServiceView(_message.Message):
         revision: _builtins.int = ...,
         instances: _abc.Iterable[Global___Instance] | None = ...,
         version_weights: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        delta: _builtins.bool = ...,
+        base_revision: _builtins.int = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "revision", b"revision", "service", b"service", "version_weights", b"version_weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "delta", b"delta", "instances", b"instances", "removed", b"removed", "revision", b"revision", "service", b"service", "version_weights", b"version_weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -431,10 +454,15 @@ class WatchRequest(_message.Message):
     SELECTOR_FIELD_NUMBER: _builtins.int
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
     INCLUDE_UNHEALTHY_FIELD_NUMBER: _builtins.int
+    DELTAS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     after_revision: _builtins.int
     """Resume: only views newer than this revision are sent. 0 sends the current view first."""
     include_unhealthy: _builtins.bool
+    deltas: _builtins.bool
+    """After the first (full) view, send each change as a delta (ServiceView.delta).
+    Unset: every message is a full view, as before.
+    """
     @_builtins.property
     def selector(self) -> Global___Selector: ...
     def __init__(
@@ -444,10 +472,11 @@ class WatchRequest(_message.Message):
         selector: Global___Selector | None = ...,
         after_revision: _builtins.int = ...,
         include_unhealthy: _builtins.bool = ...,
+        deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_revision", b"after_revision", "include_unhealthy", b"include_unhealthy", "selector", b"selector", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_revision", b"after_revision", "deltas", b"deltas", "include_unhealthy", b"include_unhealthy", "selector", b"selector", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
