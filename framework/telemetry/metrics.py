@@ -36,15 +36,12 @@ MetricProducer (not yet in the Python SDK).
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import grpc
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import (
@@ -64,112 +61,20 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext
 
-from framework.errors import code_of
 from framework.policy import Call, Exit, Method, Side
 from framework.telemetry.names import OTEL, MetricNames
-from framework.telemetry.spans import SPAN_KEY, current_context
+from framework.telemetry.rpcstats import DEFAULT_BOUNDS_S, BucketHistogram, MethodStats, merge
+from framework.telemetry.tracecontext import SPAN_KEY, current_context
 
-# Seconds.  The conventions' recommended boundaries, with sub-millisecond ones
-# below them: in-process and same-host RPCs finish well under 5 ms.
-DEFAULT_BOUNDS_S: tuple[float, ...] = (
-    0.00025, 0.0005, 0.001, 0.0025,
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10,
-)  # fmt: skip
 SCOPE = InstrumentationScope("framework.telemetry.metrics")
-_OK = grpc.StatusCode.OK.value[0]
 
 # The shape of `framework.policies.breaker.StateListener`: (target, method, old, new), where
 # the states are enums whose `.value` is "closed" / "open" / "half_open".
 BreakerListener = Callable[[str, str, Any, Any], None]
-# (value in seconds, trace id, span id, time in ns) of the latest sampled call in a bucket
-_Exemplar = tuple[float, int, int, int]
 
 
 def _ignore_breaker(target: str, method: str, old: Any, new: Any) -> None:
     """The listener of disabled metrics: nothing to record."""
-
-
-def outcome_code(error: BaseException) -> grpc.StatusCode:
-    """The status a failed call ends with; a cancelled task is CANCELLED."""
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return code_of(error)
-
-
-class _Histogram:
-    __slots__ = ("count", "counts", "exemplars", "max", "min", "sum")
-
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * buckets
-        self.exemplars: list[_Exemplar | None] = [None] * buckets
-        self.count = 0
-        self.sum = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
-
-
-class MethodStats:
-    """Measurements of one method on one side. Updated under a lock (sync servers use threads)."""
-
-    __slots__ = ("bounds", "failed", "in_flight", "labels", "lock", "method", "ok", "seen")
-
-    def __init__(self, method: Method, labels: dict[str, Any], bounds: tuple[float, ...]) -> None:
-        self.method = method
-        self.labels = labels
-        self.bounds = bounds
-        self.ok: _Histogram | None = None
-        self.failed: dict[tuple[int, str], _Histogram] = {}  # (code, reason) -> histogram
-        self.in_flight = 0
-        self.seen = False
-        self.lock = threading.Lock()
-
-    def started(self) -> None:
-        with self.lock:
-            self.in_flight += 1
-            self.seen = True
-
-    def finished(
-        self, error: BaseException | None, duration_s: float, trace_id: int = 0, span_id: int = 0
-    ) -> None:
-        key: tuple[int, str] | None = None
-        if error is not None:
-            code = outcome_code(error)
-            key = (code.value[0], getattr(error, "reason", None) or code.name)
-        bucket = bisect_left(self.bounds, duration_s)
-        with self.lock:
-            self.in_flight -= 1
-            if key is None:
-                hist = self.ok
-                if hist is None:
-                    hist = self.ok = _Histogram(len(self.bounds) + 1)
-            else:
-                hist = self.failed.get(key)
-                if hist is None:
-                    hist = self.failed[key] = _Histogram(len(self.bounds) + 1)
-            hist.counts[bucket] += 1
-            hist.count += 1
-            hist.sum += duration_s
-            if duration_s < hist.min:
-                hist.min = duration_s
-            if duration_s > hist.max:
-                hist.max = duration_s
-            if trace_id:
-                hist.exemplars[bucket] = (duration_s, trace_id, span_id, time.time_ns())
-
-    def snapshot(self) -> list[tuple[int, str | None, _Histogram]]:
-        """(code, reason or None, a copy of the histogram) for each outcome seen."""
-        out: list[tuple[int, str | None, _Histogram]] = []
-        with self.lock:
-            items: list[tuple[int, str | None, _Histogram]] = []
-            if self.ok is not None:
-                items.append((_OK, None, self.ok))
-            items.extend((code, reason, h) for (code, reason), h in self.failed.items())
-            for code, reason, hist in items:
-                copy = _Histogram(0)
-                copy.counts, copy.exemplars = list(hist.counts), list(hist.exemplars)
-                copy.count, copy.sum, copy.min, copy.max = hist.count, hist.sum, hist.min, hist.max
-                out.append((code, reason, copy))
-        return out
 
 
 class RpcMetrics:
@@ -362,10 +267,10 @@ class RpcMetrics:
         for method in stats:
             outcomes = method.snapshot()
             by_code: dict[int, int] = {}
-            merged = _Histogram(len(self.bounds) + 1)
+            merged = BucketHistogram(len(self.bounds) + 1)
             for code, _reason, hist in outcomes:
                 by_code[code] = by_code.get(code, 0) + hist.count
-                _add(merged, hist)
+                merge(merged, hist)
             total = sum(by_code.values())
             started.append(self._number(method.labels, total + max(0, method.in_flight), now))
             for code, count in sorted(by_code.items()):
@@ -381,7 +286,7 @@ class RpcMetrics:
             out.append(self._histogram(*self.names.duration(side), durations))
         return out
 
-    def _point(self, labels: dict[str, Any], hist: _Histogram, now: int) -> HistogramDataPoint:
+    def _point(self, labels: dict[str, Any], hist: BucketHistogram, now: int) -> HistogramDataPoint:
         exemplars = [
             Exemplar({}, value, at, span_id, trace_id)
             for value, trace_id, span_id, at in filter(None, hist.exemplars)
@@ -428,19 +333,6 @@ class RpcMetrics:
         else:
             scopes.append(ScopeMetrics(SCOPE, produced, ""))
         return MetricsData([replace(first, scope_metrics=scopes), *rest])
-
-
-def _add(total: _Histogram, hist: _Histogram) -> None:
-    """Merge `hist` into `total` (the latest exemplar per bucket wins)."""
-    for i, count in enumerate(hist.counts):
-        total.counts[i] += count
-        mine, theirs = total.exemplars[i], hist.exemplars[i]
-        if theirs is not None and (mine is None or theirs[3] > mine[3]):
-            total.exemplars[i] = theirs
-    total.count += hist.count
-    total.sum += hist.sum
-    total.min = min(total.min, hist.min)
-    total.max = max(total.max, hist.max)
 
 
 class StoreReader(InMemoryMetricReader):

@@ -50,11 +50,11 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from framework.policy import Call, Exit, Method, Side
-from framework.telemetry.metrics import outcome_code
-from framework.telemetry.spans import (
+from framework.telemetry.rpcstats import outcome_code
+from framework.telemetry.spans import SpanFactory
+from framework.telemetry.tracecontext import (
     FLAGS,
     RemoteSpan,
-    SpanFactory,
     attach,
     context_with,
     current_context,
