@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from services.inventory.main import InventoryConfig, InventoryService, build
+from services.inventory.main import DEV_FLAG, InventoryConfig, InventoryService, build
 
 logger = logging.getLogger("services.demo")
 
@@ -35,6 +35,8 @@ def _config(environ: Mapping[str, str], db_dir: str) -> InventoryConfig:
     env.setdefault("SERVICE_GRACE_S", "5")
     env["SERVICE_HOST"] = "127.0.0.1"
     env.setdefault("INVENTORY_DB_PATH", str(Path(db_dir) / "inventory.sqlite3"))
+    if not env.get("INVENTORY_JWT_SECRET"):
+        env[DEV_FLAG] = "1"  # a random secret for this run, said at start (no secret to type)
     config = InventoryConfig.from_env(env)
     # no SO_REUSEPORT: a port held by another server must fail, not be shared
     server = dataclasses.replace(config.server, grpc_options=(("grpc.so_reuseport", 0),))
@@ -78,6 +80,8 @@ def _announce(service: InventoryService, token: str) -> None:
         f"token: {token}",
         "",
         "inventory.v1.InventoryService is serving, with grpc.health.v1 and reflection.",
+        f"Development mode ({DEV_FLAG}=1): the token above is signed with a random secret "
+        "made for this run; it stops working when this process stops.",
         f"Stock of {DEMO_SKU} was added for you. Try, in another terminal:",
         f"  {python} -m framework health {address}",
         f"  TOKEN={token} \\",

@@ -5,8 +5,10 @@
 Environment: `SERVICE_HOST`, `SERVICE_PORT`, `SERVICE_GRACE_S`,
 `SERVICE_DRAIN_DELAY_S` (see `ServerConfig.from_env`), `INVENTORY_DB_PATH`
 (SQLite file, default `inventory.sqlite3`; ":memory:" for a throwaway run),
-`INVENTORY_JWT_SECRET` (HS256 secret of the dev tokens, >= 32 bytes; a fixed
-development default is used, with a warning, when unset).
+`INVENTORY_JWT_SECRET` (HS256 secret of the dev tokens, >= 32 bytes).  Without a
+secret the service refuses to start, unless `INVENTORY_DEV=1`: then it makes a
+random secret for this run and says so (`python -m services.demo` sets it).
+There is no secret in the source code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +36,7 @@ from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
 
 __all__ = [
-    "DEV_SECRET",
+    "DEV_FLAG",
     "InventoryConfig",
     "InventoryService",
     "build",
@@ -45,17 +48,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "inventory"
-# Development only: anyone who reads this file can mint tokens for it.
-DEV_SECRET = "inventory-dev-secret-not-for-production-use"
+DEV_FLAG = "INVENTORY_DEV"  # =1: a random JWT secret for this run (development only)
 
 
 @dataclass(frozen=True, slots=True)
 class InventoryConfig:
-    """Everything the inventory service needs at start-up."""
+    """Everything the inventory service needs at start-up (`jwt_secret`: >= 32 bytes)."""
 
     server: ServerConfig
+    jwt_secret: str
     db_path: str = "inventory.sqlite3"
-    jwt_secret: str = DEV_SECRET
 
     def __post_init__(self) -> None:
         if not self.db_path:
@@ -65,18 +67,27 @@ class InventoryConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> InventoryConfig:
-        """`SERVICE_*` for the server, `INVENTORY_DB_PATH`, `INVENTORY_JWT_SECRET`."""
+        """`SERVICE_*` for the server, `INVENTORY_DB_PATH`, `INVENTORY_JWT_SECRET` (or
+        `INVENTORY_DEV=1`); ValueError saying what to set when there is no secret."""
         env = os.environ if environ is None else environ
         secret = env.get("INVENTORY_JWT_SECRET") or ""
         if not secret:
+            if env.get(DEV_FLAG, "").lower() not in ("1", "true"):
+                raise ValueError(
+                    "INVENTORY_JWT_SECRET is not set: give the HS256 secret (>= 32 bytes) its "
+                    f"tokens are signed with, or set {DEV_FLAG}=1 for a random development "
+                    "secret (what `make run` / `python -m services.demo` do)"
+                )
+            secret = secrets.token_urlsafe(32)
             logger.warning(
-                "INVENTORY_JWT_SECRET is not set: using the development secret; "
-                "anyone can mint tokens for this service"
+                "%s=1: DEVELOPMENT MODE, a random JWT secret for this run; tokens minted now "
+                "stop working when the process stops",
+                DEV_FLAG,
             )
         return cls(
             server=ServerConfig.from_env(SERVICE_NAME, env),
+            jwt_secret=secret,
             db_path=env.get("INVENTORY_DB_PATH") or "inventory.sqlite3",
-            jwt_secret=secret or DEV_SECRET,
         )
 
 
@@ -187,7 +198,8 @@ async def build_in_system(config: RuntimeConfig) -> InventoryService:
     )
     server.add(InventoryServicer(inventory))
     runtime.register(server, "inventory.v1.InventoryService")
-    return InventoryService(server, inventory, store, DevTokens(DEV_SECRET))
+    # tokens are the system's (JWKS); this minter's random secret verifies nothing here
+    return InventoryService(server, inventory, store, DevTokens(secrets.token_urlsafe(32)))
 
 
 async def _run_in_system(config: RuntimeConfig) -> None:
@@ -200,7 +212,11 @@ def main() -> None:
     if os.environ.get("SERVICE_JWKS"):  # started by `python -m framework up`
         asyncio.run(_run_in_system(RuntimeConfig.from_env("inventory")))
         return
-    asyncio.run(run(InventoryConfig.from_env()))
+    try:
+        config = InventoryConfig.from_env()
+    except ValueError as error:
+        raise SystemExit(f"inventory: {error}") from None
+    asyncio.run(run(config))
 
 
 if __name__ == "__main__":

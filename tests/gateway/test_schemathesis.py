@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from framework.policies.validation import ValidationPolicy
 from framework.testing import serve
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
-from services.inventory.main import DEV_SECRET, inventory_policies
+from services.inventory.main import inventory_policies
 from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
 from tests.gateway.conftest import LIBRARY
 from tests.gateway.library import LibraryServicer
+
+DEV_SECRET = secrets.token_urlsafe(32)  # this test's own HS256 secret
 
 INVENTORY = "inventory.v1.InventoryService"
 

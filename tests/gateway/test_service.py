@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
 import sys
@@ -20,11 +21,13 @@ from framework.registry.sqlite import SqliteStore
 from framework.testing import serve
 from services.inventory.application import Inventory
 from services.inventory.devauth import DEV_AUDIENCE, DEV_ISSUER, DevTokens
-from services.inventory.main import DEV_SECRET, inventory_policies
+from services.inventory.main import inventory_policies
 from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
 from tests.gateway.conftest import LIBRARY, Harness
 from tests.gateway.library import LibraryServicer
+
+DEV_SECRET = secrets.token_urlsafe(32)  # this test's own HS256 secret
 
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = "inventory.v1.InventoryService"

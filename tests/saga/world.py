@@ -29,10 +29,14 @@ from gen.notification.v1 import notification_pb2 as notif
 from gen.payment.v1 import payment_pb2 as pay
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
-from services.inventory.main import DEV_SECRET, inventory_policies
+from services.inventory.main import inventory_policies
 from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
 from tests.saga.participants import Ledger, NotificationServicer, PaymentServicer, SqliteLedger
+
+# the saga tests' own HS256 secret; fixed, because orchestrator_process.py (a subprocess)
+# must verify the tokens the test process mints
+DEV_SECRET = "saga-tests-only-hs256-secret-0123456789"
 
 TOKENS = DevTokens(DEV_SECRET)
 WRITER = TOKENS.mint("orchestrator", ["inventory:read", "inventory:write"])

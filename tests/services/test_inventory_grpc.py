@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,9 +31,11 @@ from gen.inventory.v1.inventory_pb2_grpc import InventoryServiceStub
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
 from services.inventory.domain import Line
-from services.inventory.main import DEV_SECRET, inventory_policies, store_check
+from services.inventory.main import inventory_policies, store_check
 from services.inventory.servicer import InventoryServicer
 from services.inventory.store import SqliteInventoryStore
+
+DEV_SECRET = secrets.token_urlsafe(32)  # this test's own HS256 secret
 
 TOKENS = DevTokens(DEV_SECRET)
 WRITE = TOKENS.mint("tester", ["inventory:read", "inventory:write"])
