@@ -40,10 +40,15 @@ Identity = Callable[[Call], str]
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """A token bucket's shape: `rate_per_s` sustained, up to `burst` at once."""
+    """A token bucket's shape: `rate_per_s` sustained, up to `burst` at once.
+
+    `fail_closed`: when a shared store (Redis) cannot answer, refuse rather than admit,
+    whatever the store's `fail_open` default (limits that guard against abuse).
+    """
 
     rate_per_s: float
     burst: int
+    fail_closed: bool = False
 
     def __post_init__(self) -> None:
         if not self.rate_per_s > 0:
@@ -82,7 +87,11 @@ class RateLimitConfig:
         """The contract's option first, then the first matching pattern, then the default."""
         option = method.policy.rate_limit
         if option.rate_per_s > 0:
-            return Limit(option.rate_per_s, max(1, option.burst or int(option.rate_per_s)))
+            return Limit(
+                option.rate_per_s,
+                max(1, option.burst or int(option.rate_per_s)),
+                fail_closed=option.fail_closed,
+            )
         for pattern, limit in self.per_method.items():
             if method.matches(pattern):
                 return limit

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66ramework/v1/options.proto\x12\x0c\x66ramework.v1\x1a google/protobuf/descriptor.proto\"J\n\rServicePolicy\x12\x17\n\x0f\x62ounded_context\x18\x01 \x01(\t\x12\x12\n\ndepends_on\x18\x02 \x03(\t\x12\x0c\n\x04owns\x18\x03 \x03(\t\".\n\tRateLimit\x12\x12\n\nrate_per_s\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\r\"7\n\x08SagaStep\x12\x16\n\x0e\x63ompensated_by\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompensates\x18\x02 \x01(\t\"\xe8\x01\n\x0cMethodPolicy\x12\x1a\n\rauth_required\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12+\n\nrate_limit\x18\x03 \x01(\x0b\x32\x17.framework.v1.RateLimit\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12 \n\x18idempotency_key_required\x18\x06 \x01(\x08\x12$\n\x04saga\x18\x07 \x01(\x0b\x32\x16.framework.v1.SagaStepB\x10\n\x0e_auth_required:V\n\x0eservice_policy\x12\x1f.google.protobuf.ServiceOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x1b.framework.v1.ServicePolicy:S\n\rmethod_policy\x12\x1e.google.protobuf.MethodOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x1a.framework.v1.MethodPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66ramework/v1/options.proto\x12\x0c\x66ramework.v1\x1a google/protobuf/descriptor.proto\"J\n\rServicePolicy\x12\x17\n\x0f\x62ounded_context\x18\x01 \x01(\t\x12\x12\n\ndepends_on\x18\x02 \x03(\t\x12\x0c\n\x04owns\x18\x03 \x03(\t\"C\n\tRateLimit\x12\x12\n\nrate_per_s\x18\x01 \x01(\x01\x12\r\n\x05\x62urst\x18\x02 \x01(\r\x12\x13\n\x0b\x66\x61il_closed\x18\x03 \x01(\x08\"7\n\x08SagaStep\x12\x16\n\x0e\x63ompensated_by\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompensates\x18\x02 \x01(\t\"\xe8\x01\n\x0cMethodPolicy\x12\x1a\n\rauth_required\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12+\n\nrate_limit\x18\x03 \x01(\x0b\x32\x17.framework.v1.RateLimit\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12 \n\x18idempotency_key_required\x18\x06 \x01(\x08\x12$\n\x04saga\x18\x07 \x01(\x0b\x32\x16.framework.v1.SagaStepB\x10\n\x0e_auth_required:V\n\x0eservice_policy\x12\x1f.google.protobuf.ServiceOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x1b.framework.v1.ServicePolicy:S\n\rmethod_policy\x12\x1e.google.protobuf.MethodOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x1a.framework.v1.MethodPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEPOLICY']._serialized_start=78
   _globals['_SERVICEPOLICY']._serialized_end=152
   _globals['_RATELIMIT']._serialized_start=154
-  _globals['_RATELIMIT']._serialized_end=200
-  _globals['_SAGASTEP']._serialized_start=202
-  _globals['_SAGASTEP']._serialized_end=257
-  _globals['_METHODPOLICY']._serialized_start=260
-  _globals['_METHODPOLICY']._serialized_end=492
+  _globals['_RATELIMIT']._serialized_end=221
+  _globals['_SAGASTEP']._serialized_start=223
+  _globals['_SAGASTEP']._serialized_end=278
+  _globals['_METHODPOLICY']._serialized_start=281
+  _globals['_METHODPOLICY']._serialized_end=513
 # @@protoc_insertion_point(module_scope)

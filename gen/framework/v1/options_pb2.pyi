@@ -64,17 +64,23 @@ class RateLimit(_message.Message):
 
     RATE_PER_S_FIELD_NUMBER: _builtins.int
     BURST_FIELD_NUMBER: _builtins.int
+    FAIL_CLOSED_FIELD_NUMBER: _builtins.int
     rate_per_s: _builtins.float
     burst: _builtins.int
+    fail_closed: _builtins.bool
+    """A limit that protects something (log-in attempts, costly calls): when a shared
+    limiter's store cannot answer, refuse the call (UNAVAILABLE) instead of admitting it.
+    """
     def __init__(
         self,
         *,
         rate_per_s: _builtins.float = ...,
         burst: _builtins.int = ...,
+        fail_closed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "rate_per_s", b"rate_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "fail_closed", b"fail_closed", "rate_per_s", b"rate_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
