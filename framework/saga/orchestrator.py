@@ -404,6 +404,7 @@ class SagaOrchestrator:
             attributes={"saga.id": saga_id, "saga.definition": found.name},
         ):
             run.start(found.name, packed, now + timedelta(seconds=seconds), now)
+            self._advance(run, found)  # the first steps' start shares the saga's first append
             try:  # expects a new stream: an existing saga is a conflict, not a second start
                 await self._save(run)
             except ConflictError:
@@ -643,13 +644,14 @@ class SagaOrchestrator:
         data = definition.input_type.FromString(run.input.value)
         return StepContext(run.id, data, replies)
 
-    async def _forward(
-        self,
-        run: SagaRun,
-        definition: SagaDefinition,
-        parent: context_api.Context,
-        lock: asyncio.Lock,
-    ) -> None:
+    def _advance(self, run: SagaRun, definition: SagaDefinition) -> tuple[ResolvedStep, ...]:
+        """Emit (not save) what comes next going forward; the group of steps to call now.
+
+        Completes the saga when every step succeeded, turns it back when the
+        deadline passed or a request cannot be built, else records StepStarted
+        for the next group's steps not started yet (steps started before a
+        restart are re-sent as recorded).  Returns () when nothing is to be called.
+        """
         pivot = self._pivot_passed(run, definition)
         group = next(
             (
@@ -662,21 +664,17 @@ class SagaOrchestrator:
         now = self.clock.now()
         if group is None:
             run.complete(now)
-            await self._save(run)
-            return
+            return ()
         assert run.deadline is not None
         if not pivot and run.deadline <= now:
             run.begin_compensation(
-                f"the saga's deadline passed before step {group[0].name} could run",
-                "",
-                now,
+                f"the saga's deadline passed before step {group[0].name} could run", "", now
             )
-            await self._save(run)
-            return
+            return ()
         context: StepContext | None = None
         for step in group:
             if run.step(step.name).status is not StepStatus.PENDING:
-                continue  # started before a restart: re-sent as recorded
+                continue
             context = context or self._context(run, definition)
             try:
                 request = step.build_request(context)
@@ -686,18 +684,29 @@ class SagaOrchestrator:
                     reason="BAD_STEP_REQUEST",
                     domain=DOMAIN,
                 )
-                await self._give_up_forward(run, step, _Failed(problem, 0, False), pivot)
-                return
+                self._fail_forward(run, step, _Failed(problem, 0, False), pivot)
+                return ()
             run.step_started(step.name, step.method[1:], request.SerializeToString(), now)
-        await self._save(run)
-        running = [s for s in group if run.step(s.name).status is StepStatus.RUNNING]
+        running = tuple(s for s in group if run.step(s.name).status is StepStatus.RUNNING)
         if not running:  # cannot happen with a consistent log; never spin on one
             problem = InvalidArgumentError(
                 f"group of step {group[0].name} has no step to run", domain=DOMAIN
             )
             run.needs_attention(group[0].name, problem.message, step_error(problem), now)
-            await self._save(run)
+        return running
+
+    async def _forward(
+        self,
+        run: SagaRun,
+        definition: SagaDefinition,
+        parent: context_api.Context,
+        lock: asyncio.Lock,
+    ) -> None:
+        running = self._advance(run, definition)
+        await self._save(run)  # a step's success, the next step's start: one append
+        if not running:
             return
+        pivot = self._pivot_passed(run, definition)
         outcomes = await _all([self._act(run, s, pivot, parent, lock) for s in running])
         failed: list[tuple[ResolvedStep, _Failed]] = []
         now = self.clock.now()
@@ -712,10 +721,11 @@ class SagaOrchestrator:
                 run.step_failed(
                     step.name, step_error(outcome.error), outcome.attempts, outcome.unknown, now
                 )
-            await self._give_up_forward(run, first_step, first, pivot)
+            self._fail_forward(run, first_step, first, pivot)
+            await self._save(run)
         # on success nothing is saved yet: the next StepStarted (or SagaCompleted) carries it
 
-    async def _give_up_forward(
+    def _fail_forward(
         self, run: SagaRun, step: ResolvedStep, failure: _Failed, pivot: bool
     ) -> None:
         now = self.clock.now()
@@ -733,7 +743,6 @@ class SagaOrchestrator:
             run.begin_compensation(
                 f"step {step.name} failed: {error.code} {failure.error.message}", step.name, now
             )
-        await self._save(run)
 
     def _span(
         self, name: str, run: SagaRun, step: ResolvedStep, parent: context_api.Context

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,3 +233,30 @@ async def test_steps_of_a_finished_saga_are_all_recorded(tmp_path: Path, world: 
         assert saga.version == 8  # started, 3 x (step started, step succeeded), completed
     finally:
         await _close(orchestrator)
+
+
+async def test_a_three_step_saga_costs_four_appends(tmp_path: Path, world: World) -> None:
+    """Start + first step, then each success with the next start, then completion: 4 appends."""
+    store = await saga_store(tmp_path / "sagas.db")
+    appends: list[tuple[str, list[str]]] = []
+    original = store.append
+
+    async def counting(stream_id: str, events: Any, expected: Any, **kw: Any) -> Any:
+        appends.append((stream_id, [e.type.rpartition(".")[2] for e in events]))
+        return await original(stream_id, events, expected, **kw)
+
+    store.append = counting  # type: ignore[method-assign]
+    orchestrator = SagaOrchestrator(store, [order_saga(retry=FAST)], world.participants())
+    await orchestrator.start()
+    try:
+        order = an_order(USER, "WIDGET-1", 1, PRICE)
+        saga = await orchestrator.run_saga("order.confirm", order, saga_id=order.order_id)
+        assert saga.status == pb.SAGA_STATUS_COMPLETED
+    finally:
+        await _close(orchestrator)
+    assert [events for stream, events in appends if stream == order.order_id] == [
+        ["SagaStarted", "StepStarted"],
+        ["StepSucceeded", "StepStarted"],
+        ["StepSucceeded", "StepStarted"],
+        ["StepSucceeded", "SagaCompleted"],
+    ]
