@@ -23,9 +23,11 @@ from framework.events.store import RecordedEvent
 from framework.saga.run import AGGREGATE_TYPE, SagaStatus
 from gen.saga.v1 import events_pb2 as ev
 
-__all__ = ["IndexRow", "SagaIndex"]
+__all__ = ["IndexHost", "IndexRow", "SagaIndex"]
 
 NAME = "saga-index"
+_SET = "UPDATE {t} SET status = ?, updated_us = ? WHERE saga_id = ?"
+_SET_ERROR = "UPDATE {t} SET status = ?, error = ?, updated_us = ? WHERE saga_id = ?"
 _PLACEHOLDER = re.compile(r"\?")
 
 _EVENT_TYPES: dict[str, type[Message]] = {
@@ -39,6 +41,37 @@ _EVENT_TYPES: dict[str, type[Message]] = {
         ev.SagaRetried,
     )
 }
+
+
+class IndexHost:
+    """The store as the index's projection host: flushes the index before each checkpoint."""
+
+    def __init__(self, store: Any, index: SagaIndex) -> None:
+        self.store = store
+        self.index = index
+
+    def transaction(self) -> Any:
+        return self.store.transaction()
+
+    async def checkpoint_in(self, tx: Any, name: str) -> int:
+        position: int = await self.store.checkpoint_in(tx, name)
+        return position
+
+    async def set_checkpoint_in(self, tx: Any, name: str, position: int) -> None:
+        await self.index.flush(tx)
+        await self.store.set_checkpoint_in(tx, name, position)
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        events: list[RecordedEvent] = await self.store.read_all(after_position, limit)
+        return events
+
+    async def head_position(self) -> int:
+        head: int = await self.store.head_position()
+        return head
+
+    async def wait_for_events(self, after_position: int, timeout_s: float) -> bool:
+        found: bool = await self.store.wait_for_events(after_position, timeout_s)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +94,7 @@ class SagaIndex:
         from framework.events.sqlite import SqliteEventStore
 
         self.store = store
+        self._buffers: dict[int, dict[str, list[tuple[str, tuple[object, ...]]]]] = {}
         self._postgres = not isinstance(store, SqliteEventStore)
         if self._postgres:
             self.table = f'"{store.config.schema}".saga_index'
@@ -111,59 +145,74 @@ class SagaIndex:
     # ------------------------------------------------------------ projection
 
     async def apply(self, tx: Any, event: RecordedEvent) -> None:
+        """Buffer the row change for `event` (written by `flush`, before the checkpoint)."""
         if event.aggregate_type != AGGREGATE_TYPE:
             return
-        at = to_micros(event.recorded_at)
         cls = _EVENT_TYPES.get(event.type)
-        if cls is None:  # a step-level event: the saga moved
-            await self._execute(
-                tx,
-                f"UPDATE {self.table} SET updated_us = ? WHERE saga_id = ?",
-                (at, event.stream_id),
-            )
+        if cls is None:  # a step-level event: the row changes only with the saga's status
             return
+        at = to_micros(event.recorded_at)
         message = cls.FromString(event.payload)
         sid = event.stream_id
+        t = self.table
+        change: tuple[str, tuple[object, ...]]
         if isinstance(message, ev.SagaStarted):
-            await self._execute(
-                tx,
-                f"INSERT INTO {self.table} (saga_id, definition, status, error, attention_from,"
+            change = (
+                f"INSERT INTO {t} (saga_id, definition, status, error, attention_from,"
                 " created_us, updated_us, position) VALUES (?, ?, ?, '', 0, ?, ?, ?)"
                 " ON CONFLICT (saga_id) DO NOTHING",
                 (sid, message.definition, int(SagaStatus.RUNNING), at, at, event.position),
             )
         elif isinstance(message, ev.SagaRetried):
-            await self._execute(
-                tx,
-                f"UPDATE {self.table} SET status = CASE WHEN attention_from = 0 THEN ? ELSE"
+            change = (
+                f"UPDATE {t} SET status = CASE WHEN attention_from = 0 THEN ? ELSE"
                 " attention_from END, error = '', updated_us = ? WHERE saga_id = ?",
                 (int(SagaStatus.RUNNING), at, sid),
             )
         elif isinstance(message, ev.SagaNeedsAttention):
-            await self._execute(
-                tx,
-                f"UPDATE {self.table} SET attention_from = status, status = ?, error = ?,"
+            change = (
+                f"UPDATE {t} SET attention_from = status, status = ?, error = ?,"
                 " updated_us = ? WHERE saga_id = ?",
                 (int(SagaStatus.NEEDS_ATTENTION), message.reason, at, sid),
             )
         elif isinstance(message, ev.CompensationStarted):
-            await self._set(tx, sid, SagaStatus.COMPENSATING, at, message.reason)
-        elif isinstance(message, ev.SagaCompleted):
-            await self._set(tx, sid, SagaStatus.COMPLETED, at)
-        elif isinstance(message, ev.SagaCompensated):
-            await self._set(tx, sid, SagaStatus.COMPENSATED, at)
-
-    async def _set(
-        self, tx: Any, saga_id: str, status: SagaStatus, at: int, error: str | None = None
-    ) -> None:
-        if error is None:
-            sql = f"UPDATE {self.table} SET status = ?, updated_us = ? WHERE saga_id = ?"
-            await self._execute(tx, sql, (int(status), at, saga_id))
+            change = (
+                _SET_ERROR.format(t=t),
+                (int(SagaStatus.COMPENSATING), message.reason, at, sid),
+            )
         else:
-            sql = f"UPDATE {self.table} SET status = ?, error = ?, updated_us = ? WHERE saga_id = ?"
-            await self._execute(tx, sql, (int(status), error, at, saga_id))
+            status = (
+                SagaStatus.COMPLETED
+                if isinstance(message, ev.SagaCompleted)
+                else SagaStatus.COMPENSATED
+            )
+            change = (_SET.format(t=t), (int(status), at, sid))
+        self._buffers.setdefault(id(tx), {}).setdefault(sid, []).append(change)
+
+    async def flush(self, tx: Any) -> None:
+        """Write the buffered changes of `tx`'s batch in a few statements.
+
+        Changes of different sagas commute; those of one saga keep their order.
+        So round k takes the k-th change of every saga, grouped by statement
+        into one `executemany` each: a batch costs a handful of round trips to
+        the database thread or server, however many sagas moved.
+        """
+        per_saga = self._buffers.pop(id(tx), {})
+        rounds = max((len(changes) for changes in per_saga.values()), default=0)
+        for k in range(rounds):
+            grouped: dict[str, list[tuple[object, ...]]] = {}
+            for changes in per_saga.values():
+                if k < len(changes):
+                    sql, params = changes[k]
+                    grouped.setdefault(sql, []).append(params)
+            for sql, rows in grouped.items():
+                if self._postgres:
+                    await tx.executemany(self._sql(sql), rows)
+                else:
+                    await tx.executemany(sql, rows)
 
     async def reset(self, tx: Any) -> None:
+        self._buffers.pop(id(tx), None)
         await self._execute(tx, f"DELETE FROM {self.table}")
 
     # ------------------------------------------------------------ queries

@@ -87,7 +87,7 @@ from framework.policy import set_current_call
 from framework.saga.barrier import Op, saga_key
 from framework.saga.calls import Participants, retryable
 from framework.saga.definition import ResolvedStep, Retry, SagaDefinition, StepContext
-from framework.saga.index import SagaIndex
+from framework.saga.index import IndexHost, SagaIndex
 from framework.saga.run import SagaRun, SagaStatus, StepStatus, saga_types, step_error
 from framework.saga.view import saga_message, summary_message, transition_message
 from gen.saga.v1 import saga_pb2 as pb
@@ -112,6 +112,8 @@ class OrchestratorConfig:
     `max_active`: sagas driven at once; StartSaga beyond it is RESOURCE_EXHAUSTED.
     `recovery_backoff_s`: wait before re-reading a saga after its store failed.
     `watch_poll_s`: how often a watcher re-reads a saga another process drives.
+    `index_delay_s`: how long the saga index lets new transitions gather before it
+    records them (one transaction per batch; ListSagas trails the log by about this).
     """
 
     compensation_retry: Retry = field(
@@ -121,6 +123,7 @@ class OrchestratorConfig:
     recovery_backoff_s: float = 0.5
     watch_poll_s: float = 1.0
     index_batch_size: int = 500
+    index_delay_s: float = 0.1
 
     def __post_init__(self) -> None:
         if self.max_active < 1:
@@ -129,6 +132,8 @@ class OrchestratorConfig:
             raise ValueError(f"recovery_backoff_s must be > 0, got {self.recovery_backoff_s}")
         if self.watch_poll_s <= 0:
             raise ValueError(f"watch_poll_s must be > 0, got {self.watch_poll_s}")
+        if self.index_delay_s < 0:
+            raise ValueError(f"index_delay_s must be >= 0, got {self.index_delay_s}")
         if self.index_batch_size < 1:
             raise ValueError(f"index_batch_size must be >= 1, got {self.index_batch_size}")
 
@@ -147,7 +152,7 @@ class _Failed:
 
 
 class _Changes:
-    """Per-saga wake-ups for waiters and watchers (in-process)."""
+    """Per-saga wake-ups (in-process): one channel for every transition, one for the end."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
@@ -166,6 +171,8 @@ class _Changes:
 
 async def _all(coroutines: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
     """Run concurrently; if one raises, cancel the others (no orphan keeps calling) and raise."""
+    if len(coroutines) == 1:
+        return [await coroutines[0]]
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return list(await asyncio.gather(*tasks))
@@ -178,7 +185,8 @@ async def _all(coroutines: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
     try:
-        await asyncio.wait_for(event.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
     except TimeoutError:
         pass
 
@@ -229,9 +237,10 @@ class SagaOrchestrator:
         self._rng = rng or random.Random()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._final: OrderedDict[str, SagaRun] = OrderedDict()  # recently finished, recorded
-        self._changes = _Changes()
+        self._changes = _Changes()  # every recorded transition (watchers)
+        self._endings = _Changes()  # a saga finished (waiters)
         self._runner = ProjectionRunner(
-            store,  # type: ignore[arg-type]  # both stores are projection hosts
+            IndexHost(store, self.index),
             self.index,
             ProjectionConfig(batch_size=self.config.index_batch_size, idle_wait_s=0.5),
             trace=False,
@@ -282,9 +291,16 @@ class SagaOrchestrator:
         await self.close()
 
     async def _follow_index(self) -> None:
+        """Keep the saga index up to the log, a batch per transaction (never dies)."""
+        runner, delay = self._runner, self.config.index_delay_s
         while not self._stop.is_set():
             try:
-                await self._runner.run(self._stop)
+                await runner.catch_up()
+                while not self._stop.is_set():
+                    if await self.store.wait_for_events(runner.position, 1.0):
+                        await self.clock.sleep(delay)  # let appends gather into one batch
+                        while await runner.step():
+                            pass
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -466,7 +482,7 @@ class SagaOrchestrator:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
-            waiter = self._changes.waiter(saga_id)
+            waiter = self._endings.waiter(saga_id)
             final = self._final.get(saga_id)
             if final is not None:
                 return saga_message(final, self.definitions.get(final.definition))
@@ -561,6 +577,7 @@ class SagaOrchestrator:
             self._final[run.id] = run
             while len(self._final) > FINAL_KEPT:
                 self._final.popitem(last=False)
+            self._endings.notify(run.id)
         self._changes.notify(run.id)
 
     async def _stored_trace(self, saga_id: str) -> context_api.Context:
@@ -615,6 +632,7 @@ class SagaOrchestrator:
                     return
                 run = reloaded
         self._changes.notify(run.id)
+        self._endings.notify(run.id)
         logger.info("saga %s %s", run.id, run.status.name.lower())
 
     async def _reload(self, saga_id: str) -> SagaRun | None:

@@ -330,11 +330,13 @@ class PaymentServicer(pay_grpc.PaymentServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.calls = 0
+        self.deadlines: list[float | None] = []  # time remaining of each ChargePayment
 
     async def ChargePayment(
         self, request: pay.ChargePaymentRequest, context: Any
     ) -> pay.ChargePaymentResponse:
         self.calls += 1
+        self.deadlines.append(context.time_remaining())
         return await self.ledger.charge(BarrierCall.current(request), request)
 
     async def RefundPayment(
@@ -435,7 +437,7 @@ class NotificationServicer(notif_grpc.NotificationServiceServicer):
 # ------------------------------------------------------------------ the order saga
 
 
-def _reserve(ctx: StepContext) -> inv.ReserveStockRequest:
+def reserve_request(ctx: StepContext) -> inv.ReserveStockRequest:
     order = ctx.input
     assert isinstance(order, order_pb2.Order)
     return inv.ReserveStockRequest(
@@ -445,7 +447,7 @@ def _reserve(ctx: StepContext) -> inv.ReserveStockRequest:
     )
 
 
-def _charge(ctx: StepContext) -> pay.ChargePaymentRequest:
+def charge_request(ctx: StepContext) -> pay.ChargePaymentRequest:
     order = ctx.input
     assert isinstance(order, order_pb2.Order)
     return pay.ChargePaymentRequest(
@@ -457,7 +459,7 @@ def _charge(ctx: StepContext) -> pay.ChargePaymentRequest:
     )
 
 
-def _notify(ctx: StepContext) -> notif.SendNotificationRequest:
+def notify_request(ctx: StepContext) -> notif.SendNotificationRequest:
     order = ctx.input
     assert isinstance(order, order_pb2.Order)
     charged = ctx.reply("charge")
@@ -481,9 +483,9 @@ def order_saga(name: str = "order.confirm", **step_options: Any) -> SagaDefiniti
         name,
         input_type=order_pb2.Order,
         steps=[
-            Step("reserve", RESERVE, request=_reserve, **step_options),
-            Step("charge", CHARGE, request=_charge, **step_options),
-            Step("notify", NOTIFY, request=_notify, compensable=False, **step_options),
+            Step("reserve", RESERVE, request=reserve_request, **step_options),
+            Step("charge", CHARGE, request=charge_request, **step_options),
+            Step("notify", NOTIFY, request=notify_request, compensable=False, **step_options),
         ],
         deadline_s=30.0,
     )
