@@ -615,7 +615,9 @@ class SagaOrchestrator:
         lock = asyncio.Lock()
         while run.status.active:
             try:
-                if run.status is SagaStatus.RUNNING:
+                if self._definition_changed(run, definition):
+                    await self._save(run)
+                elif run.status is SagaStatus.RUNNING:
                     await self._forward(run, definition, parent, lock)
                 else:
                     await self._backward(run, definition, parent, lock)
@@ -634,6 +636,20 @@ class SagaOrchestrator:
         self._changes.notify(run.id)
         self._endings.notify(run.id)
         logger.info("saga %s %s", run.id, run.status.name.lower())
+
+    def _definition_changed(self, run: SagaRun, definition: SagaDefinition) -> bool:
+        """A step in the log the definition no longer has: emit needs-attention, say True."""
+        unknown = [name for name in run.steps if name not in definition.by_name]
+        if not unknown:
+            return False
+        problem = InvalidArgumentError(
+            f"definition {definition.name} has no step {', '.join(unknown)} of this saga's log;"
+            " restore the step (or retry once an operator has undone it by hand)",
+            reason="DEFINITION_CHANGED",
+            domain=DOMAIN,
+        )
+        run.needs_attention(unknown[0], problem.message, step_error(problem), self.clock.now())
+        return True
 
     async def _reload(self, saga_id: str) -> SagaRun | None:
         while not self._stop.is_set():
@@ -693,8 +709,8 @@ class SagaOrchestrator:
         for step in group:
             if run.step(step.name).status is not StepStatus.PENDING:
                 continue
-            context = context or self._context(run, definition)
             try:
+                context = context or self._context(run, definition)
                 request = step.build_request(context)
             except Exception as error:  # noqa: BLE001 - a definition bug: the step fails
                 problem = InvalidArgumentError(
