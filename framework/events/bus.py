@@ -125,6 +125,19 @@ class SubscriptionBase:
         await self.close()
 
 
+@runtime_checkable
+class StreamResets(Protocol):
+    """A bus that can lose what it held (a broker restarted without its data) and says so.
+
+    `stream_resets` counts the times the bus found its stream missing and
+    created it; the outbox relay then publishes its events again from the
+    start (`RelayConfig.replay_on_stream_loss`).
+    """
+
+    @property
+    def stream_resets(self) -> int: ...
+
+
 class EventBus(Protocol):
     """Publishes stored envelopes and delivers them to consumer groups."""
 

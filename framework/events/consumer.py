@@ -73,11 +73,22 @@ class IdempotentHandler(Generic[TxT]):
         self._apply = apply
         self._table = table
         self._asyncpg = paramstyle == "asyncpg"
-        marks = "$1, $2, $3" if self._asyncpg else "?, ?, ?"
-        self._claim = (
-            f"INSERT INTO {table} (consumer, event_id, position) VALUES ({marks})"
-            " ON CONFLICT (consumer, event_id) DO NOTHING"
-        )
+        # One statement claims the event: no row yet for its id, and its position
+        # above the consumer's pruned floor (the row with event_id '', see prune()).
+        if self._asyncpg:
+            floor = f"(SELECT position FROM {table} WHERE consumer = $1 AND event_id = '')"
+            self._claim = (
+                f"INSERT INTO {table} (consumer, event_id, position)"
+                f" SELECT $1::TEXT, $2::TEXT, $3::BIGINT WHERE $3 > COALESCE({floor}, 0)"
+                " ON CONFLICT (consumer, event_id) DO NOTHING"
+            )
+        else:
+            floor = f"(SELECT position FROM {table} WHERE consumer = ?1 AND event_id = '')"
+            self._claim = (
+                f"INSERT INTO {table} (consumer, event_id, position)"
+                f" SELECT ?1, ?2, ?3 WHERE ?3 > COALESCE({floor}, 0)"
+                " ON CONFLICT (consumer, event_id) DO NOTHING"
+            )
 
     async def _execute(self, tx: TxT, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement; the number of rows it changed."""
@@ -97,6 +108,48 @@ class IdempotentHandler(Generic[TxT]):
                 " event_id TEXT NOT NULL, position BIGINT NOT NULL,"
                 " PRIMARY KEY (consumer, event_id))",
             )
+
+    async def prune(self, through_position: int) -> int:
+        """Forget this consumer's ledger rows at or below `through_position`; rows removed.
+
+        The ledger grows by a row per event.  Pruning keeps one row instead: a
+        floor, and from then on every event at or below it counts as applied
+        (skipped), so a redelivery of an old event still is not applied twice.
+        Pass a position this consumer has handled everything up to, e.g. a
+        `StoreBus` group's `bus.position(group)`, or what the relay had
+        published before the group last had nothing pending.  The floor never
+        moves down.
+        """
+        if through_position < 0:
+            raise ValueError(f"through_position must be >= 0, got {through_position}")
+        table = self._table
+        if self._asyncpg:
+            delete = (
+                f"DELETE FROM {table} WHERE consumer = $1 AND event_id <> '' AND position <= $2"
+            )
+            mark = (
+                f"INSERT INTO {table} AS t (consumer, event_id, position) VALUES ($1, '', $2)"
+                " ON CONFLICT (consumer, event_id) DO UPDATE SET position = excluded.position"
+                " WHERE t.position < excluded.position"
+            )
+        else:
+            delete = f"DELETE FROM {table} WHERE consumer = ? AND event_id <> '' AND position <= ?"
+            mark = (
+                f"INSERT INTO {table} AS t (consumer, event_id, position) VALUES (?, '', ?)"
+                " ON CONFLICT (consumer, event_id) DO UPDATE SET position = excluded.position"
+                " WHERE t.position < excluded.position"
+            )
+        params = (self._consumer, through_position)
+        async with self._db.transaction() as tx:
+            removed = await self._execute(tx, delete, params)
+            await self._execute(tx, mark, params)
+        logger.info(
+            "%s: pruned %s processed-event rows through position %s",
+            self._consumer,
+            removed,
+            through_position,
+        )
+        return removed
 
     async def __call__(self, envelope: EventEnvelope) -> bool:
         async with self._db.transaction() as tx:

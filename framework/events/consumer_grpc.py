@@ -7,6 +7,13 @@ sends `SubscribeRequest.ack(position)` on the same stream, so `consume()` and
 has no negative acknowledgement: `nack()` only forgets the delivery, and the
 server's group redelivers it after its ack wait (`StoreBusConfig.ack_wait_s`),
 or at once when this member closes.
+
+A stream that breaks (the server restarted, the connection dropped) makes the
+next `fetch()` raise `UnavailableError`; the one after opens a new stream to
+the same group (the server handed the old member's unacknowledged events back
+to the group meanwhile), so `consume()` rides out a server restart: it backs
+off and goes on.  Errors the server gave for the request itself (a bad group,
+PERMISSION_DENIED) come out as their typed error.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from framework.errors import FailedPreconditionError, FrameworkError
+from framework.errors import FailedPreconditionError, FrameworkError, UnavailableError, error_class
 from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.store_pb2 import SubscribeRequest
@@ -53,15 +60,44 @@ class RemoteDelivery:
         logger.debug("position %s not acked; the server redelivers it", self._envelope.position)
 
 
-class RemoteSubscription(SubscriptionBase):
-    """A `Subscription` over a gRPC Subscribe stream."""
+def _typed(error: BaseException, what: str) -> FrameworkError:
+    """A stream failure as the framework's error for its status (UNAVAILABLE: try again)."""
+    if isinstance(error, FrameworkError):
+        return error
+    if isinstance(error, grpc.RpcError):
+        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+        detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+        if code is not None and code not in _TRANSIENT:
+            return error_class(code.name, code)(f"Subscribe {what}: {detail}")
+        return UnavailableError(f"Subscribe {what} failed ({code}: {detail}); retry")
+    return UnavailableError(f"Subscribe {what} failed ({error!r}); retry")
 
-    def __init__(self, call: Any) -> None:
+
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class RemoteSubscription(SubscriptionBase):
+    """A `Subscription` over a gRPC Subscribe stream (reopened after the stream breaks)."""
+
+    def __init__(self, call: Any, start: SubscribeRequest.Start, channel: Any = None) -> None:
         self._call = call
+        self._start = start
+        self._channel = channel
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._closed = False
+        self._ended = False  # the current stream ended: the next fetch opens another
         self._error: BaseException | None = None
-        self._reader = asyncio.create_task(self._read(), name="remote-subscription")
+        self._reader = asyncio.create_task(self._read(call), name="remote-subscription")
 
     @classmethod
     async def open(
@@ -75,15 +111,37 @@ class RemoteSubscription(SubscriptionBase):
         """Join `group` on the server behind `channel`; new groups start after `after_position`."""
         check_group(group)
         types = sorted(check_event_types(event_types))
-        call = EventStoreServiceStub(channel).Subscribe()
         start = SubscribeRequest.Start(group=group, types=types, after_position=after_position)
-        await call.write(SubscribeRequest(start=start))
-        return cls(call)
+        return cls(await cls._open_call(channel, start), start, channel)
 
-    async def _read(self) -> None:
+    @staticmethod
+    async def _open_call(channel: Any, start: SubscribeRequest.Start) -> Any:
+        call = EventStoreServiceStub(channel).Subscribe()
+        try:
+            await call.write(SubscribeRequest(start=start))
+        except (grpc.RpcError, FrameworkError, asyncio.InvalidStateError) as error:
+            call.cancel()
+            raise _typed(error, "open") from error
+        return call
+
+    async def _reopen(self) -> None:
+        """Open a new stream to the same group (the old one ended)."""
+        if self._channel is None:
+            raise FailedPreconditionError("the server ended the Subscribe stream")
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        self._call = await self._open_call(self._channel, self._start)
+        self._queue = asyncio.Queue()
+        self._error = None
+        self._ended = False
+        self._reader = asyncio.create_task(self._read(self._call), name="remote-subscription")
+        logger.info("Subscribe stream of group %s opened again", self._start.group)
+
+    async def _read(self, call: Any) -> None:
         try:
             while True:
-                envelope = await self._call.read()
+                envelope = await call.read()
                 if envelope is grpc.aio.EOF:
                     break
                 self._queue.put_nowait(envelope)
@@ -94,12 +152,19 @@ class RemoteSubscription(SubscriptionBase):
         self._queue.put_nowait(_END)
 
     async def ack(self, position: int) -> None:
-        if not self._closed:
-            await self._call.write(SubscribeRequest(ack=SubscribeRequest.Ack(position=position)))
+        if self._closed or self._ended:
+            return  # that stream is gone: the group redelivers the event to the new one
+        request = SubscribeRequest(ack=SubscribeRequest.Ack(position=position))
+        try:
+            await self._call.write(request)
+        except (grpc.RpcError, FrameworkError, asyncio.InvalidStateError) as error:
+            raise _typed(error, "ack") from error
 
     async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
         if self._closed:
             raise FailedPreconditionError("the subscription is closed; open another one")
+        if self._ended:
+            await self._reopen()
         try:
             async with asyncio.timeout(timeout_s):
                 first = await self._queue.get()
@@ -111,12 +176,12 @@ class RemoteSubscription(SubscriptionBase):
         out: list[Delivery] = []
         for item in items:
             if item is _END:
-                self._queue.put_nowait(_END)  # stays ended for the next fetch too
+                self._ended = True  # the next fetch opens a new stream
                 if out:
                     return out
                 if self._error is not None:
-                    raise self._error
-                raise FailedPreconditionError("the server ended the Subscribe stream")
+                    raise _typed(self._error, "stream") from self._error
+                raise UnavailableError("the server ended the Subscribe stream; fetch again")
             assert isinstance(item, EventEnvelope)
             out.append(RemoteDelivery(self, item))
         return out

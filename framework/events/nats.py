@@ -20,6 +20,7 @@ import re
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import nats
 import nats.errors
@@ -40,6 +41,17 @@ from gen.events.v1.envelope_pb2 import EventEnvelope
 logger = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+_STREAM_NOT_FOUND = 10059  # JetStream API error code
+
+
+class _Consumer(NamedTuple):
+    """A group's durable consumer as this process defines it."""
+
+    group: str
+    filter_subject: str
+    description: str
+
+
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -56,6 +68,9 @@ class JetStreamConfig:
     max_ack_pending: int = 1000
     publish_timeout_s: float = 5.0
     memory_storage: bool = False
+    # an idle member checks this often that its consumer still exists (re-creating it
+    # after JetStream lost its state); 0 turns the check off
+    consumer_check_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", self.stream):
@@ -72,6 +87,11 @@ class JetStreamConfig:
             raise ValueError(f"max_deliver must be -1 (unlimited) or >= 1: {self.max_deliver}")
         if self.max_ack_pending < 1:
             raise ValueError(f"max_ack_pending must be >= 1, got {self.max_ack_pending}")
+        if self.consumer_check_interval_s < 0:
+            raise ValueError(
+                f"consumer_check_interval_s must be >= 0 (0: off), "
+                f"got {self.consumer_check_interval_s}"
+            )
 
 
 @contextmanager
@@ -94,14 +114,19 @@ def subject_for(prefix: str, envelope: EventEnvelope) -> str:
 class JetStreamDelivery:
     """One JetStream message carrying an envelope."""
 
-    __slots__ = ("_envelope", "_msg", "_pending")
+    __slots__ = ("_envelope", "_expires", "_msg", "_pending")
 
     def __init__(
-        self, msg: Msg, envelope: EventEnvelope, pending: dict[int, JetStreamDelivery]
+        self,
+        msg: Msg,
+        envelope: EventEnvelope,
+        pending: dict[int, JetStreamDelivery],
+        expires: float,
     ) -> None:
         self._msg = msg
         self._envelope = envelope
         self._pending = pending
+        self._expires = expires  # loop time after which the server redelivers on its own
         pending[id(self)] = self
 
     @property
@@ -118,9 +143,15 @@ class JetStreamDelivery:
                 await self._msg.ack()
 
     async def nack(self, delay_s: float = 0.0) -> None:
-        if self._pending.pop(id(self), None) is not None:
-            with _reachable("nak"):
-                await self._msg.nak(delay=delay_s if delay_s > 0 else None)
+        if self._pending.pop(id(self), None) is None:
+            return
+        if asyncio.get_running_loop().time() >= self._expires:
+            # The ack wait ran out: the server redelivers (or did) already; a nak now
+            # would add a second redelivery of the same message.
+            logger.debug("late nack of %s ignored (ack wait over)", self._envelope.event_id)
+            return
+        with _reachable("nak"):
+            await self._msg.nak(delay=delay_s if delay_s > 0 else None)
 
 
 class JetStreamSubscription(SubscriptionBase):
@@ -130,11 +161,16 @@ class JetStreamSubscription(SubscriptionBase):
         self,
         sub: nats.js.JetStreamContext.PullSubscription,
         event_types: frozenset[str],
+        bus: JetStreamBus,
+        consumer: _Consumer,
     ) -> None:
         self._sub = sub
         self._event_types = event_types
+        self._bus = bus
+        self._consumer = consumer
         self._closed = False
         self._pending: dict[int, JetStreamDelivery] = {}
+        self._checked_at = asyncio.get_running_loop().time()
 
     async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
         if self._closed:
@@ -143,7 +179,15 @@ class JetStreamSubscription(SubscriptionBase):
             with _reachable("fetch"):
                 msgs = await self._sub.fetch(max_count, timeout=timeout_s)
         except TimeoutError:  # nats.errors.TimeoutError or asyncio's: nothing came
+            await self._check_consumer()
             return []
+        except UnavailableError:
+            self._checked_at = 0.0  # check at the next empty fetch, once NATS answers
+            raise
+        loop_time = asyncio.get_running_loop().time()
+        self._checked_at = loop_time
+        # a little before the server's own ack wait runs out (clocks and the trip differ)
+        expires = loop_time + self._bus.config.ack_wait_s * 0.9
         out: list[Delivery] = []
         for msg in msgs:
             try:
@@ -155,8 +199,27 @@ class JetStreamSubscription(SubscriptionBase):
             if self._event_types and envelope.type not in self._event_types:
                 await msg.ack()  # not for this group's filter
                 continue
-            out.append(JetStreamDelivery(msg, envelope, self._pending))
+            out.append(JetStreamDelivery(msg, envelope, self._pending, expires))
         return out
+
+    async def _check_consumer(self) -> None:
+        """Nothing came for a while: make sure the stream and the group's consumer exist.
+
+        A JetStream server restarted without its data (memory storage, a wiped
+        store) has neither; fetches then just time out.  Re-creating them (the
+        same durable name, so this binding works again) lets the group receive
+        what the relay publishes again.
+        """
+        interval = self._bus.config.consumer_check_interval_s
+        now = asyncio.get_running_loop().time()
+        if interval <= 0 or now - self._checked_at < interval:
+            return
+        self._checked_at = now
+        try:
+            with _reachable("consumer check"):
+                await self._bus.ensure_consumer(self._consumer)
+        except UnavailableError as error:
+            logger.warning("group %s: consumer check failed (%s)", self._consumer.group, error)
 
     async def close(self) -> None:
         """Leave the group: unacked deliveries are nak'ed so other members get them now."""
@@ -175,6 +238,12 @@ class JetStreamBus:
         self._js = nc.jetstream()
         self._config = config
         self._owns = owns
+        self._stream_resets = 0
+
+    @property
+    def stream_resets(self) -> int:
+        """How many times this bus found its stream missing and created it (see `OutboxRelay`)."""
+        return self._stream_resets
 
     @classmethod
     async def connect(
@@ -230,13 +299,27 @@ class JetStreamBus:
                     f"{info.config.subjects}, not {wanted!r}: use another stream name "
                     f"or subject_prefix"
                 )
+            window = float(info.config.duplicate_window or 0)
+            if window + 1e-3 < config.duplicate_window_s:
+                raise FailedPreconditionError(
+                    f"JetStream stream {config.stream!r} drops duplicate publishes for "
+                    f"{window:g}s, less than duplicate_window_s={config.duplicate_window_s:g}"
+                    f": a relay re-publishing after a crash could store events twice. Raise "
+                    f"the stream's duplicate window (nats stream edit {config.stream} "
+                    f"--dupe-window {config.duplicate_window_s:g}s) or lower duplicate_window_s"
+                )
             return
-        await self._js.add_stream(
-            name=config.stream,
-            subjects=[f"{config.subject_prefix}.>"],
-            duplicate_window=config.duplicate_window_s,
-            storage=api.StorageType.MEMORY if config.memory_storage else api.StorageType.FILE,
-        )
+        try:
+            await self._js.add_stream(
+                name=config.stream,
+                subjects=[f"{config.subject_prefix}.>"],
+                duplicate_window=config.duplicate_window_s,
+                storage=api.StorageType.MEMORY if config.memory_storage else api.StorageType.FILE,
+            )
+        except nats.js.errors.BadRequestError:
+            return  # another process created it first (a retry finds it)
+        self._stream_resets += 1
+        logger.info("JetStream stream %s created", config.stream)
 
     async def stream_messages(self) -> int:
         """How many messages the stream holds (de-duplicated publishes count once)."""
@@ -279,6 +362,16 @@ class JetStreamBus:
                 f"JetStream did not acknowledge {len(envelopes)} publishes within "
                 f"{self._config.publish_timeout_s}s; nothing is lost, publish again"
             ) from error
+        except nats.js.errors.NoStreamResponseError as error:
+            # No stream listens on the subject: JetStream lost it (restarted without
+            # its data).  Create it again; the relay sees `stream_resets` move and
+            # publishes its events again from the start (consumers de-duplicate).
+            with _reachable("stream setup"):
+                await self._ensure_stream()
+            raise UnavailableError(
+                f"JetStream stream {self._config.stream!r} was missing (the server lost "
+                f"its data?); it was created again: publish again"
+            ) from error
         except nats.errors.Error as error:
             raise UnavailableError(f"JetStream publish failed: {error!r}; publish again") from error
         finally:
@@ -296,17 +389,28 @@ class JetStreamBus:
         # otherwise on the client (acknowledging what the group does not want).
         wanted = f"{prefix}.*.{next(iter(types))}" if len(types) == 1 else f"{prefix}.>"
         described = "event types: " + (",".join(sorted(types)) or "all")
+        consumer = _Consumer(group, wanted, described)
         with _reachable("subscribe"):
-            sub = await self._bind(group, wanted, described)
-        return JetStreamSubscription(sub, types if len(types) > 1 else frozenset())
+            await self.ensure_consumer(consumer)
+            sub = await self._js.pull_subscribe_bind(durable=group, stream=self._config.stream)
+        return JetStreamSubscription(sub, types if len(types) > 1 else frozenset(), self, consumer)
 
-    async def _bind(
-        self, group: str, wanted: str, described: str
-    ) -> nats.js.JetStreamContext.PullSubscription:
+    async def ensure_consumer(self, consumer: _Consumer) -> None:
+        """Create the group's durable consumer (and the stream) unless they exist."""
+        try:
+            await self._ensure_consumer(consumer)
+        except nats.js.errors.NotFoundError:  # the stream itself is gone
+            await self._ensure_stream()
+            await self._ensure_consumer(consumer)
+
+    async def _ensure_consumer(self, consumer: _Consumer) -> None:
         stream = self._config.stream
+        group, wanted, described = consumer
         try:
             info = await self._js.consumer_info(stream, group)
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.NotFoundError as error:
+            if getattr(error, "err_code", None) == _STREAM_NOT_FOUND:
+                raise
             info = None
         if info is not None and (info.config.filter_subject, info.config.description) != (
             wanted,
@@ -334,7 +438,8 @@ class JetStreamBus:
                 )
             except nats.js.errors.BadRequestError:
                 pass  # another member created it first
-        return await self._js.pull_subscribe_bind(durable=group, stream=stream)
+            else:
+                logger.info("JetStream consumer %s created on stream %s", group, stream)
 
     async def close(self) -> None:
         if self._owns and not self._nc.is_closed:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from framework.clock import Clock, SystemClock
 from framework.errors import FrameworkError, UnavailableError
 from framework.events.backoff import Backoff
-from framework.events.bus import EventBus
+from framework.events.bus import EventBus, StreamResets
 from framework.events.consumer_group import CheckpointedStore
 from framework.events.envelope import to_envelope
 
@@ -43,6 +43,9 @@ class RelayConfig:
     retry_delay_s: float = 0.2  # first wait after a failure; doubles (jittered) up to the max
     checkpoint_interval_s: float = 1.0
     max_retry_delay_s: float = 5.0
+    # when the bus lost its stream (JetStream restarted without its data), publish
+    # everything again from position 0: consumers skip what they processed
+    replay_on_stream_loss: bool = True
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", self.name):
@@ -90,6 +93,8 @@ class OutboxRelay:
         self._saved: int | None = None  # durable in the store
         self._saved_at = 0.0
         self.last_error: BaseException | None = None  # last failed publish, None once one works
+        self._resets = bus if isinstance(bus, StreamResets) else None
+        self._resets_seen = 0
 
     async def cursor(self) -> int:
         """Position of the last event the bus acknowledged."""
@@ -122,8 +127,27 @@ class OutboxRelay:
                 f"{self.last_error}; check the bus"
             )
 
+    async def _replay_if_stream_lost(self) -> None:
+        """The bus created its stream since we last looked: what we published is gone."""
+        if self._resets is None or (resets := self._resets.stream_resets) == self._resets_seen:
+            return
+        self._resets_seen = resets
+        cursor = await self.cursor()
+        if cursor == 0 or not self._config.replay_on_stream_loss:
+            return
+        logger.warning(
+            "relay %s: the bus's stream was created anew (its messages are gone); publishing"
+            " every event again from position 0 (the cursor was at %s); consumers skip the"
+            " events they processed",
+            self._config.name,
+            cursor,
+        )
+        self._cursor = 0
+        await self.save()  # durable: a relay restarted mid-replay goes on replaying
+
     async def publish_batch(self) -> int:
         """Publish the next batch after the cursor; return how many events it held."""
+        await self._replay_if_stream_lost()
         events = await self._store.read_all(await self.cursor(), self._config.batch_size)
         if not events:
             return 0
