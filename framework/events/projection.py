@@ -30,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from framework.errors import UnavailableError
 from framework.events.backoff import Backoff
@@ -59,6 +60,20 @@ class Projection(Protocol[TxC]):
 
     async def reset(self, tx: TxC) -> None:
         """Empty the read model (for a rebuild), inside the runner's transaction."""
+        ...
+
+
+class BatchProjection(Projection[TxC], Protocol[TxC]):
+    """A projection that can also apply a page of events at once (catch-up, rebuild).
+
+    `apply_batch(tx, events)` must leave the read model as `apply` called on
+    each event in order would; it may use `executemany` (SQLite) or one
+    statement over arrays (PostgreSQL) instead of a statement per event.
+    Live events still go through `apply`, one at a time.
+    """
+
+    async def apply_batch(self, tx: TxC, events: Sequence[RecordedEvent]) -> None:
+        """Update the read model for `events` (position order), in the runner's transaction."""
         ...
 
 
@@ -122,6 +137,10 @@ class ProjectionRunner(Generic[TxT]):
         # set once `run()` has caught up and follows live appends
         self.live = asyncio.Event()
         self.last_error: BaseException | None = None  # while `run()` is retrying a failure
+        apply_batch = getattr(projection, "apply_batch", None)
+        self._batch: BatchProjection[TxT] | None = (
+            cast("BatchProjection[TxT]", projection) if callable(apply_batch) else None
+        )
 
     async def step(self, *, link_only: bool = False) -> int:
         """Apply the next batch after the checkpoint in one transaction; events applied.
@@ -132,18 +151,51 @@ class ProjectionRunner(Generic[TxT]):
         events = await self.host.read_all(self.position, self.config.batch_size)
         if not events:
             return 0
+        return await self._apply_page(events, link_only)
+
+    async def _apply_page(self, events: Sequence[RecordedEvent], link_only: bool) -> int:
+        """One transaction: the events past the checkpoint, then the checkpoint itself.
+
+        Catch-up and rebuild (`link_only`) hand a `BatchProjection` the whole
+        page at once; live steps apply event by event.
+        """
         name = self.projection.name
-        applied = 0
         async with self.host.transaction() as tx:
             checkpoint = await self.host.checkpoint_in(tx, name)
-            for event in events:
-                if event.position > checkpoint:
+            if events[0].position > checkpoint:
+                todo = events
+            else:
+                todo = [e for e in events if e.position > checkpoint]
+            if link_only and self._batch is not None and todo:
+                await self._apply_batch(tx, todo)
+            else:
+                for event in todo:
                     await self._apply(tx, event, link_only)
-                    applied += 1
             last = max(checkpoint, events[-1].position)
             await self.host.set_checkpoint_in(tx, name, last)
         self.position = last
-        return applied
+        return len(todo)
+
+    async def _apply_batch(self, tx: TxT, events: Sequence[RecordedEvent]) -> None:
+        assert self._batch is not None
+        if not self.trace:
+            await self._batch.apply_batch(tx, events)
+            return
+        from framework.telemetry.tracing import continue_trace
+
+        with continue_trace(
+            events[0].metadata,  # one span per page, linked to its first event's producer
+            f"project batch {self.projection.name}",
+            tracer_provider=self.tracer_provider,
+            link_only=True,
+            attributes={
+                "projection.name": self.projection.name,
+                "projection.batch_size": len(events),
+                "event.position": events[0].position,
+                "event.last_position": events[-1].position,
+            },
+        ):
+            await self._batch.apply_batch(tx, events)
 
     async def _apply(self, tx: TxT, event: RecordedEvent, link_only: bool) -> None:
         if not self.trace:
@@ -173,15 +225,29 @@ class ProjectionRunner(Generic[TxT]):
         return self.position
 
     async def catch_up(self) -> int:
-        """Apply everything up to the head as it was when called; events applied."""
+        """Apply everything up to the head as it was when called; events applied.
+
+        Pages of `batch_size` events, one transaction each (checkpoint with it),
+        whole pages to a `BatchProjection`; the next page is read while the
+        current one is applied.
+        """
         await self.load_position()
         head = await self.host.head_position()
+        size = self.config.batch_size
+        page = await self.host.read_all(self.position, size) if self.position < head else []
         total = 0
-        while self.position < head:
-            before = self.position
-            total += await self.step(link_only=True)
-            if self.position == before:  # nothing readable below head (holes): done
-                break
+        while page:
+            ahead: asyncio.Future[list[RecordedEvent]] | None = None
+            if page[-1].position < head:
+                ahead = asyncio.ensure_future(self.host.read_all(page[-1].position, size))
+            try:
+                total += await self._apply_page(page, link_only=True)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+                raise
+            page = await ahead if ahead is not None else []
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from framework.events.projection import ProjectionRunner
+from framework.events.projection import ProjectionConfig, ProjectionRunner
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
 from framework.events.store import EventMetadata, NewEvent, RecordedEvent
 from framework.telemetry.tracing import trace_fields
@@ -117,3 +117,37 @@ async def test_trace_false_makes_no_spans(
     finally:
         await store.close()
     assert exporter.get_finished_spans() == ()
+
+
+class BatchSum(Sum):
+    """Sum with `apply_batch`: one statement per page."""
+
+    async def apply_batch(self, tx: Any, events: Sequence[RecordedEvent]) -> None:
+        total = sum(AmountDeposited.FromString(e.payload).amount for e in events)
+        await tx.execute("UPDATE total SET value = value + ?", (total,))
+
+
+async def test_batched_rebuild_makes_one_span_per_page(
+    tmp_path: Path, provider: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """A BatchProjection's rebuild: one CONSUMER span per page, linked to its first event."""
+    tracer_provider, exporter = provider
+    store = await _store(tmp_path)
+    try:
+        with tracer_provider.get_tracer("t").start_as_current_span("command") as command:
+            meta = EventMetadata(**trace_fields())
+        events = [NewEvent.of(AmountDeposited(amount=n), meta) for n in range(1, 6)]
+        await store.append("acc", events, 0)
+        config = ProjectionConfig(batch_size=2)
+        runner = ProjectionRunner(store, BatchSum(), config, tracer_provider=tracer_provider)
+        assert await runner.rebuild() == 5
+        async with store.transaction() as tx:
+            assert await tx.fetchone("SELECT value FROM total") == (15,)
+    finally:
+        await store.close()
+    spans = _consumer(exporter)
+    recorded = command.get_span_context()
+    assert [s.name for s in spans] == ["project batch sum"] * 3
+    assert [dict(s.attributes or {})["projection.batch_size"] for s in spans] == [2, 2, 1]
+    assert all(s.parent is None for s in spans)
+    assert all([link.context.span_id for link in s.links] == [recorded.span_id] for s in spans)
