@@ -171,6 +171,7 @@ class JetStreamSubscription(SubscriptionBase):
         self._closed = False
         self._pending: dict[int, JetStreamDelivery] = {}
         self._checked_at = asyncio.get_running_loop().time()
+        self._reconnects = bus.reconnects  # a reconnect since: check at the next empty fetch
 
     async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Delivery]:
         if self._closed:
@@ -212,9 +213,11 @@ class JetStreamSubscription(SubscriptionBase):
         """
         interval = self._bus.config.consumer_check_interval_s
         now = asyncio.get_running_loop().time()
-        if interval <= 0 or now - self._checked_at < interval:
+        reconnected = self._bus.reconnects != self._reconnects
+        if interval <= 0 or (now - self._checked_at < interval and not reconnected):
             return
         self._checked_at = now
+        self._reconnects = self._bus.reconnects
         try:
             with _reachable("consumer check"):
                 await self._bus.ensure_consumer(self._consumer)
@@ -230,6 +233,25 @@ class JetStreamSubscription(SubscriptionBase):
             await self._sub.unsubscribe()
 
 
+class _ConnectionEvents:
+    """nats-py connection callbacks, logged through this module's logger."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bus: JetStreamBus | None = None
+
+    async def error(self, error: Exception) -> None:
+        logger.warning("NATS %s: %r", self.url, error)
+
+    async def disconnected(self) -> None:
+        logger.warning("NATS %s: disconnected; reconnecting", self.url)
+
+    async def reconnected(self) -> None:
+        logger.info("NATS %s: reconnected", self.url)
+        if self.bus is not None:
+            self.bus.reconnects += 1
+
+
 class JetStreamBus:
     """`EventBus` on NATS JetStream; `await JetStreamBus.connect(url, config)`."""
 
@@ -239,6 +261,7 @@ class JetStreamBus:
         self._config = config
         self._owns = owns
         self._stream_resets = 0
+        self.reconnects = 0  # connections re-established since connect (members check then)
 
     @property
     def stream_resets(self) -> int:
@@ -253,22 +276,31 @@ class JetStreamBus:
         *,
         connect_timeout_s: float = 2.0,
         max_reconnect_attempts: int = -1,
+        reconnect_wait_s: float = 2.0,
     ) -> JetStreamBus:
         """Connect to `url`, make sure the stream exists, and own the connection.
 
-        The connection keeps reconnecting (forever by default) after it is lost;
-        publishes meanwhile fail with `UnavailableError` and the relay retries.
+        The connection keeps reconnecting (forever by default, every
+        `reconnect_wait_s`) after it is lost; publishes meanwhile fail with
+        `UnavailableError` and the relay retries.  After a reconnect, members
+        check their consumer at their next empty fetch.
         """
+        events = _ConnectionEvents(url)
         try:
             nc = await nats.connect(
                 url,
                 connect_timeout=connect_timeout_s,
                 max_reconnect_attempts=max_reconnect_attempts,
+                reconnect_time_wait=reconnect_wait_s,
                 allow_reconnect=True,
+                error_cb=events.error,
+                disconnected_cb=events.disconnected,
+                reconnected_cb=events.reconnected,
             )
         except (OSError, nats.errors.NoServersError) as error:
             raise UnavailableError(f"cannot reach NATS at {url}: {error}") from error
         bus = cls(nc, config or JetStreamConfig(), owns=True)
+        events.bus = bus
         try:
             await bus.ensure_stream()
         except BaseException:
