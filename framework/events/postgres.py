@@ -91,10 +91,6 @@ DECLARE
     v_positions BIGINT[];
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
-    IF EXISTS (SELECT 1 FROM {s}.events e WHERE e.event_id = ANY(p_ids)) THEN
-        RETURN QUERY SELECT -1::BIGINT, NULL::BIGINT[];  -- a retry, or ids used elsewhere
-        RETURN;
-    END IF;
     SELECT COALESCE(MAX(e.version), 0) INTO v_actual FROM {s}.events e
         WHERE e.stream_id = p_stream;
     IF p_expected IS NOT NULL AND v_actual <> p_expected THEN
@@ -324,24 +320,27 @@ class PostgresEventStore:
         )
         async with self._append_lock:
             with unavailable_on_connection_errors(
-                "append (its outcome is unknown: retry it"
-                " with the same events, appends are idempotent)"
+                "append (its outcome is unknown: retry it with the same events,"
+                " appends are idempotent)"
             ):
                 record = await self._append_call(args)
-        if record is None:  # a duplicate (stream_id, version): a concurrent writer won
-            actual = await self.stream_version(stream_id)
-            raise conflict(stream_id, expected_version, actual)
-        actual, positions = record[0], record[1]
-        if actual < 0:  # some ids are stored already
-            ids = args[5]
+        if record is None or record[1] is None:
+            # Refused: a stale expected version, or a unique violation (version or
+            # event id).  Only now look the ids up: a retry of an append that
+            # happened is its first result, nothing written (no cost when all is well).
+            ids: list[str] = args[5]
             with unavailable_on_connection_errors("append"):
                 found = await self.pool.fetch(self._find_ids_sql, ids)
-            outcome = retried_append(stream_id, expected_version, ids, [tuple(r) for r in found])
-            if isinstance(outcome, ConflictError):
-                raise outcome
-            return outcome
-        if positions is None:
+            if found:
+                outcome = retried_append(
+                    stream_id, expected_version, ids, [tuple(r) for r in found]
+                )
+                if isinstance(outcome, ConflictError):
+                    raise outcome
+                return outcome
+            actual = record[0] if record is not None else await self.stream_version(stream_id)
             raise conflict(stream_id, expected_version, actual)
+        actual, positions = record[0], record[1]
         self._signal.notify()
         return AppendResult(tuple(positions), actual + len(rows))
 
