@@ -265,7 +265,9 @@ async def grpc_server_restart(tmp: Path) -> float:
             await store.append("acc", _deposits(3), None)
             await _until(lambda: _const(len(seen) == 3))
         await store.append("acc", _deposits(3), None)
-        config = ServerConfig(name="test", host="127.0.0.1", port=port, grace_s=1.0)
+        config = ServerConfig(
+            name="test", host="127.0.0.1", port=port, grace_s=1.0, insecure_dev=True
+        )
         async with serve(EventStoreServicer(store, bus=bus), config=config):
             took = await _until(lambda: _const(len(seen) == 6))
             task.cancel()

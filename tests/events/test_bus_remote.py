@@ -138,7 +138,7 @@ async def test_remote_consumer_rides_out_a_server_restart(
         )
         assert await settled(4)
     await _append(server_store, "b", 2)  # appended while no server runs
-    config = ServerConfig(name="test", host="127.0.0.1", port=port, grace_s=1.0)
+    config = ServerConfig(name="test", host="127.0.0.1", port=port, grace_s=1.0, insecure_dev=True)
     async with serve(EventStoreServicer(server_store, bus=bus), config=config):
         assert await settled(7)
         survived = not task.done()
