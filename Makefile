@@ -4,9 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH ?=
-# buf CLI (lint, breaking) from the npm registry, installed under .tools/ (git-ignored).
-BUF_VERSION ?= 1.75.0
-BUF := .tools/buf/node_modules/.bin/buf
+# buf CLI (lint, breaking): the buf-bin wheel of the dev extras, in the virtualenv.
+BUF := $(BIN)/buf
 # Real gRPC-Web clients for the gateway's tests (npm, under .tools/grpcweb, git-ignored).
 GRPCWEB := .tools/grpcweb/node_modules/@connectrpc/connect-web/package.json
 # A foreign gRPC client for the system tests: Node's @grpc/grpc-js (npm, under .tools/grpcjs).
@@ -22,7 +21,8 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "make: installing the framework and its dev tools into $(VENV) (pip, a few minutes the first time)"
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -31,23 +31,20 @@ protos: venv
 	$(BIN)/python -m framework protos
 
 check-protos: protos
-	@git diff --exit-code --stat -- gen || (echo "gen/ is stale: run 'make protos' and commit" && exit 1)
-	@test -z "$$(git status --porcelain -- gen)" || (git status --porcelain -- gen && echo "gen/ has untracked files" && exit 1)
+	@git diff --exit-code --stat -- gen protos/buf || (echo "gen/ is stale: run 'make protos' and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- gen protos/buf)" || (git status --porcelain -- gen protos/buf && echo "gen/ or protos/buf/ has untracked files" && exit 1)
 
-test: protos $(BUF) $(GRPCWEB) $(GRPCJS)
+test: protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: venv $(BUF)
+lint: venv
 	$(BIN)/ruff check framework services tests
 	$(BIN)/ruff format --check framework services tests
 	$(BIN)/mypy
 	$(BUF) lint protos
 	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 
-$(BUF):
-	npm install --prefix .tools/buf --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
-
-buf: $(BUF)
+buf: venv
 
 $(GRPCWEB):
 	npm install --prefix .tools/grpcweb --no-audit --no-fund --silent @connectrpc/connect@2.2.0 \

@@ -62,12 +62,59 @@ def include_dirs() -> list[Path]:
 # the `google.api.http` option); their Python modules come from their own packages
 # (googleapis-common-protos), so they are imported, never compiled.
 EXTERNAL_ROOTS = frozenset({"google"})
+# Roots under protos/ that hold other projects' contracts printed from a descriptor a
+# package carries (buf/validate/validate.proto from protovalidate): compiled into gen/
+# like ours, but neither linted nor documented as ours.
+VENDORED_ROOTS = frozenset({"buf"})
+PROTOVALIDATE_PROTO = Path("buf/validate/validate.proto")
 
 
 def contract_files(proto_root: Path) -> list[Path]:
     """The project's own .proto files under `proto_root` (relative paths, sorted)."""
     found = (p.relative_to(proto_root) for p in proto_root.rglob("*.proto"))
-    return sorted(p for p in found if p.parts[0] not in EXTERNAL_ROOTS)
+    return sorted(p for p in found if p.parts[0] not in EXTERNAL_ROOTS | VENDORED_ROOTS)
+
+
+def protovalidate_source() -> str:
+    """`buf/validate/validate.proto` as .proto source, printed from protovalidate's descriptor.
+
+    The protovalidate package ships the file only as a serialized FileDescriptorProto;
+    protoc and buf read contracts and their imports from source, so `make protos`
+    prints it into `protos/buf/validate/` (offline: nothing is downloaded).
+    """
+    from importlib.metadata import version
+
+    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
+    from protovalidate._gen.buf.validate import validate_pb
+
+    from framework.protosource import print_proto
+
+    file = descriptor_pb2.FileDescriptorProto.FromString(validate_pb.desc().proto.to_binary())
+    deps = [
+        descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+        for module in (descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2)
+    ]
+    header = [
+        f"Printed by `make protos` from the descriptor of protovalidate {version('protovalidate')}",
+        "(framework.codegen.protovalidate_source); do not edit. The rules contracts",
+        "import as `buf.validate`, for protoc and buf. Comments are not in a",
+        "descriptor: see the protovalidate documentation for each rule.",
+        "",
+        "Copyright 2023-2026 Buf Technologies, Inc. Licensed under the Apache License,",
+        "Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0).",
+    ]
+    return print_proto(file, deps, header)
+
+
+def vendor_protovalidate(proto_root: Path) -> bool:
+    """Write `buf/validate/validate.proto` under `proto_root`; return whether it changed."""
+    target = proto_root / PROTOVALIDATE_PROTO
+    text = protovalidate_source()
+    if target.exists() and target.read_text() == text:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return True
 
 
 def _plugin(name: str) -> Path | None:
@@ -92,6 +139,8 @@ def generate(config: CodegenConfig) -> list[Path]:
     protos = contract_files(config.proto_root)
     if not protos:
         raise FileNotFoundError(f"no .proto files under {config.proto_root}")
+    vendor_protovalidate(config.proto_root)
+    protos.append(PROTOVALIDATE_PROTO)
     roots = {p.parts[0] for p in protos}
     with tempfile.TemporaryDirectory(prefix="protos-") as scratch_name:
         scratch = Path(scratch_name)
@@ -109,8 +158,8 @@ def generate(config: CodegenConfig) -> list[Path]:
             args += [
                 f"--plugin=protoc-gen-mypy={mypy_plugin}",
                 f"--plugin=protoc-gen-mypy_grpc={mypy_grpc_plugin}",
-                f"--mypy_out={scratch}",
-                f"--mypy_grpc_out={scratch}",
+                f"--mypy_out=quiet:{scratch}",
+                f"--mypy_grpc_out=quiet:{scratch}",
             ]
         else:
             logger.warning("mypy-protobuf not installed: falling back to protoc's .pyi stubs")

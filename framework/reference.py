@@ -19,8 +19,9 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
-from framework.policies.field_rules import rule_specs
-from gen.framework.v1 import options_pb2, validate_pb2
+from framework.policies.validation import describe_rules
+from gen.buf.validate import validate_pb2
+from gen.framework.v1 import options_pb2
 
 __all__ = ["ReferenceConfig", "compile_contracts", "render", "write_reference"]
 
@@ -176,22 +177,23 @@ class _Types:
         base = name or _SCALARS.get(field.type, "?")
         return f"repeated {base}" if field.label == FDP.LABEL_REPEATED else base
 
-    def rules(self, field: descriptor_pb2.FieldDescriptorProto, where: str) -> str:
-        if not field.options.HasExtension(validate_pb2.rules):
+    def rules(self, field: descriptor_pb2.FieldDescriptorProto) -> str:
+        if not field.options.HasExtension(validate_pb2.field):
             return "-"
-        enum = self.enums.get(field.type_name.lstrip("."))
-        values: list[tuple[str, int]] = []
-        if enum is not None:
-            assert isinstance(enum.proto, descriptor_pb2.EnumDescriptorProto)
-            values = [(v.name, v.number) for v in enum.proto.value]
-        specs = rule_specs(
-            field.options.Extensions[validate_pb2.rules],
-            where=where,
-            field_type=field.type,
-            repeated=field.label == FDP.LABEL_REPEATED,
-            enum_values=values,
-        )
-        return "<br>".join(f"{_cell(s.description)} (`{s.rule}`)" for s in specs)
+        rules = describe_rules(field.options.Extensions[validate_pb2.field])
+        return "<br>".join(f"{_cell(words)} (`{rule}`)" for rule, words in rules) or "-"
+
+    def message_rules(self, message: descriptor_pb2.DescriptorProto) -> list[str]:
+        """The message's own rules (CEL across fields, oneof rules), as list items."""
+        if not message.options.HasExtension(validate_pb2.message):
+            return []
+        rules = message.options.Extensions[validate_pb2.message]
+        lines = [f"- `{r.id}`: {_cell(r.message or r.expression)}" for r in rules.cel]
+        lines += [f"- `{e}`" for e in rules.cel_expression]
+        for oneof in rules.oneof:
+            which = "exactly one" if oneof.required else "at most one"
+            lines.append(f"- {which} of " + ", ".join(f"`{f}`" for f in oneof.fields))
+        return [*lines, ""] if lines else []
 
     def fields_table(self, declared: _Declared) -> list[str]:
         message = declared.proto
@@ -200,13 +202,16 @@ class _Types:
             return ["No fields.", ""]
         lines = ["| Field | # | Type | Rules | Description |", "|---|---|---|---|---|"]
         for index, field in enumerate(message.field):
-            rules = self.rules(field, f"{declared.full_name}.{field.name}")
+            rules = self.rules(field)
             description = declared.comment(_FIELD, index)
             lines.append(
                 f"| `{field.name}` | {field.number} | `{self.type_name(field)}` | {rules} "
                 f"| {_cell(description)} |"
             )
-        return [*lines, ""]
+        lines.append("")
+        if own := self.message_rules(message):
+            lines += ["Rules across fields:", "", *own]
+        return lines
 
 
 def _policy_lines(policy: options_pb2.MethodPolicy) -> list[str]:
@@ -339,7 +344,8 @@ def _file_section(file: descriptor_pb2.FileDescriptorProto, types: _Types) -> li
 def render(contracts: descriptor_pb2.FileDescriptorSet) -> str:
     """The whole reference as Markdown; depends only on `contracts`."""
     files = sorted(
-        (f for f in contracts.file if not f.name.startswith("google/")), key=lambda f: f.name
+        (f for f in contracts.file if not f.name.startswith(("google/", "buf/"))),
+        key=lambda f: f.name,
     )
     types = _Types(files)
     packages = sorted({f.package for f in files})
@@ -350,10 +356,11 @@ def render(contracts: descriptor_pb2.FileDescriptorSet) -> str:
         "do not edit by hand.",
         "",
         "Per method: the policy declared with `framework.v1.method_policy` (auth and scopes, "
-        "default deadline, rate limit, idempotency, saga role), and per field the rules "
-        "declared with `framework.v1.rules`, which `ValidationPolicy` checks before the "
-        "handler runs (a broken rule answers INVALID_ARGUMENT with a `google.rpc.BadRequest` "
-        "naming the field and the rule id shown here).",
+        "default deadline, rate limit, idempotency, saga role), and per field the "
+        "protovalidate rules declared with `buf.validate`, which `ValidationPolicy` checks "
+        "before the handler runs (a broken rule answers INVALID_ARGUMENT with a "
+        "`google.rpc.BadRequest` naming the field and the rule id; bounds declared together, "
+        "such as `gte` and `lte`, share one id, `int32.gte_lte`).",
         "",
         "## Services",
         "",

@@ -7,8 +7,9 @@
   requires it, `grpc-timeout`.
 - Schemas: one per message and enum, per the protobuf JSON mapping (int64 as
   integer or string, enums by name, well-known types in their JSON forms), the
-  contract's validation rules as constraints (`maxLength`, `pattern`,
-  `minimum`, `minItems`, `format: uuid|email`...), and the proto comments
+  contract's `buf.validate` rules as constraints (`maxLength`, `pattern`,
+  `minimum`, `minItems`, `format: uuid|email`, `enum` for `in`...; CEL rules,
+  which JSON Schema cannot say, are left to the service), and the proto comments
   (`gen/comments.json`, written by `make protos`) as descriptions.
 - Responses: 200 with the response (or its `response_body` field; NDJSON and
   Server-Sent Events for server streams), every error as `google.rpc.Status`.
@@ -30,9 +31,9 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from framework.gateway.config import GatewayConfig
 from framework.gateway.routes import Binding, RouteTable
 from framework.gateway.transcode import RequestCodec
-from framework.policies.field_rules import is_map
+from framework.policies.validation import rules_of
 from framework.policy import Chain, Method
-from gen.framework.v1 import validate_pb2
+from gen.buf.validate import validate_pb2
 
 __all__ = ["openapi_document"]
 
@@ -144,21 +145,33 @@ class _Schemas:
 
     def field(self, field: FieldDescriptor) -> dict[str, Any]:
         rules = _rules(field)
-        if is_map(field):
-            value_field = _message(field).fields_by_name["value"]
+        if _is_map(field):
+            entry = _message(field)
+            values = rules.map.values if rules is not None and rules.HasField("map") else None
             schema: dict[str, Any] = {
                 "type": "object",
-                "additionalProperties": self.single(value_field, rules=None),
+                "additionalProperties": self.single(entry.fields_by_name["value"], values),
             }
+            if rules is not None and rules.HasField("map"):
+                if rules.map.HasField("min_pairs"):
+                    schema["minProperties"] = rules.map.min_pairs
+                if rules.map.HasField("max_pairs"):
+                    schema["maxProperties"] = rules.map.max_pairs
+            if rules is not None and rules.required:
+                schema["minProperties"] = max(1, schema.get("minProperties", 0))
         elif field.is_repeated:
-            schema = {"type": "array", "items": self.single(field, rules)}
-            if rules is not None:
-                if rules.HasField("min_items"):
-                    schema["minItems"] = rules.min_items
-                if rules.HasField("max_items"):
-                    schema["maxItems"] = rules.max_items
-                if rules.required:
-                    schema["minItems"] = max(1, schema.get("minItems", 0))
+            repeated = rules.repeated if rules is not None and rules.HasField("repeated") else None
+            items = repeated.items if repeated is not None and repeated.HasField("items") else None
+            schema = {"type": "array", "items": self.single(field, items)}
+            if repeated is not None:
+                if repeated.HasField("min_items"):
+                    schema["minItems"] = repeated.min_items
+                if repeated.HasField("max_items"):
+                    schema["maxItems"] = repeated.max_items
+                if repeated.unique:
+                    schema["uniqueItems"] = True
+            if rules is not None and rules.required:
+                schema["minItems"] = max(1, schema.get("minItems", 0))
         else:
             schema = self.single(field, rules)
         description = self.comments.get(field.full_name)
@@ -179,8 +192,24 @@ class _Schemas:
             enum = field.enum_type
             assert enum is not None
             ref = self.enum_ref(enum)
-            if rules is not None and (rules.defined_only or rules.required):
-                names = [v.name for v in enum.values if v.number != 0 or not rules.required]
+            enum_rules = rules.enum if rules is not None and rules.HasField("enum") else None
+            required = rules is not None and rules.required
+            if required or (
+                enum_rules is not None and (enum_rules.defined_only or getattr(enum_rules, "in"))
+            ):
+                allowed = (
+                    set(getattr(enum_rules, "in"))
+                    if enum_rules is not None and getattr(enum_rules, "in")
+                    else None
+                )
+                banned = set(enum_rules.not_in) if enum_rules is not None else set()
+                names = [
+                    v.name
+                    for v in enum.values
+                    if (v.number != 0 or not required)
+                    and (allowed is None or v.number in allowed)
+                    and v.number not in banned
+                ]
                 return {"type": "string", "enum": names}
             return ref
         schema: dict[str, Any]
@@ -214,45 +243,66 @@ def _message(field: FieldDescriptor) -> Descriptor:
     return message
 
 
+def _is_map(field: FieldDescriptor) -> bool:
+    message = field.message_type
+    return bool(message is not None and message.GetOptions().map_entry)
+
+
 def _rules(field: FieldDescriptor) -> validate_pb2.FieldRules | None:
-    options = field.GetOptions()
-    if options.HasExtension(validate_pb2.rules):
-        return options.Extensions[validate_pb2.rules]
-    return None
+    return rules_of(field)
+
+
+_UUID = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_NUMBER_RULES = frozenset(
+    {"float", "double", "int32", "int64", "uint32", "uint64", "sint32", "sint64"}
+    | {"fixed32", "fixed64", "sfixed32", "sfixed64"}
+)
 
 
 def _constrain(
     schema: dict[str, Any], field: FieldDescriptor, rules: validate_pb2.FieldRules
 ) -> None:
+    kind = rules.WhichOneof("type")
     if field.type == _FD.TYPE_STRING:
-        low = rules.min_len if rules.HasField("min_len") else 0
+        text = rules.string if kind == "string" else validate_pb2.StringRules()
+        low = text.min_len if text.HasField("min_len") else 0
+        if text.HasField("len"):
+            low = text.len
+            schema["maxLength"] = text.len
         if rules.required:
             low = max(low, 1)
         if low:
             schema["minLength"] = low
-        if rules.HasField("max_len"):
-            schema["maxLength"] = rules.max_len
-        if rules.pattern:
-            schema["pattern"] = f"^(?:{rules.pattern})$"
-        if rules.uuid:
+        if text.HasField("max_len"):
+            schema["maxLength"] = text.max_len
+        if text.HasField("pattern"):
+            schema["pattern"] = text.pattern  # both RE2 and JSON Schema search, unanchored
+        if text.uuid:
             schema["format"] = "uuid"
-            schema["pattern"] = (
-                "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-            )
-        if rules.email:
+            schema["pattern"] = _UUID
+        if text.email:
             schema["format"] = "email"
+        if text.HasField("const"):
+            schema["const"] = text.const
+        if getattr(text, "in"):
+            schema["enum"] = list(getattr(text, "in"))
         return
-    if field.type in _FLOATS or "integer" in str(schema.get("type")):
-        if rules.HasField("gt"):
-            schema["exclusiveMinimum"] = _number(rules.gt)
-        if rules.HasField("gte"):
-            schema["minimum"] = max(_number(rules.gte), schema.get("minimum", _number(rules.gte)))
-        if rules.HasField("lt"):
-            schema["exclusiveMaximum"] = _number(rules.lt)
-        if rules.HasField("lte"):
-            schema["maximum"] = _number(rules.lte)
-        if rules.required:
-            schema["not"] = {"const": 0}
+    if kind in _NUMBER_RULES and (field.type in _FLOATS or "integer" in str(schema.get("type"))):
+        bounds = getattr(rules, kind)
+        if bounds.HasField("gt"):
+            schema["exclusiveMinimum"] = _number(bounds.gt)
+        if bounds.HasField("gte"):
+            schema["minimum"] = max(_number(bounds.gte), schema.get("minimum", _number(bounds.gte)))
+        if bounds.HasField("lt"):
+            schema["exclusiveMaximum"] = _number(bounds.lt)
+        if bounds.HasField("lte"):
+            schema["maximum"] = _number(bounds.lte)
+        if bounds.HasField("const"):
+            schema["const"] = _number(bounds.const)
+        if getattr(bounds, "in"):
+            schema["enum"] = [_number(v) for v in getattr(bounds, "in")]
+    if rules.required and (field.type in _FLOATS or "integer" in str(schema.get("type"))):
+        schema["not"] = {"const": 0}
 
 
 def _number(value: float) -> int | float:

@@ -4,7 +4,7 @@
 Resilience: `ratelimit` (token buckets in memory), `ratelimit_redis` (shared in Redis),
 `breaker`, `bulkhead`, `retry` (compiled to gRPC service config), `deadline` (pinned
 innermost on clients), `faults` (fault injection and its admin servicer).
-Contracts: `validation` over `field_rules`, `idempotency`.
+Contracts: `validation` (protovalidate), `idempotency`.
 Edges: `error_mapping` (pinned outermost on servers), `accesslog`.
 
 No module here touches grpc's server or channel APIs, nor imports `framework.server`

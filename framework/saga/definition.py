@@ -47,7 +47,8 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
-from gen.framework.v1 import options_pb2, validate_pb2
+from gen.buf.validate import validate_pb2
+from gen.framework.v1 import options_pb2
 
 __all__ = [
     "CompensationBuilder",
@@ -251,7 +252,7 @@ def _same_type(a: FieldDescriptor, b: FieldDescriptor) -> bool:
 
 
 def _required(descriptor: Descriptor) -> list[FieldDescriptor]:
-    return [f for f in descriptor.fields if f.GetOptions().Extensions[validate_pb2.rules].required]
+    return [f for f in descriptor.fields if f.GetOptions().Extensions[validate_pb2.field].required]
 
 
 def _fillable(target: FieldDescriptor, *sources: Descriptor) -> bool:

@@ -38,8 +38,8 @@ def test_every_domain_method_is_documented_with_its_policy_and_rules(fresh: str)
     assert "- Rate limit: 20 calls/s per caller, burst 40" in charge
     assert "callers must send an `idempotency-key`" in charge
     assert "- Saga step: action, undone by `RefundPayment`" in charge
-    assert "must be greater than 0 (`int64.gt`)" in charge
-    assert "| `currency` | 5 | `string` | is required (`required`)" in charge
+    assert "> 0 (`int64.gt`)" in charge
+    assert "| `currency` | 5 | `string` | required (`required`)" in charge
     assert "### Events in `order/v1/events.proto`" in fresh
     assert "#### `order.v1.OrderConfirmed`" in fresh
     assert "#### Enum `payment.v1.PaymentStatus`" in fresh

@@ -142,6 +142,12 @@ BAD: list[tuple[Message, list[tuple[str, str]]]] = [
         ),
         [("display_name", "string.max_len")],
     ),
+    (
+        user.RegisterUserRequest(
+            email="ada@example.com", display_name="Ada", password="ada@example.com"
+        ),
+        [("", "password.not_email")],
+    ),
     (user.LogInRequest(email="ada@example.com"), [("password", "required")]),
     (user.GetUserRequest(user_id="not-a-uuid"), [("user_id", "string.uuid")]),
     (
@@ -150,11 +156,15 @@ BAD: list[tuple[Message, list[tuple[str, str]]]] = [
     ),
     (
         order.AddOrderItemRequest(order_id=ID, sku="sku 1", quantity=0, unit_price_minor=-1),
-        [("sku", "string.pattern"), ("quantity", "uint32.gte"), ("unit_price_minor", "int64.gte")],
+        [
+            ("sku", "string.pattern"),
+            ("quantity", "uint32.gte_lte"),
+            ("unit_price_minor", "int64.gte_lte"),
+        ],
     ),
     (
         order.AddOrderItemRequest(order_id=ID, sku="S" * 65, quantity=1001),
-        [("sku", "string.max_len"), ("quantity", "uint32.lte")],
+        [("sku", "string.max_len"), ("quantity", "uint32.gte_lte")],
     ),
     (order.ConfirmOrderRequest(), [("order_id", "required")]),
     (
@@ -168,7 +178,7 @@ BAD: list[tuple[Message, list[tuple[str, str]]]] = [
             order_id=ID2,
             lines=[inv.StockLine(sku="A", quantity=1), inv.StockLine(sku="", quantity=0)],
         ),
-        [("lines[1].sku", "required"), ("lines[1].quantity", "uint32.gte")],
+        [("lines[1].sku", "required"), ("lines[1].quantity", "uint32.gte_lte")],
     ),
     (
         inv.ReserveStockRequest(
@@ -182,7 +192,7 @@ BAD: list[tuple[Message, list[tuple[str, str]]]] = [
         pay.ChargePaymentRequest(
             payment_id=ID, order_id=ID2, user_id=ID, amount_minor=0, currency="EUR"
         ),
-        [("amount_minor", "int64.gt")],
+        [("amount_minor", "int64.gt_lte")],
     ),
     (
         note.SendNotificationRequest(user_id=ID, channel=7, subject="Hi", body="b"),  # type: ignore[arg-type]
@@ -219,7 +229,7 @@ async def test_a_bad_request_is_rejected_with_each_field_violation(
     assert [(v.field, v.rule) for v in error.violations] == expected
     assert error.message.startswith(f"invalid {request_.DESCRIPTOR.name}: ")
     for v in error.violations:
-        assert f"{v.field} {v.description}" in error.message
+        assert (f"{v.field}: " if v.field else "") + v.description in error.message
     assert isinstance(error.__cause__, grpc.aio.AioRpcError)
     assert error.__cause__.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -229,21 +239,19 @@ async def test_the_violation_text_reads_as_a_sentence(system: TestServer) -> Non
     with pytest.raises(InvalidArgumentError) as caught:
         await _call(system, user.GetUserRequest(user_id="42"))
     assert caught.value.violations == (
-        FieldViolation("user_id", "must be a UUID (8-4-4-4-12 hex digits)", "string.uuid"),
+        FieldViolation("user_id", "must be a valid UUID", "string.uuid"),
     )
-    assert caught.value.message == (
-        "invalid GetUserRequest: user_id must be a UUID (8-4-4-4-12 hex digits)"
-    )
+    assert caught.value.message == "invalid GetUserRequest: user_id: must be a valid UUID"
 
 
 def test_every_example_request_declares_rules() -> None:
-    """Each request message of the five services has at least one compiled check."""
+    """Each request message of the five services declares rules, and they compile."""
     validators = Validators()
     for module in (user, order, inv, pay, note):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
-                compiled = validators.for_descriptor(method.input_type)
-                assert not compiled.empty, method.input_type.full_name
+                assert validators.has_rules(method.input_type), method.input_type.full_name
+                validators.prepare(method.input_type)
 
 
 async def test_a_client_side_policy_rejects_before_sending() -> None:

@@ -6,7 +6,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from framework.saga import DefinitionError, Parallel, Retry, SagaDefinition, Step, copy_fields
-from gen.framework.v1 import options_pb2, validate_pb2
+from gen.buf.validate import validate_pb2
+from gen.framework.v1 import options_pb2
 from gen.inventory.v1 import inventory_pb2 as inv
 from gen.order.v1 import order_pb2
 from tests.saga.participants import CHARGE, NOTIFY, RESERVE, order_saga
@@ -26,7 +27,7 @@ def _contract() -> None:
         name=_FILE,
         package="sagatest.v1",
         syntax="proto3",
-        dependency=["framework/v1/options.proto", "framework/v1/validate.proto"],
+        dependency=["framework/v1/options.proto", "buf/validate/validate.proto"],
     )
     for name, fields in {
         "Req": [("order_id", False)],
@@ -43,7 +44,7 @@ def _contract() -> None:
                 label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
             )
             if required:
-                field.options.Extensions[validate_pb2.rules].required = True
+                field.options.Extensions[validate_pb2.field].required = True
     service = f.service.add(name="Mistakes")
 
     def method(name: str, request: str, idempotent: bool, undo: str = "", undoes: str = "") -> None:

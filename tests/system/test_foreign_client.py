@@ -32,9 +32,13 @@ service Health { rpc Check(HealthCheckRequest) returns (HealthCheckResponse); }
 
 @pytest.fixture
 def grpcjs() -> Path:
-    """The npm packages `make test` installs under .tools/grpcjs (skip if absent locally)."""
+    """The npm packages `make grpcjs` installs under .tools/grpcjs (skip if absent locally)."""
     if shutil.which("node") is None or not (GRPCJS / "node_modules/@grpc/grpc-js").is_dir():
-        pytest.skip("node or .tools/grpcjs missing: run `make grpcjs` (make test does)")
+        why = "node is not installed" if shutil.which("node") is None else "run `make grpcjs`"
+        message = f"Node's grpc-js client unavailable: {why} (npm; .ci/run installs it)"
+        if os.environ.get("REQUIRE_SERVICES") == "1":
+            pytest.fail(message)
+        pytest.skip(message + "; set REQUIRE_SERVICES=1 to make this a failure")
     return GRPCJS
 
 

@@ -23,11 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x63ho/v1/echo.proto\x12\x07\x65\x63ho.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\"E\n\x0b\x45\x63hoRequest\x12\x15\n\x04text\x18\x01 \x01(\tB\x07\x9a\x82\x19\x03\x18\xe8\x07\x12\x0f\n\x07\x64\x65lay_s\x18\x02 \x01(\x01\x12\x0e\n\x06repeat\x18\x03 \x01(\r\"Q\n\x0c\x45\x63hoResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rmetadata_keys\x18\x02 \x03(\t\x12\x1c\n\x14\x64\x65\x61\x64line_remaining_s\x18\x03 \x01(\x01\"-\n\x0b\x46\x61ilRequest\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0c\x46\x61ilResponse2\xbe\x03\n\x0b\x45\x63hoService\x12u\n\x04\x45\x63ho\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse\"@\x92\x82\x19\x16\x12\techo:read!\x00\x00\x00\x00\x00\x00$@(\x01\x82\xd3\xe4\x93\x02 \"\x08/v1/echo:\x01*Z\x11\x12\x0f/v1/echo/{text}\x12\x61\n\nEchoStream\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse\"$\x92\x82\x19\x02(\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/echo/{text}:stream0\x01\x12\x38\n\x07\x43ollect\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse(\x01\x12\x37\n\x04\x43hat\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse(\x01\x30\x01\x12S\n\x04\x46\x61il\x12\x14.echo.v1.FailRequest\x1a\x15.echo.v1.FailResponse\"\x1e\x92\x82\x19\x02\x08\x00\x82\xd3\xe4\x93\x02\x12\"\r/v1/echo:fail:\x01*\x1a\r\x92\x82\x19\t\n\x07testingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x63ho/v1/echo.proto\x12\x07\x65\x63ho.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\"F\n\x0b\x45\x63hoRequest\x12\x16\n\x04text\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\xe8\x07\x12\x0f\n\x07\x64\x65lay_s\x18\x02 \x01(\x01\x12\x0e\n\x06repeat\x18\x03 \x01(\r\"Q\n\x0c\x45\x63hoResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rmetadata_keys\x18\x02 \x03(\t\x12\x1c\n\x14\x64\x65\x61\x64line_remaining_s\x18\x03 \x01(\x01\"-\n\x0b\x46\x61ilRequest\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0c\x46\x61ilResponse2\xbe\x03\n\x0b\x45\x63hoService\x12u\n\x04\x45\x63ho\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse\"@\x92\x82\x19\x16\x12\techo:read!\x00\x00\x00\x00\x00\x00$@(\x01\x82\xd3\xe4\x93\x02 \"\x08/v1/echo:\x01*Z\x11\x12\x0f/v1/echo/{text}\x12\x61\n\nEchoStream\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse\"$\x92\x82\x19\x02(\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/echo/{text}:stream0\x01\x12\x38\n\x07\x43ollect\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse(\x01\x12\x37\n\x04\x43hat\x12\x14.echo.v1.EchoRequest\x1a\x15.echo.v1.EchoResponse(\x01\x30\x01\x12S\n\x04\x46\x61il\x12\x14.echo.v1.FailRequest\x1a\x15.echo.v1.FailResponse\"\x1e\x92\x82\x19\x02\x08\x00\x82\xd3\xe4\x93\x02\x12\"\r/v1/echo:fail:\x01*\x1a\r\x92\x82\x19\t\n\x07testingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'echo.v1.echo_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ECHOREQUEST'].fields_by_name['text']._loaded_options = None
-  _globals['_ECHOREQUEST'].fields_by_name['text']._serialized_options = b'\232\202\031\003\030\350\007'
+  _globals['_ECHOREQUEST'].fields_by_name['text']._serialized_options = b'\272H\005r\003\030\350\007'
   _globals['_ECHOSERVICE']._loaded_options = None
   _globals['_ECHOSERVICE']._serialized_options = b'\222\202\031\t\n\007testing'
   _globals['_ECHOSERVICE'].methods_by_name['Echo']._loaded_options = None
@@ -45,13 +45,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ECHOSERVICE'].methods_by_name['Fail']._loaded_options = None
   _globals['_ECHOSERVICE'].methods_by_name['Fail']._serialized_options = b'\222\202\031\002\010\000\202\323\344\223\002\022\"\r/v1/echo:fail:\001*'
   _globals['_ECHOREQUEST']._serialized_start=118
-  _globals['_ECHOREQUEST']._serialized_end=187
-  _globals['_ECHORESPONSE']._serialized_start=189
-  _globals['_ECHORESPONSE']._serialized_end=270
-  _globals['_FAILREQUEST']._serialized_start=272
-  _globals['_FAILREQUEST']._serialized_end=317
-  _globals['_FAILRESPONSE']._serialized_start=319
-  _globals['_FAILRESPONSE']._serialized_end=333
-  _globals['_ECHOSERVICE']._serialized_start=336
-  _globals['_ECHOSERVICE']._serialized_end=782
+  _globals['_ECHOREQUEST']._serialized_end=188
+  _globals['_ECHORESPONSE']._serialized_start=190
+  _globals['_ECHORESPONSE']._serialized_end=271
+  _globals['_FAILREQUEST']._serialized_start=273
+  _globals['_FAILREQUEST']._serialized_end=318
+  _globals['_FAILRESPONSE']._serialized_start=320
+  _globals['_FAILRESPONSE']._serialized_end=334
+  _globals['_ECHOSERVICE']._serialized_start=337
+  _globals['_ECHOSERVICE']._serialized_end=783
 # @@protoc_insertion_point(module_scope)

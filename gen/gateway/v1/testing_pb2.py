@@ -23,7 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/testing.proto\x12\ngateway.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\"A\n\x06\x41uthor\x12\x1a\n\ngiven_name\x18\x01 \x01(\tB\x06\x9a\x82\x19\x02\x18\x64\x12\x1b\n\x0b\x66\x61mily_name\x18\x02 \x01(\tB\x06\x9a\x82\x19\x02\x18\x64\"\x8a\x04\n\x04\x42ook\x12\x15\n\x04name\x18\x01 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\x12\x16\n\x05title\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\x12 \n\x05genre\x18\x03 \x01(\x0e\x32\x11.gateway.v1.Genre\x12%\n\x05pages\x18\x04 \x01(\x03\x42\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x00j\xf8@\x12\x16\n\x04tags\x18\x05 \x03(\tB\x08\x9a\x82\x19\x04\x18\x32`\x14\x12\x30\n\x0cpublished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x65\x64ition\x18\x07 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x11\n\tavailable\x18\x08 \x01(\x08\x12&\n\x06rating\x18\t \x01(\x01\x42\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x00\x00\x14@\x12\"\n\x06\x61uthor\x18\n \x01(\x0b\x32\x12.gateway.v1.Author\x12,\n\x06labels\x18\x0b \x03(\x0b\x32\x1c.gateway.v1.Book.LabelsEntry\x12.\n\x0bloan_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05\x65xtra\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\nBookFilter\x12\x11\n\tmin_pages\x18\x01 \x01(\x03\x12\x33\n\x0fpublished_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x0eGetBookRequest\x12\x17\n\x04name\x18\x01 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\xc8\x01\"1\n\x0fGetBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"|\n\x11\x43reateBookRequest\x12\x18\n\x06parent\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x64\x12%\n\x07\x62ook_id\x18\x02 \x01(\tB\x14\x9a\x82\x19\x10\x08\x01\x18\x32\"\n[a-z0-9-]+\x12&\n\x04\x62ook\x18\x03 \x01(\x0b\x32\x10.gateway.v1.BookB\x06\x9a\x82\x19\x02\x08\x01\"4\n\x12\x43reateBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"l\n\x11UpdateBookRequest\x12&\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.BookB\x06\x9a\x82\x19\x02\x08\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"4\n\x12UpdateBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"\x91\x02\n\x10ListBooksRequest\x12\x18\n\x06parent\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x64\x12)\n\tpage_size\x18\x02 \x01(\x05\x42\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x00\x00Y@\x12 \n\x05genre\x18\x03 \x01(\x0e\x32\x11.gateway.v1.Genre\x12\x14\n\x04tags\x18\x04 \x03(\tB\x06\x9a\x82\x19\x02`\n\x12\x16\n\x0e\x61vailable_only\x18\x05 \x01(\x08\x12&\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x16.gateway.v1.BookFilter\x12,\n\x07\x65\x64ition\x18\x07 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x12\n\nmin_rating\x18\x08 \x01(\x01\"C\n\x11ListBooksResponse\x12\x1f\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x10.gateway.v1.Book\x12\r\n\x05total\x18\x02 \x01(\x03\",\n\x11\x44\x65leteBookRequest\x12\x17\n\x04name\x18\x01 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\xc8\x01\"\x14\n\x12\x44\x65leteBookResponse\"F\n\x12\x41rchiveBookRequest\x12\x17\n\x04name\x18\x01 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\xc8\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\",\n\x13\x41rchiveBookResponse\x12\x15\n\rarchived_name\x18\x01 \x01(\t\"1\n\x16GetArchivedBookRequest\x12\x17\n\x04path\x18\x01 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\xac\x02\"G\n\x17GetArchivedBookResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1e\n\x04\x62ook\x18\x02 \x01(\x0b\x32\x10.gateway.v1.Book\"E\n\x12SearchBooksRequest\x12\x18\n\x06parent\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x64\x12\x15\n\x05query\x18\x02 \x01(\tB\x06\x9a\x82\x19\x02\x18\x64\"6\n\x13SearchBooksResponse\x12\x1f\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x10.gateway.v1.Book\"f\n\x11WatchBooksRequest\x12\x18\n\x06parent\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x64\x12\x1c\n\x05\x63ount\x18\x02 \x01(\rB\r\x9a\x82\x19\tQ\x00\x00\x00\x00\x00@\x8f@\x12\x19\n\tfail_with\x18\x03 \x01(\tB\x06\x9a\x82\x19\x02\x18\x32\"4\n\x12WatchBooksResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"-\n\x0fGetShelfRequest\x12\x1a\n\x08shelf_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x32\"4\n\x10GetShelfResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbook_count\x18\x02 \x01(\x03*D\n\x05Genre\x12\x15\n\x11GENRE_UNSPECIFIED\x10\x00\x12\x11\n\rGENRE_FICTION\x10\x01\x12\x11\n\rGENRE_HISTORY\x10\x02\x32\x95\x0b\n\x0eLibraryService\x12\x7f\n\x07GetBook\x12\x1a.gateway.v1.GetBookRequest\x1a\x1b.gateway.v1.GetBookResponse\";\x92\x82\x19\r\x08\x00!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02$\x12\x1c/v1/{name=shelves/*/books/*}b\x04\x62ook\x12\x93\x01\n\nCreateBook\x12\x1d.gateway.v1.CreateBookRequest\x1a\x1e.gateway.v1.CreateBookResponse\"F\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02$\"\x1c/v1/{parent=shelves/*}/books:\x04\x62ook\x12\x98\x01\n\nUpdateBook\x12\x1d.gateway.v1.UpdateBookRequest\x1a\x1e.gateway.v1.UpdateBookResponse\"K\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02)2!/v1/{book.name=shelves/*/books/*}:\x04\x62ook\x12v\n\tListBooks\x12\x1c.gateway.v1.ListBooksRequest\x1a\x1d.gateway.v1.ListBooksResponse\",\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=shelves/*}/books\x12\x8d\x01\n\nDeleteBook\x12\x1d.gateway.v1.DeleteBookRequest\x1a\x1e.gateway.v1.DeleteBookResponse\"@\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/{name=shelves/*/books/*}\x12\x9b\x01\n\x0b\x41rchiveBook\x12\x1e.gateway.v1.ArchiveBookRequest\x1a\x1f.gateway.v1.ArchiveBookResponse\"K\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02)\"$/v1/{name=shelves/*/books/*}:archive:\x01*\x12\x81\x01\n\x0fGetArchivedBook\x12\".gateway.v1.GetArchivedBookRequest\x1a#.gateway.v1.GetArchivedBookResponse\"%\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/archive/{path=**}\x12\x89\x01\n\x0bSearchBooks\x12\x1e.gateway.v1.SearchBooksRequest\x1a\x1f.gateway.v1.SearchBooksResponse\"9\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02+:\x01*B&\n\x06SEARCH\x12\x1c/v1/{parent=shelves/*}/books\x12\x81\x01\n\nWatchBooks\x12\x1d.gateway.v1.WatchBooksRequest\x1a\x1e.gateway.v1.WatchBooksResponse\"2\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=shelves/*}/books:watch0\x01\x12\x87\x01\n\x08GetShelf\x12\x1b.gateway.v1.GetShelfRequest\x1a\x1c.gateway.v1.GetShelfResponse\"@\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x32\x12\x16/v1/shelves/{shelf_id}Z\x18\x12\x16/v2/shelves/{shelf_id}\x1a\r\x92\x82\x19\t\n\x07testingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/testing.proto\x12\ngateway.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\"C\n\x06\x41uthor\x12\x1b\n\ngiven_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\x12\x1c\n\x0b\x66\x61mily_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\"\x88\x04\n\x04\x42ook\x12\x16\n\x04name\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12\x17\n\x05title\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12 \n\x05genre\x18\x03 \x01(\x0e\x32\x11.gateway.v1.Genre\x12\x1a\n\x05pages\x18\x04 \x01(\x03\x42\x0b\xbaH\x08\"\x06\x18\xa0\x8d\x06(\x00\x12\x1c\n\x04tags\x18\x05 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10\x14\"\x04r\x02\x18\x32\x12\x30\n\x0cpublished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07\x65\x64ition\x18\x07 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x11\n\tavailable\x18\x08 \x01(\x08\x12\'\n\x06rating\x18\t \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x00\x14@)\x00\x00\x00\x00\x00\x00\x00\x00\x12\"\n\x06\x61uthor\x18\n \x01(\x0b\x32\x12.gateway.v1.Author\x12,\n\x06labels\x18\x0b \x03(\x0b\x32\x1c.gateway.v1.Book.LabelsEntry\x12.\n\x0bloan_period\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05\x65xtra\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\nBookFilter\x12\x11\n\tmin_pages\x18\x01 \x01(\x03\x12\x33\n\x0fpublished_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x0eGetBookRequest\x12\x19\n\x04name\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\xc8\x01\xc8\x01\x01\"1\n\x0fGetBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"\x82\x01\n\x11\x43reateBookRequest\x12\x1a\n\x06parent\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12)\n\x07\x62ook_id\x18\x02 \x01(\tB\x18\xbaH\x15r\x10\x18\x32\x32\x0c^[a-z0-9-]+$\xc8\x01\x01\x12&\n\x04\x62ook\x18\x03 \x01(\x0b\x32\x10.gateway.v1.BookB\x06\xbaH\x03\xc8\x01\x01\"4\n\x12\x43reateBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"l\n\x11UpdateBookRequest\x12&\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.BookB\x06\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"4\n\x12UpdateBookResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"\x88\x02\n\x10ListBooksRequest\x12\x1a\n\x06parent\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12\x1c\n\tpage_size\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12 \n\x05genre\x18\x03 \x01(\x0e\x32\x11.gateway.v1.Genre\x12\x16\n\x04tags\x18\x04 \x03(\tB\x08\xbaH\x05\x92\x01\x02\x10\n\x12\x16\n\x0e\x61vailable_only\x18\x05 \x01(\x08\x12&\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x16.gateway.v1.BookFilter\x12,\n\x07\x65\x64ition\x18\x07 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x12\n\nmin_rating\x18\x08 \x01(\x01\"C\n\x11ListBooksResponse\x12\x1f\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x10.gateway.v1.Book\x12\r\n\x05total\x18\x02 \x01(\x03\".\n\x11\x44\x65leteBookRequest\x12\x19\n\x04name\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\xc8\x01\xc8\x01\x01\"\x14\n\x12\x44\x65leteBookResponse\"I\n\x12\x41rchiveBookRequest\x12\x19\n\x04name\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\xc8\x01\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\",\n\x13\x41rchiveBookResponse\x12\x15\n\rarchived_name\x18\x01 \x01(\t\"3\n\x16GetArchivedBookRequest\x12\x19\n\x04path\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\x18\xac\x02\xc8\x01\x01\"G\n\x17GetArchivedBookResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1e\n\x04\x62ook\x18\x02 \x01(\x0b\x32\x10.gateway.v1.Book\"H\n\x12SearchBooksRequest\x12\x1a\n\x06parent\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12\x16\n\x05query\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\"6\n\x13SearchBooksResponse\x12\x1f\n\x05\x62ooks\x18\x01 \x03(\x0b\x32\x10.gateway.v1.Book\"d\n\x11WatchBooksRequest\x12\x1a\n\x06parent\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12\x17\n\x05\x63ount\x18\x02 \x01(\rB\x08\xbaH\x05*\x03\x18\xe8\x07\x12\x1a\n\tfail_with\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18\x32\"4\n\x12WatchBooksResponse\x12\x1e\n\x04\x62ook\x18\x01 \x01(\x0b\x32\x10.gateway.v1.Book\"/\n\x0fGetShelfRequest\x12\x1c\n\x08shelf_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x32\xc8\x01\x01\"4\n\x10GetShelfResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbook_count\x18\x02 \x01(\x03*D\n\x05Genre\x12\x15\n\x11GENRE_UNSPECIFIED\x10\x00\x12\x11\n\rGENRE_FICTION\x10\x01\x12\x11\n\rGENRE_HISTORY\x10\x02\x32\x95\x0b\n\x0eLibraryService\x12\x7f\n\x07GetBook\x12\x1a.gateway.v1.GetBookRequest\x1a\x1b.gateway.v1.GetBookResponse\";\x92\x82\x19\r\x08\x00!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02$\x12\x1c/v1/{name=shelves/*/books/*}b\x04\x62ook\x12\x93\x01\n\nCreateBook\x12\x1d.gateway.v1.CreateBookRequest\x1a\x1e.gateway.v1.CreateBookResponse\"F\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02$\"\x1c/v1/{parent=shelves/*}/books:\x04\x62ook\x12\x98\x01\n\nUpdateBook\x12\x1d.gateway.v1.UpdateBookRequest\x1a\x1e.gateway.v1.UpdateBookResponse\"K\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02)2!/v1/{book.name=shelves/*/books/*}:\x04\x62ook\x12v\n\tListBooks\x12\x1c.gateway.v1.ListBooksRequest\x1a\x1d.gateway.v1.ListBooksResponse\",\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=shelves/*}/books\x12\x8d\x01\n\nDeleteBook\x12\x1d.gateway.v1.DeleteBookRequest\x1a\x1e.gateway.v1.DeleteBookResponse\"@\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/{name=shelves/*/books/*}\x12\x9b\x01\n\x0b\x41rchiveBook\x12\x1e.gateway.v1.ArchiveBookRequest\x1a\x1f.gateway.v1.ArchiveBookResponse\"K\x92\x82\x19\x18\x12\rlibrary:write!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02)\"$/v1/{name=shelves/*/books/*}:archive:\x01*\x12\x81\x01\n\x0fGetArchivedBook\x12\".gateway.v1.GetArchivedBookRequest\x1a#.gateway.v1.GetArchivedBookResponse\"%\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/archive/{path=**}\x12\x89\x01\n\x0bSearchBooks\x12\x1e.gateway.v1.SearchBooksRequest\x1a\x1f.gateway.v1.SearchBooksResponse\"9\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02+:\x01*B&\n\x06SEARCH\x12\x1c/v1/{parent=shelves/*}/books\x12\x81\x01\n\nWatchBooks\x12\x1d.gateway.v1.WatchBooksRequest\x1a\x1e.gateway.v1.WatchBooksResponse\"2\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=shelves/*}/books:watch0\x01\x12\x87\x01\n\x08GetShelf\x12\x1b.gateway.v1.GetShelfRequest\x1a\x1c.gateway.v1.GetShelfResponse\"@\x92\x82\x19\x04\x08\x00(\x01\x82\xd3\xe4\x93\x02\x32\x12\x16/v1/shelves/{shelf_id}Z\x18\x12\x16/v2/shelves/{shelf_id}\x1a\r\x92\x82\x19\t\n\x07testingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,57 +40,57 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.v1.testing_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUTHOR'].fields_by_name['given_name']._loaded_options = None
-  _globals['_AUTHOR'].fields_by_name['given_name']._serialized_options = b'\232\202\031\002\030d'
+  _globals['_AUTHOR'].fields_by_name['given_name']._serialized_options = b'\272H\004r\002\030d'
   _globals['_AUTHOR'].fields_by_name['family_name']._loaded_options = None
-  _globals['_AUTHOR'].fields_by_name['family_name']._serialized_options = b'\232\202\031\002\030d'
+  _globals['_AUTHOR'].fields_by_name['family_name']._serialized_options = b'\272H\004r\002\030d'
   _globals['_BOOK_LABELSENTRY']._loaded_options = None
   _globals['_BOOK_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_BOOK'].fields_by_name['name']._loaded_options = None
-  _globals['_BOOK'].fields_by_name['name']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_BOOK'].fields_by_name['name']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_BOOK'].fields_by_name['title']._loaded_options = None
-  _globals['_BOOK'].fields_by_name['title']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_BOOK'].fields_by_name['title']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_BOOK'].fields_by_name['pages']._loaded_options = None
-  _globals['_BOOK'].fields_by_name['pages']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\000\000Q\000\000\000\000\000j\370@'
+  _globals['_BOOK'].fields_by_name['pages']._serialized_options = b'\272H\010\"\006\030\240\215\006(\000'
   _globals['_BOOK'].fields_by_name['tags']._loaded_options = None
-  _globals['_BOOK'].fields_by_name['tags']._serialized_options = b'\232\202\031\004\0302`\024'
+  _globals['_BOOK'].fields_by_name['tags']._serialized_options = b'\272H\013\222\001\010\020\024\"\004r\002\0302'
   _globals['_BOOK'].fields_by_name['rating']._loaded_options = None
-  _globals['_BOOK'].fields_by_name['rating']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\000\000Q\000\000\000\000\000\000\024@'
+  _globals['_BOOK'].fields_by_name['rating']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\000\024@)\000\000\000\000\000\000\000\000'
   _globals['_GETBOOKREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_GETBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\232\202\031\005\010\001\030\310\001'
+  _globals['_GETBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\272H\010r\003\030\310\001\310\001\001'
   _globals['_CREATEBOOKREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_CREATEBOOKREQUEST'].fields_by_name['parent']._serialized_options = b'\232\202\031\004\010\001\030d'
+  _globals['_CREATEBOOKREQUEST'].fields_by_name['parent']._serialized_options = b'\272H\007r\002\030d\310\001\001'
   _globals['_CREATEBOOKREQUEST'].fields_by_name['book_id']._loaded_options = None
-  _globals['_CREATEBOOKREQUEST'].fields_by_name['book_id']._serialized_options = b'\232\202\031\020\010\001\0302\"\n[a-z0-9-]+'
+  _globals['_CREATEBOOKREQUEST'].fields_by_name['book_id']._serialized_options = b'\272H\025r\020\03022\014^[a-z0-9-]+$\310\001\001'
   _globals['_CREATEBOOKREQUEST'].fields_by_name['book']._loaded_options = None
-  _globals['_CREATEBOOKREQUEST'].fields_by_name['book']._serialized_options = b'\232\202\031\002\010\001'
+  _globals['_CREATEBOOKREQUEST'].fields_by_name['book']._serialized_options = b'\272H\003\310\001\001'
   _globals['_UPDATEBOOKREQUEST'].fields_by_name['book']._loaded_options = None
-  _globals['_UPDATEBOOKREQUEST'].fields_by_name['book']._serialized_options = b'\232\202\031\002\010\001'
+  _globals['_UPDATEBOOKREQUEST'].fields_by_name['book']._serialized_options = b'\272H\003\310\001\001'
   _globals['_LISTBOOKSREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_LISTBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\232\202\031\004\010\001\030d'
+  _globals['_LISTBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\272H\007r\002\030d\310\001\001'
   _globals['_LISTBOOKSREQUEST'].fields_by_name['page_size']._loaded_options = None
-  _globals['_LISTBOOKSREQUEST'].fields_by_name['page_size']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\000\000Q\000\000\000\000\000\000Y@'
+  _globals['_LISTBOOKSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\006\032\004\030d(\000'
   _globals['_LISTBOOKSREQUEST'].fields_by_name['tags']._loaded_options = None
-  _globals['_LISTBOOKSREQUEST'].fields_by_name['tags']._serialized_options = b'\232\202\031\002`\n'
+  _globals['_LISTBOOKSREQUEST'].fields_by_name['tags']._serialized_options = b'\272H\005\222\001\002\020\n'
   _globals['_DELETEBOOKREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_DELETEBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\232\202\031\005\010\001\030\310\001'
+  _globals['_DELETEBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\272H\010r\003\030\310\001\310\001\001'
   _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\232\202\031\005\010\001\030\310\001'
+  _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['name']._serialized_options = b'\272H\010r\003\030\310\001\310\001\001'
   _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['reason']._loaded_options = None
-  _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_ARCHIVEBOOKREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_GETARCHIVEDBOOKREQUEST'].fields_by_name['path']._loaded_options = None
-  _globals['_GETARCHIVEDBOOKREQUEST'].fields_by_name['path']._serialized_options = b'\232\202\031\005\010\001\030\254\002'
+  _globals['_GETARCHIVEDBOOKREQUEST'].fields_by_name['path']._serialized_options = b'\272H\010r\003\030\254\002\310\001\001'
   _globals['_SEARCHBOOKSREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_SEARCHBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\232\202\031\004\010\001\030d'
+  _globals['_SEARCHBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\272H\007r\002\030d\310\001\001'
   _globals['_SEARCHBOOKSREQUEST'].fields_by_name['query']._loaded_options = None
-  _globals['_SEARCHBOOKSREQUEST'].fields_by_name['query']._serialized_options = b'\232\202\031\002\030d'
+  _globals['_SEARCHBOOKSREQUEST'].fields_by_name['query']._serialized_options = b'\272H\004r\002\030d'
   _globals['_WATCHBOOKSREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_WATCHBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\232\202\031\004\010\001\030d'
+  _globals['_WATCHBOOKSREQUEST'].fields_by_name['parent']._serialized_options = b'\272H\007r\002\030d\310\001\001'
   _globals['_WATCHBOOKSREQUEST'].fields_by_name['count']._loaded_options = None
-  _globals['_WATCHBOOKSREQUEST'].fields_by_name['count']._serialized_options = b'\232\202\031\tQ\000\000\000\000\000@\217@'
+  _globals['_WATCHBOOKSREQUEST'].fields_by_name['count']._serialized_options = b'\272H\005*\003\030\350\007'
   _globals['_WATCHBOOKSREQUEST'].fields_by_name['fail_with']._loaded_options = None
-  _globals['_WATCHBOOKSREQUEST'].fields_by_name['fail_with']._serialized_options = b'\232\202\031\002\0302'
+  _globals['_WATCHBOOKSREQUEST'].fields_by_name['fail_with']._serialized_options = b'\272H\004r\002\0302'
   _globals['_GETSHELFREQUEST'].fields_by_name['shelf_id']._loaded_options = None
-  _globals['_GETSHELFREQUEST'].fields_by_name['shelf_id']._serialized_options = b'\232\202\031\004\010\001\0302'
+  _globals['_GETSHELFREQUEST'].fields_by_name['shelf_id']._serialized_options = b'\272H\007r\002\0302\310\001\001'
   _globals['_LIBRARYSERVICE']._loaded_options = None
   _globals['_LIBRARYSERVICE']._serialized_options = b'\222\202\031\t\n\007testing'
   _globals['_LIBRARYSERVICE'].methods_by_name['GetBook']._loaded_options = None
@@ -113,56 +113,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIBRARYSERVICE'].methods_by_name['WatchBooks']._serialized_options = b'\222\202\031\004\010\000(\001\202\323\344\223\002$\022\"/v1/{parent=shelves/*}/books:watch'
   _globals['_LIBRARYSERVICE'].methods_by_name['GetShelf']._loaded_options = None
   _globals['_LIBRARYSERVICE'].methods_by_name['GetShelf']._serialized_options = b'\222\202\031\004\010\000(\001\202\323\344\223\0022\022\026/v1/shelves/{shelf_id}Z\030\022\026/v2/shelves/{shelf_id}'
-  _globals['_GENRE']._serialized_start=2445
-  _globals['_GENRE']._serialized_end=2513
+  _globals['_GENRE']._serialized_start=2455
+  _globals['_GENRE']._serialized_end=2523
   _globals['_AUTHOR']._serialized_start=288
-  _globals['_AUTHOR']._serialized_end=353
-  _globals['_BOOK']._serialized_start=356
+  _globals['_AUTHOR']._serialized_end=355
+  _globals['_BOOK']._serialized_start=358
   _globals['_BOOK']._serialized_end=878
   _globals['_BOOK_LABELSENTRY']._serialized_start=833
   _globals['_BOOK_LABELSENTRY']._serialized_end=878
   _globals['_BOOKFILTER']._serialized_start=880
   _globals['_BOOKFILTER']._serialized_end=964
   _globals['_GETBOOKREQUEST']._serialized_start=966
-  _globals['_GETBOOKREQUEST']._serialized_end=1007
-  _globals['_GETBOOKRESPONSE']._serialized_start=1009
-  _globals['_GETBOOKRESPONSE']._serialized_end=1058
-  _globals['_CREATEBOOKREQUEST']._serialized_start=1060
-  _globals['_CREATEBOOKREQUEST']._serialized_end=1184
-  _globals['_CREATEBOOKRESPONSE']._serialized_start=1186
-  _globals['_CREATEBOOKRESPONSE']._serialized_end=1238
-  _globals['_UPDATEBOOKREQUEST']._serialized_start=1240
-  _globals['_UPDATEBOOKREQUEST']._serialized_end=1348
-  _globals['_UPDATEBOOKRESPONSE']._serialized_start=1350
-  _globals['_UPDATEBOOKRESPONSE']._serialized_end=1402
-  _globals['_LISTBOOKSREQUEST']._serialized_start=1405
+  _globals['_GETBOOKREQUEST']._serialized_end=1009
+  _globals['_GETBOOKRESPONSE']._serialized_start=1011
+  _globals['_GETBOOKRESPONSE']._serialized_end=1060
+  _globals['_CREATEBOOKREQUEST']._serialized_start=1063
+  _globals['_CREATEBOOKREQUEST']._serialized_end=1193
+  _globals['_CREATEBOOKRESPONSE']._serialized_start=1195
+  _globals['_CREATEBOOKRESPONSE']._serialized_end=1247
+  _globals['_UPDATEBOOKREQUEST']._serialized_start=1249
+  _globals['_UPDATEBOOKREQUEST']._serialized_end=1357
+  _globals['_UPDATEBOOKRESPONSE']._serialized_start=1359
+  _globals['_UPDATEBOOKRESPONSE']._serialized_end=1411
+  _globals['_LISTBOOKSREQUEST']._serialized_start=1414
   _globals['_LISTBOOKSREQUEST']._serialized_end=1678
   _globals['_LISTBOOKSRESPONSE']._serialized_start=1680
   _globals['_LISTBOOKSRESPONSE']._serialized_end=1747
   _globals['_DELETEBOOKREQUEST']._serialized_start=1749
-  _globals['_DELETEBOOKREQUEST']._serialized_end=1793
-  _globals['_DELETEBOOKRESPONSE']._serialized_start=1795
-  _globals['_DELETEBOOKRESPONSE']._serialized_end=1815
-  _globals['_ARCHIVEBOOKREQUEST']._serialized_start=1817
-  _globals['_ARCHIVEBOOKREQUEST']._serialized_end=1887
-  _globals['_ARCHIVEBOOKRESPONSE']._serialized_start=1889
-  _globals['_ARCHIVEBOOKRESPONSE']._serialized_end=1933
-  _globals['_GETARCHIVEDBOOKREQUEST']._serialized_start=1935
-  _globals['_GETARCHIVEDBOOKREQUEST']._serialized_end=1984
-  _globals['_GETARCHIVEDBOOKRESPONSE']._serialized_start=1986
-  _globals['_GETARCHIVEDBOOKRESPONSE']._serialized_end=2057
-  _globals['_SEARCHBOOKSREQUEST']._serialized_start=2059
-  _globals['_SEARCHBOOKSREQUEST']._serialized_end=2128
-  _globals['_SEARCHBOOKSRESPONSE']._serialized_start=2130
-  _globals['_SEARCHBOOKSRESPONSE']._serialized_end=2184
-  _globals['_WATCHBOOKSREQUEST']._serialized_start=2186
-  _globals['_WATCHBOOKSREQUEST']._serialized_end=2288
-  _globals['_WATCHBOOKSRESPONSE']._serialized_start=2290
-  _globals['_WATCHBOOKSRESPONSE']._serialized_end=2342
-  _globals['_GETSHELFREQUEST']._serialized_start=2344
-  _globals['_GETSHELFREQUEST']._serialized_end=2389
-  _globals['_GETSHELFRESPONSE']._serialized_start=2391
-  _globals['_GETSHELFRESPONSE']._serialized_end=2443
-  _globals['_LIBRARYSERVICE']._serialized_start=2516
-  _globals['_LIBRARYSERVICE']._serialized_end=3945
+  _globals['_DELETEBOOKREQUEST']._serialized_end=1795
+  _globals['_DELETEBOOKRESPONSE']._serialized_start=1797
+  _globals['_DELETEBOOKRESPONSE']._serialized_end=1817
+  _globals['_ARCHIVEBOOKREQUEST']._serialized_start=1819
+  _globals['_ARCHIVEBOOKREQUEST']._serialized_end=1892
+  _globals['_ARCHIVEBOOKRESPONSE']._serialized_start=1894
+  _globals['_ARCHIVEBOOKRESPONSE']._serialized_end=1938
+  _globals['_GETARCHIVEDBOOKREQUEST']._serialized_start=1940
+  _globals['_GETARCHIVEDBOOKREQUEST']._serialized_end=1991
+  _globals['_GETARCHIVEDBOOKRESPONSE']._serialized_start=1993
+  _globals['_GETARCHIVEDBOOKRESPONSE']._serialized_end=2064
+  _globals['_SEARCHBOOKSREQUEST']._serialized_start=2066
+  _globals['_SEARCHBOOKSREQUEST']._serialized_end=2138
+  _globals['_SEARCHBOOKSRESPONSE']._serialized_start=2140
+  _globals['_SEARCHBOOKSRESPONSE']._serialized_end=2194
+  _globals['_WATCHBOOKSREQUEST']._serialized_start=2196
+  _globals['_WATCHBOOKSREQUEST']._serialized_end=2296
+  _globals['_WATCHBOOKSRESPONSE']._serialized_start=2298
+  _globals['_WATCHBOOKSRESPONSE']._serialized_end=2350
+  _globals['_GETSHELFREQUEST']._serialized_start=2352
+  _globals['_GETSHELFREQUEST']._serialized_end=2399
+  _globals['_GETSHELFRESPONSE']._serialized_start=2401
+  _globals['_GETSHELFRESPONSE']._serialized_end=2453
+  _globals['_LIBRARYSERVICE']._serialized_start=2526
+  _globals['_LIBRARYSERVICE']._serialized_end=3955
 # @@protoc_insertion_point(module_scope)

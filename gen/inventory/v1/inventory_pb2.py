@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinventory/v1/inventory.proto\x12\x0cinventory.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\x05Stock\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\tStockLine\x12)\n\x03sku\x18\x01 \x01(\tB\x1c\x9a\x82\x19\x18\x08\x01\x18@\"\x12[A-Z0-9][A-Z0-9-]*\x12(\n\x08quantity\x18\x02 \x01(\rB\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\xf0?Q\x00\x00\x00\x00\x00\x88\xc3@\"f\n\x0f\x41\x64\x64StockRequest\x12)\n\x03sku\x18\x01 \x01(\tB\x1c\x9a\x82\x19\x18\x08\x01\x18@\"\x12[A-Z0-9][A-Z0-9-]*\x12(\n\x08quantity\x18\x02 \x01(\rB\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\xf0?Q\x00\x00\x00\x00\x80\x84.A\"6\n\x10\x41\x64\x64StockResponse\x12\"\n\x05stock\x18\x01 \x01(\x0b\x32\x13.inventory.v1.Stock\"\x85\x01\n\x13ReserveStockRequest\x12 \n\x0ereservation_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x1a\n\x08order_id\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x30\n\x05lines\x18\x03 \x03(\x0b\x32\x17.inventory.v1.StockLineB\x08\x9a\x82\x19\x04X\x01`d\"S\n\x14ReserveStockResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12#\n\x06stocks\x18\x02 \x03(\x0b\x32\x13.inventory.v1.Stock\"P\n\x13ReleaseStockRequest\x12 \n\x0ereservation_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xf4\x03\"@\n\x14ReleaseStockResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x01(\x08\"<\n\x0fGetStockRequest\x12)\n\x03sku\x18\x01 \x01(\tB\x1c\x9a\x82\x19\x18\x08\x01\x18@\"\x12[A-Z0-9][A-Z0-9-]*\"6\n\x10GetStockResponse\x12\"\n\x05stock\x18\x01 \x01(\x0b\x32\x13.inventory.v1.Stock2\xd0\x05\n\x10InventoryService\x12\x99\x01\n\x08\x41\x64\x64Stock\x12\x1d.inventory.v1.AddStockRequest\x1a\x1e.inventory.v1.AddStockResponse\"N\x92\x82\x19+\x12\x0finventory:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/stocks/{sku}:add:\x01*\x12\xb5\x01\n\x0cReserveStock\x12!.inventory.v1.ReserveStockRequest\x1a\".inventory.v1.ReserveStockResponse\"^\x92\x82\x19.\x12\x0finventory:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01:\x0e\n\x0cReleaseStock\x82\xd3\xe4\x93\x02&\x1a!/v1/reservations/{reservation_id}:\x01*\x12\xbd\x01\n\x0cReleaseStock\x12!.inventory.v1.ReleaseStockRequest\x1a\".inventory.v1.ReleaseStockResponse\"f\x92\x82\x19.\x12\x0finventory:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01:\x0e\x12\x0cReserveStock\x82\xd3\xe4\x93\x02.\")/v1/reservations/{reservation_id}:release:\x01*\x12\x82\x01\n\x08GetStock\x12\x1d.inventory.v1.GetStockRequest\x1a\x1e.inventory.v1.GetStockResponse\"7\x92\x82\x19\x1b\x12\x0einventory:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/stocks/{sku}\x1a#\x92\x82\x19\x1f\n\tinventory\x1a\x05Stock\x1a\x0bReservationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinventory/v1/inventory.proto\x12\x0cinventory.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"z\n\x05Stock\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\tStockLine\x12-\n\x03sku\x18\x01 \x01(\tB \xbaH\x1dr\x18\x18@2\x14^[A-Z0-9][A-Z0-9-]*$\xc8\x01\x01\x12\x1c\n\x08quantity\x18\x02 \x01(\rB\n\xbaH\x07*\x05\x18\x90N(\x01\"_\n\x0f\x41\x64\x64StockRequest\x12-\n\x03sku\x18\x01 \x01(\tB \xbaH\x1dr\x18\x18@2\x14^[A-Z0-9][A-Z0-9-]*$\xc8\x01\x01\x12\x1d\n\x08quantity\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xc0\x84=(\x01\"6\n\x10\x41\x64\x64StockResponse\x12\"\n\x05stock\x18\x01 \x01(\x0b\x32\x13.inventory.v1.Stock\"\x8d\x01\n\x13ReserveStockRequest\x12#\n\x0ereservation_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1d\n\x08order_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x32\n\x05lines\x18\x03 \x03(\x0b\x32\x17.inventory.v1.StockLineB\n\xbaH\x07\x92\x01\x04\x08\x01\x10\x64\"S\n\x14ReserveStockResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12#\n\x06stocks\x18\x02 \x03(\x0b\x32\x13.inventory.v1.Stock\"T\n\x13ReleaseStockRequest\x12#\n\x0ereservation_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\"@\n\x14ReleaseStockResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08released\x18\x02 \x01(\x08\"@\n\x0fGetStockRequest\x12-\n\x03sku\x18\x01 \x01(\tB \xbaH\x1dr\x18\x18@2\x14^[A-Z0-9][A-Z0-9-]*$\xc8\x01\x01\"6\n\x10GetStockResponse\x12\"\n\x05stock\x18\x01 \x01(\x0b\x32\x13.inventory.v1.Stock2\xd0\x05\n\x10InventoryService\x12\x99\x01\n\x08\x41\x64\x64Stock\x12\x1d.inventory.v1.AddStockRequest\x1a\x1e.inventory.v1.AddStockResponse\"N\x92\x82\x19+\x12\x0finventory:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/stocks/{sku}:add:\x01*\x12\xb5\x01\n\x0cReserveStock\x12!.inventory.v1.ReserveStockRequest\x1a\".inventory.v1.ReserveStockResponse\"^\x92\x82\x19.\x12\x0finventory:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01:\x0e\n\x0cReleaseStock\x82\xd3\xe4\x93\x02&\x1a!/v1/reservations/{reservation_id}:\x01*\x12\xbd\x01\n\x0cReleaseStock\x12!.inventory.v1.ReleaseStockRequest\x1a\".inventory.v1.ReleaseStockResponse\"f\x92\x82\x19.\x12\x0finventory:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01:\x0e\x12\x0cReserveStock\x82\xd3\xe4\x93\x02.\")/v1/reservations/{reservation_id}:release:\x01*\x12\x82\x01\n\x08GetStock\x12\x1d.inventory.v1.GetStockRequest\x1a\x1e.inventory.v1.GetStockResponse\"7\x92\x82\x19\x1b\x12\x0einventory:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/stocks/{sku}\x1a#\x92\x82\x19\x1f\n\tinventory\x1a\x05Stock\x1a\x0bReservationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inventory.v1.inventory_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOCKLINE'].fields_by_name['sku']._loaded_options = None
-  _globals['_STOCKLINE'].fields_by_name['sku']._serialized_options = b'\232\202\031\030\010\001\030@\"\022[A-Z0-9][A-Z0-9-]*'
+  _globals['_STOCKLINE'].fields_by_name['sku']._serialized_options = b'\272H\035r\030\030@2\024^[A-Z0-9][A-Z0-9-]*$\310\001\001'
   _globals['_STOCKLINE'].fields_by_name['quantity']._loaded_options = None
-  _globals['_STOCKLINE'].fields_by_name['quantity']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\360?Q\000\000\000\000\000\210\303@'
+  _globals['_STOCKLINE'].fields_by_name['quantity']._serialized_options = b'\272H\007*\005\030\220N(\001'
   _globals['_ADDSTOCKREQUEST'].fields_by_name['sku']._loaded_options = None
-  _globals['_ADDSTOCKREQUEST'].fields_by_name['sku']._serialized_options = b'\232\202\031\030\010\001\030@\"\022[A-Z0-9][A-Z0-9-]*'
+  _globals['_ADDSTOCKREQUEST'].fields_by_name['sku']._serialized_options = b'\272H\035r\030\030@2\024^[A-Z0-9][A-Z0-9-]*$\310\001\001'
   _globals['_ADDSTOCKREQUEST'].fields_by_name['quantity']._loaded_options = None
-  _globals['_ADDSTOCKREQUEST'].fields_by_name['quantity']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\360?Q\000\000\000\000\200\204.A'
+  _globals['_ADDSTOCKREQUEST'].fields_by_name['quantity']._serialized_options = b'\272H\010*\006\030\300\204=(\001'
   _globals['_RESERVESTOCKREQUEST'].fields_by_name['reservation_id']._loaded_options = None
-  _globals['_RESERVESTOCKREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_RESERVESTOCKREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_RESERVESTOCKREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_RESERVESTOCKREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_RESERVESTOCKREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_RESERVESTOCKREQUEST'].fields_by_name['lines']._loaded_options = None
-  _globals['_RESERVESTOCKREQUEST'].fields_by_name['lines']._serialized_options = b'\232\202\031\004X\001`d'
+  _globals['_RESERVESTOCKREQUEST'].fields_by_name['lines']._serialized_options = b'\272H\007\222\001\004\010\001\020d'
   _globals['_RELEASESTOCKREQUEST'].fields_by_name['reservation_id']._loaded_options = None
-  _globals['_RELEASESTOCKREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_RELEASESTOCKREQUEST'].fields_by_name['reservation_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_RELEASESTOCKREQUEST'].fields_by_name['reason']._loaded_options = None
-  _globals['_RELEASESTOCKREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\364\003'
+  _globals['_RELEASESTOCKREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\364\003'
   _globals['_GETSTOCKREQUEST'].fields_by_name['sku']._loaded_options = None
-  _globals['_GETSTOCKREQUEST'].fields_by_name['sku']._serialized_options = b'\232\202\031\030\010\001\030@\"\022[A-Z0-9][A-Z0-9-]*'
+  _globals['_GETSTOCKREQUEST'].fields_by_name['sku']._serialized_options = b'\272H\035r\030\030@2\024^[A-Z0-9][A-Z0-9-]*$\310\001\001'
   _globals['_INVENTORYSERVICE']._loaded_options = None
   _globals['_INVENTORYSERVICE']._serialized_options = b'\222\202\031\037\n\tinventory\032\005Stock\032\013Reservation'
   _globals['_INVENTORYSERVICE'].methods_by_name['AddStock']._loaded_options = None
@@ -68,23 +68,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOCK']._serialized_start=166
   _globals['_STOCK']._serialized_end=288
   _globals['_STOCKLINE']._serialized_start=290
-  _globals['_STOCKLINE']._serialized_end=386
-  _globals['_ADDSTOCKREQUEST']._serialized_start=388
-  _globals['_ADDSTOCKREQUEST']._serialized_end=490
-  _globals['_ADDSTOCKRESPONSE']._serialized_start=492
-  _globals['_ADDSTOCKRESPONSE']._serialized_end=546
-  _globals['_RESERVESTOCKREQUEST']._serialized_start=549
-  _globals['_RESERVESTOCKREQUEST']._serialized_end=682
-  _globals['_RESERVESTOCKRESPONSE']._serialized_start=684
-  _globals['_RESERVESTOCKRESPONSE']._serialized_end=767
-  _globals['_RELEASESTOCKREQUEST']._serialized_start=769
-  _globals['_RELEASESTOCKREQUEST']._serialized_end=849
-  _globals['_RELEASESTOCKRESPONSE']._serialized_start=851
-  _globals['_RELEASESTOCKRESPONSE']._serialized_end=915
-  _globals['_GETSTOCKREQUEST']._serialized_start=917
-  _globals['_GETSTOCKREQUEST']._serialized_end=977
-  _globals['_GETSTOCKRESPONSE']._serialized_start=979
-  _globals['_GETSTOCKRESPONSE']._serialized_end=1033
-  _globals['_INVENTORYSERVICE']._serialized_start=1036
-  _globals['_INVENTORYSERVICE']._serialized_end=1756
+  _globals['_STOCKLINE']._serialized_end=378
+  _globals['_ADDSTOCKREQUEST']._serialized_start=380
+  _globals['_ADDSTOCKREQUEST']._serialized_end=475
+  _globals['_ADDSTOCKRESPONSE']._serialized_start=477
+  _globals['_ADDSTOCKRESPONSE']._serialized_end=531
+  _globals['_RESERVESTOCKREQUEST']._serialized_start=534
+  _globals['_RESERVESTOCKREQUEST']._serialized_end=675
+  _globals['_RESERVESTOCKRESPONSE']._serialized_start=677
+  _globals['_RESERVESTOCKRESPONSE']._serialized_end=760
+  _globals['_RELEASESTOCKREQUEST']._serialized_start=762
+  _globals['_RELEASESTOCKREQUEST']._serialized_end=846
+  _globals['_RELEASESTOCKRESPONSE']._serialized_start=848
+  _globals['_RELEASESTOCKRESPONSE']._serialized_end=912
+  _globals['_GETSTOCKREQUEST']._serialized_start=914
+  _globals['_GETSTOCKREQUEST']._serialized_end=978
+  _globals['_GETSTOCKRESPONSE']._serialized_start=980
+  _globals['_GETSTOCKRESPONSE']._serialized_end=1034
+  _globals['_INVENTORYSERVICE']._serialized_start=1037
+  _globals['_INVENTORYSERVICE']._serialized_end=1757
 # @@protoc_insertion_point(module_scope)

@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"notification/v1/notification.proto\x12\x0fnotification.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.notification.v1.Channel\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9e\x01\n\x17SendNotificationRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x33\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x18.notification.v1.ChannelB\x08\x9a\x82\x19\x04\x08\x01h\x01\x12\x1a\n\x07subject\x18\x03 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\xc8\x01\x12\x17\n\x04\x62ody\x18\x04 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\x90N\"O\n\x18SendNotificationResponse\x12\x33\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1d.notification.v1.Notification\"t\n\x18ListNotificationsRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12 \n\tpage_size\x18\x02 \x01(\rB\r\x9a\x82\x19\tQ\x00\x00\x00\x00\x00\x00Y@\x12\x1b\n\npage_token\x18\x03 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\"j\n\x19ListNotificationsResponse\x12\x34\n\rnotifications\x18\x01 \x03(\x0b\x32\x1d.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*F\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x32\xe0\x03\n\x13NotificationService\x12\xc8\x01\n\x10SendNotification\x12(.notification.v1.SendNotificationRequest\x1a).notification.v1.SendNotificationResponse\"_\x92\x82\x19/\x12\x13notifications:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02&\"!/v1/users/{user_id}/notifications:\x01*\x12\xc5\x01\n\x11ListNotifications\x12).notification.v1.ListNotificationsRequest\x1a*.notification.v1.ListNotificationsResponse\"Y\x92\x82\x19,\x12\x12notifications:read\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notifications\x1a\x36\x92\x82\x19\x32\n\rnotifications\x12\x13user.v1.UserService\x1a\x0cNotificationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"notification/v1/notification.proto\x12\x0fnotification.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x18.notification.v1.Channel\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12+\n\x07sent_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x01\n\x17SendNotificationRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x36\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x18.notification.v1.ChannelB\x0b\xbaH\x08\x82\x01\x02\x10\x01\xc8\x01\x01\x12\x1c\n\x07subject\x18\x03 \x01(\tB\x0b\xbaH\x08r\x03\x18\xc8\x01\xc8\x01\x01\x12\x19\n\x04\x62ody\x18\x04 \x01(\tB\x0b\xbaH\x08r\x03\x18\x90N\xc8\x01\x01\"O\n\x18SendNotificationResponse\x12\x33\n\x0cnotification\x18\x01 \x01(\x0b\x32\x1d.notification.v1.Notification\"r\n\x18ListNotificationsRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\rB\x07\xbaH\x04*\x02\x18\x64\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"j\n\x19ListNotificationsResponse\x12\x34\n\rnotifications\x18\x01 \x03(\x0b\x32\x1d.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*F\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x32\xe0\x03\n\x13NotificationService\x12\xc8\x01\n\x10SendNotification\x12(.notification.v1.SendNotificationRequest\x1a).notification.v1.SendNotificationResponse\"_\x92\x82\x19/\x12\x13notifications:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02&\"!/v1/users/{user_id}/notifications:\x01*\x12\xc5\x01\n\x11ListNotifications\x12).notification.v1.ListNotificationsRequest\x1a*.notification.v1.ListNotificationsResponse\"Y\x92\x82\x19,\x12\x12notifications:read\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notifications\x1a\x36\x92\x82\x19\x32\n\rnotifications\x12\x13user.v1.UserService\x1a\x0cNotificationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,37 +36,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'notification.v1.notificatio
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['channel']._loaded_options = None
-  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['channel']._serialized_options = b'\232\202\031\004\010\001h\001'
+  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['channel']._serialized_options = b'\272H\010\202\001\002\020\001\310\001\001'
   _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['subject']._loaded_options = None
-  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['subject']._serialized_options = b'\232\202\031\005\010\001\030\310\001'
+  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['subject']._serialized_options = b'\272H\010r\003\030\310\001\310\001\001'
   _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['body']._loaded_options = None
-  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['body']._serialized_options = b'\232\202\031\005\010\001\030\220N'
+  _globals['_SENDNOTIFICATIONREQUEST'].fields_by_name['body']._serialized_options = b'\272H\010r\003\030\220N\310\001\001'
   _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
-  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\232\202\031\tQ\000\000\000\000\000\000Y@'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004*\002\030d'
   _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
-  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_LISTNOTIFICATIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_NOTIFICATIONSERVICE']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE']._serialized_options = b'\222\202\0312\n\rnotifications\022\023user.v1.UserService\032\014Notification'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['SendNotification']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['SendNotification']._serialized_options = b'\222\202\031/\022\023notifications:write\032\013\t\000\000\000\000\000\0004@\020(!\000\000\000\000\000\000\024@(\0010\001\202\323\344\223\002&\"!/v1/users/{user_id}/notifications:\001*'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\222\202\031,\022\022notifications:read\032\013\t\000\000\000\000\000\000I@\020d!\000\000\000\000\000\000\000@(\001\202\323\344\223\002#\022!/v1/users/{user_id}/notifications'
-  _globals['_CHANNEL']._serialized_start=821
-  _globals['_CHANNEL']._serialized_end=891
+  _globals['_CHANNEL']._serialized_start=829
+  _globals['_CHANNEL']._serialized_end=899
   _globals['_NOTIFICATION']._serialized_start=176
   _globals['_NOTIFICATION']._serialized_end=351
   _globals['_SENDNOTIFICATIONREQUEST']._serialized_start=354
-  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=512
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=514
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=593
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=595
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=711
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=713
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=819
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=894
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1374
+  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=522
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=524
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=603
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=605
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=719
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=721
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=827
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=902
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1382
 # @@protoc_insertion_point(module_scope)

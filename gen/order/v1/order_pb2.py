@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14order/v1/order.proto\x12\x08order.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\tOrderItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\r\x12\x18\n\x10unit_price_minor\x18\x03 \x01(\x03\"\xb5\x02\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.order.v1.OrderStatus\x12\"\n\x05items\x18\x04 \x03(\x0b\x32\x13.order.v1.OrderItem\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x13\n\x0btotal_minor\x18\x06 \x01(\x03\x12\x15\n\rcancel_reason\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07saga_id\x18\x0b \x01(\t\"S\n\x12\x43reateOrderRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\"\n\x08\x63urrency\x18\x02 \x01(\tB\x10\x9a\x82\x19\x0c\x08\x01\"\x08[A-Z]{3}\"5\n\x13\x43reateOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"\xb8\x01\n\x13\x41\x64\x64OrderItemRequest\x12\x1a\n\x08order_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12)\n\x03sku\x18\x02 \x01(\tB\x1c\x9a\x82\x19\x18\x08\x01\x18@\"\x12[A-Z0-9][A-Z0-9-]*\x12(\n\x08quantity\x18\x03 \x01(\rB\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\xf0?Q\x00\x00\x00\x00\x00@\x8f@\x12\x30\n\x10unit_price_minor\x18\x04 \x01(\x03\x42\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x84\xd7\x97\x41\"6\n\x14\x41\x64\x64OrderItemResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"1\n\x13\x43onfirmOrderRequest\x12\x1a\n\x08order_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\"6\n\x14\x43onfirmOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"I\n\x12\x43\x61ncelOrderRequest\x12\x1a\n\x08order_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xf4\x03\"5\n\x13\x43\x61ncelOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"-\n\x0fGetOrderRequest\x12\x1a\n\x08order_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\"2\n\x10GetOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"m\n\x11ListOrdersRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12 \n\tpage_size\x18\x02 \x01(\rB\r\x9a\x82\x19\tQ\x00\x00\x00\x00\x00\x00Y@\x12\x1b\n\npage_token\x18\x03 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\"N\n\x12ListOrdersResponse\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x98\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_STATUS_DRAFT\x10\x01\x12\x1a\n\x16ORDER_STATUS_CONFIRMED\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x12\x1b\n\x17ORDER_STATUS_CONFIRMING\x10\x04\x32\x8b\x08\n\x0cOrderService\x12\x8d\x01\n\x0b\x43reateOrder\x12\x1c.order.v1.CreateOrderRequest\x1a\x1d.order.v1.CreateOrderResponse\"A\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12\xa1\x01\n\x0c\x41\x64\x64OrderItem\x12\x1d.order.v1.AddOrderItemRequest\x1a\x1e.order.v1.AddOrderItemResponse\"R\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02 \"\x1b/v1/orders/{order_id}/items:\x01*\x12\xa3\x01\n\x0c\x43onfirmOrder\x12\x1d.order.v1.ConfirmOrderRequest\x1a\x1e.order.v1.ConfirmOrderResponse\"T\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00$@\x10\x14!\x00\x00\x00\x00\x00\x00.@(\x01\x30\x01\x82\xd3\xe4\x93\x02\"\"\x1d/v1/orders/{order_id}:confirm:\x01*\x12\x90\x01\n\x0b\x43\x61ncelOrder\x12\x1c.order.v1.CancelOrderRequest\x1a\x1d.order.v1.CancelOrderResponse\"D\x92\x82\x19\x19\x12\x0corders:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02!\"\x1c/v1/orders/{order_id}:cancel:\x01*\x12|\n\x08GetOrder\x12\x19.order.v1.GetOrderRequest\x1a\x1a.order.v1.GetOrderResponse\"9\x92\x82\x19\x18\x12\x0borders:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/orders/{order_id}\x12\x94\x01\n\nListOrders\x12\x1b.order.v1.ListOrdersRequest\x1a\x1c.order.v1.ListOrdersResponse\"K\x92\x82\x19%\x12\x0borders:read\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/users/{user_id}/orders\x1ay\x92\x82\x19u\n\x08ordering\x12\x13user.v1.UserService\x12\x1dinventory.v1.InventoryService\x12\x19payment.v1.PaymentService\x12\x13saga.v1.SagaService\x1a\x05Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14order/v1/order.proto\x12\x08order.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"D\n\tOrderItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\r\x12\x18\n\x10unit_price_minor\x18\x03 \x01(\x03\"\xb5\x02\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.order.v1.OrderStatus\x12\"\n\x05items\x18\x04 \x03(\x0b\x32\x13.order.v1.OrderItem\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x13\n\x0btotal_minor\x18\x06 \x01(\x03\x12\x15\n\rcancel_reason\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07saga_id\x18\x0b \x01(\t\"Z\n\x12\x43reateOrderRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12&\n\x08\x63urrency\x18\x02 \x01(\tB\x14\xbaH\x11r\x0c\x32\n^[A-Z]{3}$\xc8\x01\x01\"5\n\x13\x43reateOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"\xa9\x01\n\x13\x41\x64\x64OrderItemRequest\x12\x1d\n\x08order_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12-\n\x03sku\x18\x02 \x01(\tB \xbaH\x1dr\x18\x18@2\x14^[A-Z0-9][A-Z0-9-]*$\xc8\x01\x01\x12\x1c\n\x08quantity\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\xe8\x07(\x01\x12&\n\x10unit_price_minor\x18\x04 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/(\x00\"6\n\x14\x41\x64\x64OrderItemResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"4\n\x13\x43onfirmOrderRequest\x12\x1d\n\x08order_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\"6\n\x14\x43onfirmOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"M\n\x12\x43\x61ncelOrderRequest\x12\x1d\n\x08order_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\"5\n\x13\x43\x61ncelOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"0\n\x0fGetOrderRequest\x12\x1d\n\x08order_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\"2\n\x10GetOrderResponse\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.order.v1.Order\"k\n\x11ListOrdersRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1a\n\tpage_size\x18\x02 \x01(\rB\x07\xbaH\x04*\x02\x18\x64\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"N\n\x12ListOrdersResponse\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x98\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_STATUS_DRAFT\x10\x01\x12\x1a\n\x16ORDER_STATUS_CONFIRMED\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x12\x1b\n\x17ORDER_STATUS_CONFIRMING\x10\x04\x32\x8b\x08\n\x0cOrderService\x12\x8d\x01\n\x0b\x43reateOrder\x12\x1c.order.v1.CreateOrderRequest\x1a\x1d.order.v1.CreateOrderResponse\"A\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12\xa1\x01\n\x0c\x41\x64\x64OrderItem\x12\x1d.order.v1.AddOrderItemRequest\x1a\x1e.order.v1.AddOrderItemResponse\"R\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02 \"\x1b/v1/orders/{order_id}/items:\x01*\x12\xa3\x01\n\x0c\x43onfirmOrder\x12\x1d.order.v1.ConfirmOrderRequest\x1a\x1e.order.v1.ConfirmOrderResponse\"T\x92\x82\x19(\x12\x0corders:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00$@\x10\x14!\x00\x00\x00\x00\x00\x00.@(\x01\x30\x01\x82\xd3\xe4\x93\x02\"\"\x1d/v1/orders/{order_id}:confirm:\x01*\x12\x90\x01\n\x0b\x43\x61ncelOrder\x12\x1c.order.v1.CancelOrderRequest\x1a\x1d.order.v1.CancelOrderResponse\"D\x92\x82\x19\x19\x12\x0corders:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02!\"\x1c/v1/orders/{order_id}:cancel:\x01*\x12|\n\x08GetOrder\x12\x19.order.v1.GetOrderRequest\x1a\x1a.order.v1.GetOrderResponse\"9\x92\x82\x19\x18\x12\x0borders:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/orders/{order_id}\x12\x94\x01\n\nListOrders\x12\x1b.order.v1.ListOrdersRequest\x1a\x1c.order.v1.ListOrdersResponse\"K\x92\x82\x19%\x12\x0borders:read\x1a\x0b\t\x00\x00\x00\x00\x00\x00I@\x10\x64!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/users/{user_id}/orders\x1ay\x92\x82\x19u\n\x08ordering\x12\x13user.v1.UserService\x12\x1dinventory.v1.InventoryService\x12\x19payment.v1.PaymentService\x12\x13saga.v1.SagaService\x1a\x05Orderb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'order.v1.order_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CREATEORDERREQUEST'].fields_by_name['currency']._loaded_options = None
-  _globals['_CREATEORDERREQUEST'].fields_by_name['currency']._serialized_options = b'\232\202\031\014\010\001\"\010[A-Z]{3}'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\021r\0142\n^[A-Z]{3}$\310\001\001'
   _globals['_ADDORDERITEMREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_ADDORDERITEMREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_ADDORDERITEMREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_ADDORDERITEMREQUEST'].fields_by_name['sku']._loaded_options = None
-  _globals['_ADDORDERITEMREQUEST'].fields_by_name['sku']._serialized_options = b'\232\202\031\030\010\001\030@\"\022[A-Z0-9][A-Z0-9-]*'
+  _globals['_ADDORDERITEMREQUEST'].fields_by_name['sku']._serialized_options = b'\272H\035r\030\030@2\024^[A-Z0-9][A-Z0-9-]*$\310\001\001'
   _globals['_ADDORDERITEMREQUEST'].fields_by_name['quantity']._loaded_options = None
-  _globals['_ADDORDERITEMREQUEST'].fields_by_name['quantity']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\360?Q\000\000\000\000\000@\217@'
+  _globals['_ADDORDERITEMREQUEST'].fields_by_name['quantity']._serialized_options = b'\272H\007*\005\030\350\007(\001'
   _globals['_ADDORDERITEMREQUEST'].fields_by_name['unit_price_minor']._loaded_options = None
-  _globals['_ADDORDERITEMREQUEST'].fields_by_name['unit_price_minor']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\000\000Q\000\000\000\000\204\327\227A'
+  _globals['_ADDORDERITEMREQUEST'].fields_by_name['unit_price_minor']._serialized_options = b'\272H\t\"\007\030\200\302\327/(\000'
   _globals['_CONFIRMORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_CONFIRMORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CONFIRMORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CANCELORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_CANCELORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CANCELORDERREQUEST'].fields_by_name['reason']._loaded_options = None
-  _globals['_CANCELORDERREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\364\003'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\364\003'
   _globals['_GETORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_GETORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_GETORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_LISTORDERSREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_LISTORDERSREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_LISTORDERSREQUEST'].fields_by_name['page_size']._loaded_options = None
-  _globals['_LISTORDERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\232\202\031\tQ\000\000\000\000\000\000Y@'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004*\002\030d'
   _globals['_LISTORDERSREQUEST'].fields_by_name['page_token']._loaded_options = None
-  _globals['_LISTORDERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_ORDERSERVICE']._loaded_options = None
   _globals['_ORDERSERVICE']._serialized_options = b'\222\202\031u\n\010ordering\022\023user.v1.UserService\022\035inventory.v1.InventoryService\022\031payment.v1.PaymentService\022\023saga.v1.SagaService\032\005Order'
   _globals['_ORDERSERVICE'].methods_by_name['CreateOrder']._loaded_options = None
@@ -82,26 +82,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDER']._serialized_start=225
   _globals['_ORDER']._serialized_end=534
   _globals['_CREATEORDERREQUEST']._serialized_start=536
-  _globals['_CREATEORDERREQUEST']._serialized_end=619
-  _globals['_CREATEORDERRESPONSE']._serialized_start=621
-  _globals['_CREATEORDERRESPONSE']._serialized_end=674
-  _globals['_ADDORDERITEMREQUEST']._serialized_start=677
-  _globals['_ADDORDERITEMREQUEST']._serialized_end=861
-  _globals['_ADDORDERITEMRESPONSE']._serialized_start=863
-  _globals['_ADDORDERITEMRESPONSE']._serialized_end=917
-  _globals['_CONFIRMORDERREQUEST']._serialized_start=919
-  _globals['_CONFIRMORDERREQUEST']._serialized_end=968
-  _globals['_CONFIRMORDERRESPONSE']._serialized_start=970
-  _globals['_CONFIRMORDERRESPONSE']._serialized_end=1024
-  _globals['_CANCELORDERREQUEST']._serialized_start=1026
-  _globals['_CANCELORDERREQUEST']._serialized_end=1099
-  _globals['_CANCELORDERRESPONSE']._serialized_start=1101
-  _globals['_CANCELORDERRESPONSE']._serialized_end=1154
-  _globals['_GETORDERREQUEST']._serialized_start=1156
-  _globals['_GETORDERREQUEST']._serialized_end=1201
-  _globals['_GETORDERRESPONSE']._serialized_start=1203
-  _globals['_GETORDERRESPONSE']._serialized_end=1253
-  _globals['_LISTORDERSREQUEST']._serialized_start=1255
+  _globals['_CREATEORDERREQUEST']._serialized_end=626
+  _globals['_CREATEORDERRESPONSE']._serialized_start=628
+  _globals['_CREATEORDERRESPONSE']._serialized_end=681
+  _globals['_ADDORDERITEMREQUEST']._serialized_start=684
+  _globals['_ADDORDERITEMREQUEST']._serialized_end=853
+  _globals['_ADDORDERITEMRESPONSE']._serialized_start=855
+  _globals['_ADDORDERITEMRESPONSE']._serialized_end=909
+  _globals['_CONFIRMORDERREQUEST']._serialized_start=911
+  _globals['_CONFIRMORDERREQUEST']._serialized_end=963
+  _globals['_CONFIRMORDERRESPONSE']._serialized_start=965
+  _globals['_CONFIRMORDERRESPONSE']._serialized_end=1019
+  _globals['_CANCELORDERREQUEST']._serialized_start=1021
+  _globals['_CANCELORDERREQUEST']._serialized_end=1098
+  _globals['_CANCELORDERRESPONSE']._serialized_start=1100
+  _globals['_CANCELORDERRESPONSE']._serialized_end=1153
+  _globals['_GETORDERREQUEST']._serialized_start=1155
+  _globals['_GETORDERREQUEST']._serialized_end=1203
+  _globals['_GETORDERRESPONSE']._serialized_start=1205
+  _globals['_GETORDERRESPONSE']._serialized_end=1255
+  _globals['_LISTORDERSREQUEST']._serialized_start=1257
   _globals['_LISTORDERSREQUEST']._serialized_end=1364
   _globals['_LISTORDERSRESPONSE']._serialized_start=1366
   _globals['_LISTORDERSRESPONSE']._serialized_end=1444

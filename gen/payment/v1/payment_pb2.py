@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payment/v1/payment.proto\x12\npayment.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.payment.v1.PaymentStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbd\x01\n\x14\x43hargePaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x1a\n\x08order_id\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x19\n\x07user_id\x18\x03 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12,\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x42\x16\x9a\x82\x19\x12\x39\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x84\xd7\x97\x41\x12\"\n\x08\x63urrency\x18\x05 \x01(\tB\x10\x9a\x82\x19\x0c\x08\x01\"\x08[A-Z]{3}\"=\n\x15\x43hargePaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\"M\n\x14RefundPaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xf4\x03\"O\n\x15RefundPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\x12\x10\n\x08refunded\x18\x02 \x01(\x08\"1\n\x11GetPaymentRequest\x12\x1c\n\npayment_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\":\n\x12GetPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment*\x83\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_CHARGED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x32\xbf\x04\n\x0ePaymentService\x12\xb9\x01\n\rChargePayment\x12 .payment.v1.ChargePaymentRequest\x1a!.payment.v1.ChargePaymentResponse\"c\x92\x82\x19;\x12\x0epayments:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\n\rRefundPayment\x82\xd3\xe4\x93\x02\x1e\x1a\x19/v1/payments/{payment_id}:\x01*\x12\xb3\x01\n\rRefundPayment\x12 .payment.v1.RefundPaymentRequest\x1a!.payment.v1.RefundPaymentResponse\"]\x92\x82\x19.\x12\x0epayments:write!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\x12\rChargePayment\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:refund:\x01*\x12\x8c\x01\n\nGetPayment\x12\x1d.payment.v1.GetPaymentRequest\x1a\x1e.payment.v1.GetPaymentResponse\"?\x92\x82\x19\x1a\x12\rpayments:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x1a,\x92\x82\x19(\n\x08payments\x12\x13user.v1.UserService\x1a\x07Paymentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18payment/v1/payment.proto\x12\npayment.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.payment.v1.PaymentStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\x14\x43hargePaymentRequest\x12\x1f\n\npayment_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1d\n\x08order_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1c\n\x07user_id\x18\x03 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\"\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/ \x00\x12&\n\x08\x63urrency\x18\x05 \x01(\tB\x14\xbaH\x11r\x0c\x32\n^[A-Z]{3}$\xc8\x01\x01\"=\n\x15\x43hargePaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\"Q\n\x14RefundPaymentRequest\x12\x1f\n\npayment_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\"O\n\x15RefundPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment\x12\x10\n\x08refunded\x18\x02 \x01(\x08\"4\n\x11GetPaymentRequest\x12\x1f\n\npayment_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\":\n\x12GetPaymentResponse\x12$\n\x07payment\x18\x01 \x01(\x0b\x32\x13.payment.v1.Payment*\x83\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_STATUS_CHARGED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_REFUNDED\x10\x02\x12\x19\n\x15PAYMENT_STATUS_FAILED\x10\x03\x32\xbf\x04\n\x0ePaymentService\x12\xb9\x01\n\rChargePayment\x12 .payment.v1.ChargePaymentRequest\x1a!.payment.v1.ChargePaymentResponse\"c\x92\x82\x19;\x12\x0epayments:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x34@\x10(!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\n\rRefundPayment\x82\xd3\xe4\x93\x02\x1e\x1a\x19/v1/payments/{payment_id}:\x01*\x12\xb3\x01\n\rRefundPayment\x12 .payment.v1.RefundPaymentRequest\x1a!.payment.v1.RefundPaymentResponse\"]\x92\x82\x19.\x12\x0epayments:write!\x00\x00\x00\x00\x00\x00$@(\x01\x30\x01:\x0f\x12\rChargePayment\x82\xd3\xe4\x93\x02%\" /v1/payments/{payment_id}:refund:\x01*\x12\x8c\x01\n\nGetPayment\x12\x1d.payment.v1.GetPaymentRequest\x1a\x1e.payment.v1.GetPaymentResponse\"?\x92\x82\x19\x1a\x12\rpayments:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/payments/{payment_id}\x1a,\x92\x82\x19(\n\x08payments\x12\x13user.v1.UserService\x1a\x07Paymentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'payment.v1.payment_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
-  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['order_id']._loaded_options = None
-  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['order_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['amount_minor']._loaded_options = None
-  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['amount_minor']._serialized_options = b'\232\202\031\0229\000\000\000\000\000\000\000\000Q\000\000\000\000\204\327\227A'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['amount_minor']._serialized_options = b'\272H\t\"\007\030\200\302\327/ \000'
   _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['currency']._loaded_options = None
-  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['currency']._serialized_options = b'\232\202\031\014\010\001\"\010[A-Z]{3}'
+  _globals['_CHARGEPAYMENTREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\021r\0142\n^[A-Z]{3}$\310\001\001'
   _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
-  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._loaded_options = None
-  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\364\003'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\364\003'
   _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
-  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_PAYMENTSERVICE']._loaded_options = None
   _globals['_PAYMENTSERVICE']._serialized_options = b'\222\202\031(\n\010payments\022\023user.v1.UserService\032\007Payment'
   _globals['_PAYMENTSERVICE'].methods_by_name['ChargePayment']._loaded_options = None
@@ -59,22 +59,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSERVICE'].methods_by_name['RefundPayment']._serialized_options = b'\222\202\031.\022\016payments:write!\000\000\000\000\000\000$@(\0010\001:\017\022\rChargePayment\202\323\344\223\002%\" /v1/payments/{payment_id}:refund:\001*'
   _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._serialized_options = b'\222\202\031\032\022\rpayments:read!\000\000\000\000\000\000\000@(\001\202\323\344\223\002\033\022\031/v1/payments/{payment_id}'
-  _globals['_PAYMENTSTATUS']._serialized_start=949
-  _globals['_PAYMENTSTATUS']._serialized_end=1080
+  _globals['_PAYMENTSTATUS']._serialized_start=959
+  _globals['_PAYMENTSTATUS']._serialized_end=1090
   _globals['_PAYMENT']._serialized_start=161
   _globals['_PAYMENT']._serialized_end=420
   _globals['_CHARGEPAYMENTREQUEST']._serialized_start=423
-  _globals['_CHARGEPAYMENTREQUEST']._serialized_end=612
-  _globals['_CHARGEPAYMENTRESPONSE']._serialized_start=614
-  _globals['_CHARGEPAYMENTRESPONSE']._serialized_end=675
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=677
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=754
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=756
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=835
-  _globals['_GETPAYMENTREQUEST']._serialized_start=837
-  _globals['_GETPAYMENTREQUEST']._serialized_end=886
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=888
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=946
-  _globals['_PAYMENTSERVICE']._serialized_start=1083
-  _globals['_PAYMENTSERVICE']._serialized_end=1658
+  _globals['_CHARGEPAYMENTREQUEST']._serialized_end=615
+  _globals['_CHARGEPAYMENTRESPONSE']._serialized_start=617
+  _globals['_CHARGEPAYMENTRESPONSE']._serialized_end=678
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=680
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=761
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=763
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=842
+  _globals['_GETPAYMENTREQUEST']._serialized_start=844
+  _globals['_GETPAYMENTREQUEST']._serialized_end=896
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=898
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=956
+  _globals['_PAYMENTSERVICE']._serialized_start=1093
+  _globals['_PAYMENTSERVICE']._serialized_end=1668
 # @@protoc_insertion_point(module_scope)

@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12saga/v1/saga.proto\x12\x07saga.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.saga.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x1d\n\x15\x63ompensation_attempts\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\r\"\xc5\x02\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12#\n\x06status\x18\x03 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12 \n\x05steps\x18\x04 \x03(\x0b\x32\x11.saga.v1.SagaStep\x12#\n\x05input\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\n \x01(\x03\"\xac\x01\n\x0eSagaTransition\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12#\n\x06status\x18\x05 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\x0bSagaSummary\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12#\n\x06status\x18\x03 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\x10StartSagaRequest\x12\x1c\n\ndefinition\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x18\x64\x12+\n\x05input\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyB\x06\x9a\x82\x19\x02\x08\x01\x12\x35\n\x07saga_id\x18\x03 \x01(\tB$\x9a\x82\x19 \x08\x01\x18\x64\"\x1a[A-Za-z0-9][A-Za-z0-9._-]*\x12*\n\ndeadline_s\x18\x04 \x01(\x01\x42\x16\x9a\x82\x19\x12\x41\x00\x00\x00\x00\x00\x00\x00\x00Q\x00\x00\x00\x00\x00\x18\xf5@\"A\n\x11StartSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"G\n\x0eGetSagaRequest\x12\x35\n\x07saga_id\x18\x01 \x01(\tB$\x9a\x82\x19 \x08\x01\x18\x64\"\x1a[A-Za-z0-9][A-Za-z0-9._-]*\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"\x9a\x01\n\x10ListSagasRequest\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x13.saga.v1.SagaStatusB\x06\x9a\x82\x19\x02h\x01\x12\x1a\n\ndefinition\x18\x02 \x01(\tB\x06\x9a\x82\x19\x02\x18\x64\x12 \n\tpage_size\x18\x03 \x01(\rB\r\x9a\x82\x19\tQ\x00\x00\x00\x00\x00@\x7f@\x12\x1b\n\npage_token\x18\x04 \x01(\tB\x07\x9a\x82\x19\x03\x18\xc8\x01\"Q\n\x11ListSagasResponse\x12#\n\x05sagas\x18\x01 \x03(\x0b\x32\x14.saga.v1.SagaSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x10WatchSagaRequest\x12\x35\n\x07saga_id\x18\x01 \x01(\tB$\x9a\x82\x19 \x08\x01\x18\x64\"\x1a[A-Za-z0-9][A-Za-z0-9._-]*\x12$\n\rafter_version\x18\x02 \x01(\x03\x42\r\x9a\x82\x19\tA\x00\x00\x00\x00\x00\x00\x00\x00\"@\n\x11WatchSagaResponse\x12+\n\ntransition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaTransition\"I\n\x10RetrySagaRequest\x12\x35\n\x07saga_id\x18\x01 \x01(\tB$\x9a\x82\x19 \x08\x01\x18\x64\"\x1a[A-Za-z0-9][A-Za-z0-9._-]*\"0\n\x11RetrySagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga*\xb9\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x02\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x03\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x04\x12\x1f\n\x1bSAGA_STATUS_NEEDS_ATTENTION\x10\x05*\xd0\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x19\n\x15STEP_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12STEP_STATUS_FAILED\x10\x04\x12\x1b\n\x17STEP_STATUS_COMPENSATED\x10\x05\x12#\n\x1fSTEP_STATUS_COMPENSATION_FAILED\x10\x06\x32\xfd\x03\n\x0bSagaService\x12`\n\tStartSaga\x12\x19.saga.v1.StartSagaRequest\x1a\x1a.saga.v1.StartSagaResponse\"\x1c\x92\x82\x19\x18\x12\x0bsagas:write!\x00\x00\x00\x00\x00\x00$@(\x01\x12Y\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\"\x1b\x92\x82\x19\x17\x12\nsagas:read!\x00\x00\x00\x00\x00\x00\x14@(\x01\x12_\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\"\x1b\x92\x82\x19\x17\x12\nsagas:read!\x00\x00\x00\x00\x00\x00\x14@(\x01\x12X\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse\"\x12\x92\x82\x19\x0e\x12\nsagas:read(\x01\x30\x01\x12`\n\tRetrySaga\x12\x19.saga.v1.RetrySagaRequest\x1a\x1a.saga.v1.RetrySagaResponse\"\x1c\x92\x82\x19\x18\x12\x0bsagas:write!\x00\x00\x00\x00\x00\x00$@(\x01\x1a\x14\x92\x82\x19\x10\n\x08platform\x1a\x04Sagab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12saga/v1/saga.proto\x12\x07saga.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb2\x01\n\x08SagaStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12#\n\x06status\x18\x04 \x01(\x0e\x32\x13.saga.v1.StepStatus\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x1d\n\x15\x63ompensation_attempts\x18\x06 \x01(\r\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\r\"\xc5\x02\n\x04Saga\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12#\n\x06status\x18\x03 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12 \n\x05steps\x18\x04 \x03(\x0b\x32\x11.saga.v1.SagaStep\x12#\n\x05input\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\n \x01(\x03\"\xac\x01\n\x0eSagaTransition\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12#\n\x06status\x18\x05 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x01\n\x0bSagaSummary\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12#\n\x06status\x18\x03 \x01(\x0e\x32\x13.saga.v1.SagaStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x10StartSagaRequest\x12\x1e\n\ndefinition\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12+\n\x05input\x18\x02 \x01(\x0b\x32\x14.google.protobuf.AnyB\x06\xbaH\x03\xc8\x01\x01\x12\x39\n\x07saga_id\x18\x03 \x01(\tB(\xbaH%r \x18\x64\x32\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$\xc8\x01\x01\x12+\n\ndeadline_s\x18\x04 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00\x18\xf5@)\x00\x00\x00\x00\x00\x00\x00\x00\"A\n\x11StartSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"K\n\x0eGetSagaRequest\x12\x39\n\x07saga_id\x18\x01 \x01(\tB(\xbaH%r \x18\x64\x32\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$\xc8\x01\x01\".\n\x0fGetSagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga\"\x99\x01\n\x10ListSagasRequest\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x13.saga.v1.SagaStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1b\n\ndefinition\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18\x64\x12\x1b\n\tpage_size\x18\x03 \x01(\rB\x08\xbaH\x05*\x03\x18\xf4\x03\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"Q\n\x11ListSagasResponse\x12#\n\x05sagas\x18\x01 \x03(\x0b\x32\x14.saga.v1.SagaSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x10WatchSagaRequest\x12\x39\n\x07saga_id\x18\x01 \x01(\tB(\xbaH%r \x18\x64\x32\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$\xc8\x01\x01\x12\x1e\n\rafter_version\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"@\n\x11WatchSagaResponse\x12+\n\ntransition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaTransition\"M\n\x10RetrySagaRequest\x12\x39\n\x07saga_id\x18\x01 \x01(\tB(\xbaH%r \x18\x64\x32\x1c^[A-Za-z0-9][A-Za-z0-9._-]*$\xc8\x01\x01\"0\n\x11RetrySagaResponse\x12\x1b\n\x04saga\x18\x01 \x01(\x0b\x32\r.saga.v1.Saga*\xb9\x01\n\nSagaStatus\x12\x1b\n\x17SAGA_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13SAGA_STATUS_RUNNING\x10\x01\x12\x1c\n\x18SAGA_STATUS_COMPENSATING\x10\x02\x12\x19\n\x15SAGA_STATUS_COMPLETED\x10\x03\x12\x1b\n\x17SAGA_STATUS_COMPENSATED\x10\x04\x12\x1f\n\x1bSAGA_STATUS_NEEDS_ATTENTION\x10\x05*\xd0\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x19\n\x15STEP_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12STEP_STATUS_FAILED\x10\x04\x12\x1b\n\x17STEP_STATUS_COMPENSATED\x10\x05\x12#\n\x1fSTEP_STATUS_COMPENSATION_FAILED\x10\x06\x32\xfd\x03\n\x0bSagaService\x12`\n\tStartSaga\x12\x19.saga.v1.StartSagaRequest\x1a\x1a.saga.v1.StartSagaResponse\"\x1c\x92\x82\x19\x18\x12\x0bsagas:write!\x00\x00\x00\x00\x00\x00$@(\x01\x12Y\n\x07GetSaga\x12\x17.saga.v1.GetSagaRequest\x1a\x18.saga.v1.GetSagaResponse\"\x1b\x92\x82\x19\x17\x12\nsagas:read!\x00\x00\x00\x00\x00\x00\x14@(\x01\x12_\n\tListSagas\x12\x19.saga.v1.ListSagasRequest\x1a\x1a.saga.v1.ListSagasResponse\"\x1b\x92\x82\x19\x17\x12\nsagas:read!\x00\x00\x00\x00\x00\x00\x14@(\x01\x12X\n\tWatchSaga\x12\x19.saga.v1.WatchSagaRequest\x1a\x1a.saga.v1.WatchSagaResponse\"\x12\x92\x82\x19\x0e\x12\nsagas:read(\x01\x30\x01\x12`\n\tRetrySaga\x12\x19.saga.v1.RetrySagaRequest\x1a\x1a.saga.v1.RetrySagaResponse\"\x1c\x92\x82\x19\x18\x12\x0bsagas:write!\x00\x00\x00\x00\x00\x00$@(\x01\x1a\x14\x92\x82\x19\x10\n\x08platform\x1a\x04Sagab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'saga.v1.saga_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTSAGAREQUEST'].fields_by_name['definition']._loaded_options = None
-  _globals['_STARTSAGAREQUEST'].fields_by_name['definition']._serialized_options = b'\232\202\031\004\010\001\030d'
+  _globals['_STARTSAGAREQUEST'].fields_by_name['definition']._serialized_options = b'\272H\007r\002\030d\310\001\001'
   _globals['_STARTSAGAREQUEST'].fields_by_name['input']._loaded_options = None
-  _globals['_STARTSAGAREQUEST'].fields_by_name['input']._serialized_options = b'\232\202\031\002\010\001'
+  _globals['_STARTSAGAREQUEST'].fields_by_name['input']._serialized_options = b'\272H\003\310\001\001'
   _globals['_STARTSAGAREQUEST'].fields_by_name['saga_id']._loaded_options = None
-  _globals['_STARTSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\232\202\031 \010\001\030d\"\032[A-Za-z0-9][A-Za-z0-9._-]*'
+  _globals['_STARTSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\272H%r \030d2\034^[A-Za-z0-9][A-Za-z0-9._-]*$\310\001\001'
   _globals['_STARTSAGAREQUEST'].fields_by_name['deadline_s']._loaded_options = None
-  _globals['_STARTSAGAREQUEST'].fields_by_name['deadline_s']._serialized_options = b'\232\202\031\022A\000\000\000\000\000\000\000\000Q\000\000\000\000\000\030\365@'
+  _globals['_STARTSAGAREQUEST'].fields_by_name['deadline_s']._serialized_options = b'\272H\024\022\022\031\000\000\000\000\000\030\365@)\000\000\000\000\000\000\000\000'
   _globals['_GETSAGAREQUEST'].fields_by_name['saga_id']._loaded_options = None
-  _globals['_GETSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\232\202\031 \010\001\030d\"\032[A-Za-z0-9][A-Za-z0-9._-]*'
+  _globals['_GETSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\272H%r \030d2\034^[A-Za-z0-9][A-Za-z0-9._-]*$\310\001\001'
   _globals['_LISTSAGASREQUEST'].fields_by_name['status']._loaded_options = None
-  _globals['_LISTSAGASREQUEST'].fields_by_name['status']._serialized_options = b'\232\202\031\002h\001'
+  _globals['_LISTSAGASREQUEST'].fields_by_name['status']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_LISTSAGASREQUEST'].fields_by_name['definition']._loaded_options = None
-  _globals['_LISTSAGASREQUEST'].fields_by_name['definition']._serialized_options = b'\232\202\031\002\030d'
+  _globals['_LISTSAGASREQUEST'].fields_by_name['definition']._serialized_options = b'\272H\004r\002\030d'
   _globals['_LISTSAGASREQUEST'].fields_by_name['page_size']._loaded_options = None
-  _globals['_LISTSAGASREQUEST'].fields_by_name['page_size']._serialized_options = b'\232\202\031\tQ\000\000\000\000\000@\177@'
+  _globals['_LISTSAGASREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\005*\003\030\364\003'
   _globals['_LISTSAGASREQUEST'].fields_by_name['page_token']._loaded_options = None
-  _globals['_LISTSAGASREQUEST'].fields_by_name['page_token']._serialized_options = b'\232\202\031\003\030\310\001'
+  _globals['_LISTSAGASREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_WATCHSAGAREQUEST'].fields_by_name['saga_id']._loaded_options = None
-  _globals['_WATCHSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\232\202\031 \010\001\030d\"\032[A-Za-z0-9][A-Za-z0-9._-]*'
+  _globals['_WATCHSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\272H%r \030d2\034^[A-Za-z0-9][A-Za-z0-9._-]*$\310\001\001'
   _globals['_WATCHSAGAREQUEST'].fields_by_name['after_version']._loaded_options = None
-  _globals['_WATCHSAGAREQUEST'].fields_by_name['after_version']._serialized_options = b'\232\202\031\tA\000\000\000\000\000\000\000\000'
+  _globals['_WATCHSAGAREQUEST'].fields_by_name['after_version']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_RETRYSAGAREQUEST'].fields_by_name['saga_id']._loaded_options = None
-  _globals['_RETRYSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\232\202\031 \010\001\030d\"\032[A-Za-z0-9][A-Za-z0-9._-]*'
+  _globals['_RETRYSAGAREQUEST'].fields_by_name['saga_id']._serialized_options = b'\272H%r \030d2\034^[A-Za-z0-9][A-Za-z0-9._-]*$\310\001\001'
   _globals['_SAGASERVICE']._loaded_options = None
   _globals['_SAGASERVICE']._serialized_options = b'\222\202\031\020\n\010platform\032\004Saga'
   _globals['_SAGASERVICE'].methods_by_name['StartSaga']._loaded_options = None
@@ -71,10 +71,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAGASERVICE'].methods_by_name['WatchSaga']._serialized_options = b'\222\202\031\016\022\nsagas:read(\001'
   _globals['_SAGASERVICE'].methods_by_name['RetrySaga']._loaded_options = None
   _globals['_SAGASERVICE'].methods_by_name['RetrySaga']._serialized_options = b'\222\202\031\030\022\013sagas:write!\000\000\000\000\000\000$@(\001'
-  _globals['_SAGASTATUS']._serialized_start=1961
-  _globals['_SAGASTATUS']._serialized_end=2146
-  _globals['_STEPSTATUS']._serialized_start=2149
-  _globals['_STEPSTATUS']._serialized_end=2357
+  _globals['_SAGASTATUS']._serialized_start=1973
+  _globals['_SAGASTATUS']._serialized_end=2158
+  _globals['_STEPSTATUS']._serialized_start=2161
+  _globals['_STEPSTATUS']._serialized_end=2369
   _globals['_SAGASTEP']._serialized_start=149
   _globals['_SAGASTEP']._serialized_end=327
   _globals['_SAGA']._serialized_start=330
@@ -84,25 +84,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAGASUMMARY']._serialized_start=833
   _globals['_SAGASUMMARY']._serialized_end=1031
   _globals['_STARTSAGAREQUEST']._serialized_start=1034
-  _globals['_STARTSAGAREQUEST']._serialized_end=1226
-  _globals['_STARTSAGARESPONSE']._serialized_start=1228
-  _globals['_STARTSAGARESPONSE']._serialized_end=1293
-  _globals['_GETSAGAREQUEST']._serialized_start=1295
-  _globals['_GETSAGAREQUEST']._serialized_end=1366
-  _globals['_GETSAGARESPONSE']._serialized_start=1368
-  _globals['_GETSAGARESPONSE']._serialized_end=1414
-  _globals['_LISTSAGASREQUEST']._serialized_start=1417
-  _globals['_LISTSAGASREQUEST']._serialized_end=1571
-  _globals['_LISTSAGASRESPONSE']._serialized_start=1573
-  _globals['_LISTSAGASRESPONSE']._serialized_end=1654
-  _globals['_WATCHSAGAREQUEST']._serialized_start=1656
-  _globals['_WATCHSAGAREQUEST']._serialized_end=1767
-  _globals['_WATCHSAGARESPONSE']._serialized_start=1769
-  _globals['_WATCHSAGARESPONSE']._serialized_end=1833
-  _globals['_RETRYSAGAREQUEST']._serialized_start=1835
-  _globals['_RETRYSAGAREQUEST']._serialized_end=1908
-  _globals['_RETRYSAGARESPONSE']._serialized_start=1910
-  _globals['_RETRYSAGARESPONSE']._serialized_end=1958
-  _globals['_SAGASERVICE']._serialized_start=2360
-  _globals['_SAGASERVICE']._serialized_end=2869
+  _globals['_STARTSAGAREQUEST']._serialized_end=1233
+  _globals['_STARTSAGARESPONSE']._serialized_start=1235
+  _globals['_STARTSAGARESPONSE']._serialized_end=1300
+  _globals['_GETSAGAREQUEST']._serialized_start=1302
+  _globals['_GETSAGAREQUEST']._serialized_end=1377
+  _globals['_GETSAGARESPONSE']._serialized_start=1379
+  _globals['_GETSAGARESPONSE']._serialized_end=1425
+  _globals['_LISTSAGASREQUEST']._serialized_start=1428
+  _globals['_LISTSAGASREQUEST']._serialized_end=1581
+  _globals['_LISTSAGASRESPONSE']._serialized_start=1583
+  _globals['_LISTSAGASRESPONSE']._serialized_end=1664
+  _globals['_WATCHSAGAREQUEST']._serialized_start=1666
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1775
+  _globals['_WATCHSAGARESPONSE']._serialized_start=1777
+  _globals['_WATCHSAGARESPONSE']._serialized_end=1841
+  _globals['_RETRYSAGAREQUEST']._serialized_start=1843
+  _globals['_RETRYSAGAREQUEST']._serialized_end=1920
+  _globals['_RETRYSAGARESPONSE']._serialized_start=1922
+  _globals['_RETRYSAGARESPONSE']._serialized_end=1970
+  _globals['_SAGASERVICE']._serialized_start=2372
+  _globals['_SAGASERVICE']._serialized_end=2881
 # @@protoc_insertion_point(module_scope)

@@ -23,12 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from gen.framework.v1 import options_pb2 as framework_dot_v1_dot_options__pb2
-from gen.framework.v1 import validate_pb2 as framework_dot_v1_dot_validate__pb2
+from gen.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x66ramework/v1/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65\x61\x63tivated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13RegisterUserRequest\x12\x17\n\x05\x65mail\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x30\x01\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x10\x02\x18\x64\x12\x1b\n\x08password\x18\x03 \x01(\tB\t\x9a\x82\x19\x05\x10\x08\x18\x80\x01\"3\n\x14RegisterUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"+\n\x0eGetUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\".\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"D\n\x0cLogInRequest\x12\x17\n\x05\x65mail\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01\x30\x01\x12\x1b\n\x08password\x18\x02 \x01(\tB\t\x9a\x82\x19\x05\x08\x01\x18\x80\x01\"\x96\x01\n\rLogInResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x1b\n\x04user\x18\x05 \x01(\x0b\x32\r.user.v1.User\"Q\n\x14UpdateProfileRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\x9a\x82\x19\x04\x10\x02\x18\x64\"4\n\x15UpdateProfileResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"K\n\x15\x44\x65\x61\x63tivateUserRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\x9a\x82\x19\x04\x08\x01(\x01\x12\x17\n\x06reason\x18\x02 \x01(\tB\x07\x9a\x82\x19\x03\x18\xf4\x03\"5\n\x16\x44\x65\x61\x63tivateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User2\xc2\x05\n\x0bUserService\x12\x81\x01\n\x0cRegisterUser\x12\x1c.user.v1.RegisterUserRequest\x1a\x1d.user.v1.RegisterUserResponse\"4\x92\x82\x19\x1c\x08\x00\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x0e\"\t/v1/users:\x01*\x12t\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"6\x92\x82\x19\x17\x12\nusers:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12n\n\x05LogIn\x12\x15.user.v1.LogInRequest\x1a\x16.user.v1.LogInResponse\"6\x92\x82\x19\x18\x08\x00\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/users:login:\x01*\x12\x97\x01\n\rUpdateProfile\x12\x1d.user.v1.UpdateProfileRequest\x1a\x1e.user.v1.UpdateProfileResponse\"G\x92\x82\x19%\x12\x0busers:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02\x18\x32\x13/v1/users/{user_id}:\x01*\x12\x98\x01\n\x0e\x44\x65\x61\x63tivateUser\x12\x1e.user.v1.DeactivateUserRequest\x1a\x1f.user.v1.DeactivateUserResponse\"E\x92\x82\x19\x18\x12\x0busers:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02#\"\x1e/v1/users/{user_id}:deactivate:\x01*\x1a\x14\x92\x82\x19\x10\n\x08identity\x1a\x04Userb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1a\x66ramework/v1/options.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65\x61\x63tivated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\x13RegisterUserRequest\x12\x19\n\x05\x65mail\x18\x01 \x01(\tB\n\xbaH\x07r\x02`\x01\xc8\x01\x01\x12\x1f\n\x0c\x64isplay_name\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x02\x18\x64\x12\x1c\n\x08password\x18\x03 \x01(\tB\n\xbaH\x07r\x05\x10\x08\x18\x80\x01:^\xbaH[\x1aY\n\x12password.not_email\x12&password must not be the email address\x1a\x1bthis.password != this.email\"3\n\x14RegisterUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\".\n\x0eGetUserRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\".\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"H\n\x0cLogInRequest\x12\x19\n\x05\x65mail\x18\x01 \x01(\tB\n\xbaH\x07r\x02`\x01\xc8\x01\x01\x12\x1d\n\x08password\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\x18\x80\x01\xc8\x01\x01\"\x96\x01\n\rLogInResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x1b\n\x04user\x18\x05 \x01(\x0b\x32\r.user.v1.User\"U\n\x14UpdateProfileRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x1f\n\x0c\x64isplay_name\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x10\x02\x18\x64\"4\n\x15UpdateProfileResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\"O\n\x15\x44\x65\x61\x63tivateUserRequest\x12\x1c\n\x07user_id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\"5\n\x16\x44\x65\x61\x63tivateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User2\xc2\x05\n\x0bUserService\x12\x81\x01\n\x0cRegisterUser\x12\x1c.user.v1.RegisterUserRequest\x1a\x1d.user.v1.RegisterUserResponse\"4\x92\x82\x19\x1c\x08\x00\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x30\x01\x82\xd3\xe4\x93\x02\x0e\"\t/v1/users:\x01*\x12t\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponse\"6\x92\x82\x19\x17\x12\nusers:read!\x00\x00\x00\x00\x00\x00\x00@(\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12n\n\x05LogIn\x12\x15.user.v1.LogInRequest\x1a\x16.user.v1.LogInResponse\"6\x92\x82\x19\x18\x08\x00\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/users:login:\x01*\x12\x97\x01\n\rUpdateProfile\x12\x1d.user.v1.UpdateProfileRequest\x1a\x1e.user.v1.UpdateProfileResponse\"G\x92\x82\x19%\x12\x0busers:write\x1a\x0b\t\x00\x00\x00\x00\x00\x00\x14@\x10\n!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02\x18\x32\x13/v1/users/{user_id}:\x01*\x12\x98\x01\n\x0e\x44\x65\x61\x63tivateUser\x12\x1e.user.v1.DeactivateUserRequest\x1a\x1f.user.v1.DeactivateUserResponse\"E\x92\x82\x19\x18\x12\x0busers:write!\x00\x00\x00\x00\x00\x00\x14@(\x01\x82\xd3\xe4\x93\x02#\"\x1e/v1/users/{user_id}:deactivate:\x01*\x1a\x14\x92\x82\x19\x10\n\x08identity\x1a\x04Userb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'user.v1.user_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERUSERREQUEST'].fields_by_name['email']._loaded_options = None
-  _globals['_REGISTERUSERREQUEST'].fields_by_name['email']._serialized_options = b'\232\202\031\004\010\0010\001'
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['email']._serialized_options = b'\272H\007r\002`\001\310\001\001'
   _globals['_REGISTERUSERREQUEST'].fields_by_name['display_name']._loaded_options = None
-  _globals['_REGISTERUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\232\202\031\004\020\002\030d'
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\272H\006r\004\020\002\030d'
   _globals['_REGISTERUSERREQUEST'].fields_by_name['password']._loaded_options = None
-  _globals['_REGISTERUSERREQUEST'].fields_by_name['password']._serialized_options = b'\232\202\031\005\020\010\030\200\001'
+  _globals['_REGISTERUSERREQUEST'].fields_by_name['password']._serialized_options = b'\272H\007r\005\020\010\030\200\001'
+  _globals['_REGISTERUSERREQUEST']._loaded_options = None
+  _globals['_REGISTERUSERREQUEST']._serialized_options = b'\272H[\032Y\n\022password.not_email\022&password must not be the email address\032\033this.password != this.email'
   _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_LOGINREQUEST'].fields_by_name['email']._loaded_options = None
-  _globals['_LOGINREQUEST'].fields_by_name['email']._serialized_options = b'\232\202\031\004\010\0010\001'
+  _globals['_LOGINREQUEST'].fields_by_name['email']._serialized_options = b'\272H\007r\002`\001\310\001\001'
   _globals['_LOGINREQUEST'].fields_by_name['password']._loaded_options = None
-  _globals['_LOGINREQUEST'].fields_by_name['password']._serialized_options = b'\232\202\031\005\010\001\030\200\001'
+  _globals['_LOGINREQUEST'].fields_by_name['password']._serialized_options = b'\272H\010r\003\030\200\001\310\001\001'
   _globals['_UPDATEPROFILEREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_UPDATEPROFILEREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_UPDATEPROFILEREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_UPDATEPROFILEREQUEST'].fields_by_name['display_name']._loaded_options = None
-  _globals['_UPDATEPROFILEREQUEST'].fields_by_name['display_name']._serialized_options = b'\232\202\031\004\020\002\030d'
+  _globals['_UPDATEPROFILEREQUEST'].fields_by_name['display_name']._serialized_options = b'\272H\006r\004\020\002\030d'
   _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
-  _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\232\202\031\004\010\001(\001'
+  _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\010r\003\260\001\001\310\001\001'
   _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['reason']._loaded_options = None
-  _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['reason']._serialized_options = b'\232\202\031\003\030\364\003'
+  _globals['_DEACTIVATEUSERREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\005r\003\030\364\003'
   _globals['_USERSERVICE']._loaded_options = None
   _globals['_USERSERVICE']._serialized_options = b'\222\202\031\020\n\010identity\032\004User'
   _globals['_USERSERVICE'].methods_by_name['RegisterUser']._loaded_options = None
@@ -69,26 +71,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['DeactivateUser']._serialized_options = b'\222\202\031\030\022\013users:write!\000\000\000\000\000\000\024@(\001\202\323\344\223\002#\"\036/v1/users/{user_id}:deactivate:\001*'
   _globals['_USER']._serialized_start=152
   _globals['_USER']._serialized_end=315
-  _globals['_REGISTERUSERREQUEST']._serialized_start=317
-  _globals['_REGISTERUSERREQUEST']._serialized_end=424
-  _globals['_REGISTERUSERRESPONSE']._serialized_start=426
-  _globals['_REGISTERUSERRESPONSE']._serialized_end=477
-  _globals['_GETUSERREQUEST']._serialized_start=479
-  _globals['_GETUSERREQUEST']._serialized_end=522
-  _globals['_GETUSERRESPONSE']._serialized_start=524
-  _globals['_GETUSERRESPONSE']._serialized_end=570
-  _globals['_LOGINREQUEST']._serialized_start=572
-  _globals['_LOGINREQUEST']._serialized_end=640
-  _globals['_LOGINRESPONSE']._serialized_start=643
-  _globals['_LOGINRESPONSE']._serialized_end=793
-  _globals['_UPDATEPROFILEREQUEST']._serialized_start=795
-  _globals['_UPDATEPROFILEREQUEST']._serialized_end=876
-  _globals['_UPDATEPROFILERESPONSE']._serialized_start=878
-  _globals['_UPDATEPROFILERESPONSE']._serialized_end=930
-  _globals['_DEACTIVATEUSERREQUEST']._serialized_start=932
-  _globals['_DEACTIVATEUSERREQUEST']._serialized_end=1007
-  _globals['_DEACTIVATEUSERRESPONSE']._serialized_start=1009
-  _globals['_DEACTIVATEUSERRESPONSE']._serialized_end=1062
-  _globals['_USERSERVICE']._serialized_start=1065
-  _globals['_USERSERVICE']._serialized_end=1771
+  _globals['_REGISTERUSERREQUEST']._serialized_start=318
+  _globals['_REGISTERUSERREQUEST']._serialized_end=525
+  _globals['_REGISTERUSERRESPONSE']._serialized_start=527
+  _globals['_REGISTERUSERRESPONSE']._serialized_end=578
+  _globals['_GETUSERREQUEST']._serialized_start=580
+  _globals['_GETUSERREQUEST']._serialized_end=626
+  _globals['_GETUSERRESPONSE']._serialized_start=628
+  _globals['_GETUSERRESPONSE']._serialized_end=674
+  _globals['_LOGINREQUEST']._serialized_start=676
+  _globals['_LOGINREQUEST']._serialized_end=748
+  _globals['_LOGINRESPONSE']._serialized_start=751
+  _globals['_LOGINRESPONSE']._serialized_end=901
+  _globals['_UPDATEPROFILEREQUEST']._serialized_start=903
+  _globals['_UPDATEPROFILEREQUEST']._serialized_end=988
+  _globals['_UPDATEPROFILERESPONSE']._serialized_start=990
+  _globals['_UPDATEPROFILERESPONSE']._serialized_end=1042
+  _globals['_DEACTIVATEUSERREQUEST']._serialized_start=1044
+  _globals['_DEACTIVATEUSERREQUEST']._serialized_end=1123
+  _globals['_DEACTIVATEUSERRESPONSE']._serialized_start=1125
+  _globals['_DEACTIVATEUSERRESPONSE']._serialized_end=1178
+  _globals['_USERSERVICE']._serialized_start=1181
+  _globals['_USERSERVICE']._serialized_end=1887
 # @@protoc_insertion_point(module_scope)
