@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "skip": "framework.policy",
     "current_call": "framework.policy",
     "AccessLogPolicy": "framework.policies.accesslog",
+    "AccessLogWriter": "framework.policies.accesslog",
     "ErrorMappingPolicy": "framework.policies.error_mapping",
     "DeadlinePolicy": "framework.policies.deadline",
     # security
