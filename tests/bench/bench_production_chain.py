@@ -110,7 +110,9 @@ async def serve() -> None:
     )
     server.add(EchoServicer())
     production_port = await server.start()
-    plain = Server(ServerConfig(name="plain", host="127.0.0.1", port=0, grace_s=0.5))
+    plain = Server(  # no policy at all, so no authentication: development mode on purpose
+        ServerConfig(name="plain", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True)
+    )
     plain.add(EchoServicer())
     plain_port = await plain.start()
     ports = {"bare": bare_port, "production": production_port, "adapters": plain_port}
