@@ -6,6 +6,8 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import pytest
+
 from framework.saga import (
     OrchestratorConfig,
     Retry,
@@ -13,6 +15,7 @@ from framework.saga import (
     SagaOrchestrator,
     SagaStatus,
     Step,
+    saga_types,
 )
 from gen.order.v1 import order_pb2
 from gen.saga.v1 import saga_pb2 as pb
@@ -103,3 +106,56 @@ async def test_a_definition_that_lost_a_step_marks_the_saga_for_attention(
             await store.close()
     finally:
         await world.close()
+
+
+@pytest.mark.postgres
+async def test_saga_log_connections_cut_mid_saga_are_survived(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """The PostgreSQL saga log's connections are terminated mid-saga: the orchestrator
+    re-reads the log and finishes every saga, each transition recorded once."""
+    import asyncpg
+
+    from framework.events.postgres import PostgresConfig, PostgresEventStore
+
+    schema = f"sagas_{uuid.uuid4().hex[:12]}"
+    store = await PostgresEventStore.open(
+        PostgresConfig(dsn=postgres_dsn, schema=schema), saga_types()
+    )
+    admin = await asyncpg.connect(postgres_dsn)
+    world = await World.open(tmp_path, users={USER: 10_000}, payment_port=None)
+    orchestrator = SagaOrchestrator(
+        store,
+        [order_saga(retry=PATIENT)],
+        world.participants(),
+        config=OrchestratorConfig(recovery_backoff_s=0.05),
+    )
+    try:
+        await orchestrator.start()
+        orders = [an_order(USER, "WIDGET-1", 1, 100) for _ in range(3)]
+        for order in orders:
+            await orchestrator.start_saga("order.confirm", order, saga_id=order.order_id)
+        for order in orders:  # retrying the charge: appending StepAttemptFailed now and then
+            async for t in orchestrator.watch(order.order_id):
+                if t.event == "StepAttemptFailed":
+                    break
+        cut = await admin.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND query LIKE $1",
+            f'%"{schema}"%',
+        )
+        assert cut  # the store's connections were there, and are gone
+        await world.start_payment()
+        for order in orders:
+            saga = await orchestrator.wait(order.order_id, 60)
+            assert saga.status == pb.SAGA_STATUS_COMPLETED
+            events = [t.event async for t in orchestrator.watch(order.order_id)]
+            assert events.count("StepSucceeded") == 3 and events.count("SagaCompleted") == 1
+        assert await world.reserved() == 3
+        assert (await world.ledger.balances())[USER] == 10_000 - 300
+    finally:
+        await orchestrator.close()
+        await world.close()
+        await store.close()
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
