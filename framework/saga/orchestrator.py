@@ -57,17 +57,16 @@ import random
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as context_api
 from opentelemetry import propagate
 from opentelemetry import trace as trace_api
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from framework.clock import Clock, SystemClock
 from framework.errors import (
@@ -75,7 +74,6 @@ from framework.errors import (
     ConflictError,
     DeadlineExceededError,
     FieldViolation,
-    FrameworkError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -84,11 +82,11 @@ from framework.events.aggregate import Repository
 from framework.events.projection import ProjectionConfig, ProjectionRunner
 from framework.events.store import EventStore
 from framework.policy import set_current_call
-from framework.saga.barrier import Op, saga_key
-from framework.saga.calls import Participants, retryable
-from framework.saga.definition import ResolvedStep, Retry, SagaDefinition, StepContext
+from framework.saga.calls import Participants
+from framework.saga.definition import Retry, SagaDefinition
+from framework.saga.driver import SagaDriver
 from framework.saga.index import IndexHost, SagaIndex
-from framework.saga.run import SagaRun, SagaStatus, StepStatus, saga_types, step_error
+from framework.saga.run import SagaRun, SagaStatus, saga_types
 from framework.saga.view import saga_message, summary_message, transition_message
 from gen.saga.v1 import saga_pb2 as pb
 
@@ -138,19 +136,6 @@ class OrchestratorConfig:
             raise ValueError(f"index_batch_size must be >= 1, got {self.index_batch_size}")
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    response: bytes
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    error: FrameworkError
-    attempts: int
-    unknown: bool
-
-
 class _Changes:
     """Per-saga wake-ups (in-process): one channel for every transition, one for the end."""
 
@@ -167,20 +152,6 @@ class _Changes:
         event = self._events.pop(saga_id, None)
         if event is not None:
             event.set()
-
-
-async def _all(coroutines: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
-    """Run concurrently; if one raises, cancel the others (no orphan keeps calling) and raise."""
-    if len(coroutines) == 1:
-        return [await coroutines[0]]
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -235,6 +206,14 @@ class SagaOrchestrator:
             "framework.saga"
         )
         self._rng = rng or random.Random()
+        self._driver = SagaDriver(
+            participants,
+            self._save,
+            clock=self.clock,
+            tracer=self._tracer,
+            compensation_retry=self.config.compensation_retry,
+            rng=self._rng,
+        )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._final: OrderedDict[str, SagaRun] = OrderedDict()  # recently finished, recorded
         self._changes = _Changes()  # every recorded transition (watchers)
@@ -420,7 +399,7 @@ class SagaOrchestrator:
             attributes={"saga.id": saga_id, "saga.definition": found.name},
         ):
             run.start(found.name, packed, now + timedelta(seconds=seconds), now)
-            self._advance(run, found)  # the first steps' start shares the saga's first append
+            self._driver.advance(run, found)  # the first steps start in the same append
             try:  # expects a new stream: an existing saga is a conflict, not a second start
                 await self._save(run)
             except ConflictError:
@@ -615,12 +594,12 @@ class SagaOrchestrator:
         lock = asyncio.Lock()
         while run.status.active:
             try:
-                if self._definition_changed(run, definition):
+                if self._driver.definition_changed(run, definition):
                     await self._save(run)
                 elif run.status is SagaStatus.RUNNING:
-                    await self._forward(run, definition, parent, lock)
+                    await self._driver.forward(run, definition, parent, lock)
                 else:
-                    await self._backward(run, definition, parent, lock)
+                    await self._driver.backward(run, definition, parent, lock)
             except ConflictError:
                 logger.warning("saga %s was moved by another orchestrator; leaving it", run.id)
                 return
@@ -637,20 +616,6 @@ class SagaOrchestrator:
         self._endings.notify(run.id)
         logger.info("saga %s %s", run.id, run.status.name.lower())
 
-    def _definition_changed(self, run: SagaRun, definition: SagaDefinition) -> bool:
-        """A step in the log the definition no longer has: emit needs-attention, say True."""
-        unknown = [name for name in run.steps if name not in definition.by_name]
-        if not unknown:
-            return False
-        problem = InvalidArgumentError(
-            f"definition {definition.name} has no step {', '.join(unknown)} of this saga's log;"
-            " restore the step (or retry once an operator has undone it by hand)",
-            reason="DEFINITION_CHANGED",
-            domain=DOMAIN,
-        )
-        run.needs_attention(unknown[0], problem.message, step_error(problem), self.clock.now())
-        return True
-
     async def _reload(self, saga_id: str) -> SagaRun | None:
         while not self._stop.is_set():
             try:
@@ -661,279 +626,3 @@ class SagaOrchestrator:
                 logger.exception("saga %s: reloading failed; retrying", saga_id)
                 await self.clock.sleep(self.config.recovery_backoff_s)
         return None
-
-    @staticmethod
-    def _pivot_passed(run: SagaRun, definition: SagaDefinition) -> bool:
-        return any(
-            not s.compensable and run.step(s.name).status is StepStatus.SUCCEEDED
-            for s in definition.steps
-        )
-
-    def _context(self, run: SagaRun, definition: SagaDefinition) -> StepContext:
-        replies: dict[str, Message] = {}
-        for step in definition.steps:
-            state = run.steps.get(step.name)
-            if state is not None and state.status is StepStatus.SUCCEEDED:
-                replies[step.name] = step.response_type.FromString(state.response or b"")
-        data = definition.input_type.FromString(run.input.value)
-        return StepContext(run.id, data, replies)
-
-    def _advance(self, run: SagaRun, definition: SagaDefinition) -> tuple[ResolvedStep, ...]:
-        """Emit (not save) what comes next going forward; the group of steps to call now.
-
-        Completes the saga when every step succeeded, turns it back when the
-        deadline passed or a request cannot be built, else records StepStarted
-        for the next group's steps not started yet (steps started before a
-        restart are re-sent as recorded).  Returns () when nothing is to be called.
-        """
-        pivot = self._pivot_passed(run, definition)
-        group = next(
-            (
-                g
-                for g in definition.groups
-                if any(run.step(s.name).status is not StepStatus.SUCCEEDED for s in g)
-            ),
-            None,
-        )
-        now = self.clock.now()
-        if group is None:
-            run.complete(now)
-            return ()
-        assert run.deadline is not None
-        if not pivot and run.deadline <= now:
-            run.begin_compensation(
-                f"the saga's deadline passed before step {group[0].name} could run", "", now
-            )
-            return ()
-        context: StepContext | None = None
-        for step in group:
-            if run.step(step.name).status is not StepStatus.PENDING:
-                continue
-            try:
-                context = context or self._context(run, definition)
-                request = step.build_request(context)
-            except Exception as error:  # noqa: BLE001 - a definition bug: the step fails
-                problem = InvalidArgumentError(
-                    f"building the request of step {step.name} failed: {error}",
-                    reason="BAD_STEP_REQUEST",
-                    domain=DOMAIN,
-                )
-                self._fail_forward(run, step, _Failed(problem, 0, False), pivot)
-                return ()
-            run.step_started(step.name, step.method[1:], request.SerializeToString(), now)
-        running = tuple(s for s in group if run.step(s.name).status is StepStatus.RUNNING)
-        if not running:  # cannot happen with a consistent log; never spin on one
-            problem = InvalidArgumentError(
-                f"group of step {group[0].name} has no step to run", domain=DOMAIN
-            )
-            run.needs_attention(group[0].name, problem.message, step_error(problem), now)
-        return running
-
-    async def _forward(
-        self,
-        run: SagaRun,
-        definition: SagaDefinition,
-        parent: context_api.Context,
-        lock: asyncio.Lock,
-    ) -> None:
-        running = self._advance(run, definition)
-        await self._save(run)  # a step's success, the next step's start: one append
-        if not running:
-            return
-        pivot = self._pivot_passed(run, definition)
-        outcomes = await _all([self._act(run, s, pivot, parent, lock) for s in running])
-        failed: list[tuple[ResolvedStep, _Failed]] = []
-        now = self.clock.now()
-        for step, outcome in zip(running, outcomes, strict=True):
-            if isinstance(outcome, _Done):
-                run.step_succeeded(step.name, outcome.response, outcome.attempts, now)
-            else:
-                failed.append((step, outcome))
-        if failed:
-            first_step, first = failed[0]
-            for step, outcome in failed[1:]:
-                run.step_failed(
-                    step.name, step_error(outcome.error), outcome.attempts, outcome.unknown, now
-                )
-            self._fail_forward(run, first_step, first, pivot)
-            await self._save(run)
-        # on success nothing is saved yet: the next StepStarted (or SagaCompleted) carries it
-
-    def _fail_forward(
-        self, run: SagaRun, step: ResolvedStep, failure: _Failed, pivot: bool
-    ) -> None:
-        now = self.clock.now()
-        error = step_error(failure.error)
-        if pivot:
-            run.needs_attention(
-                step.name,
-                f"step {step.name} failed after the pivot ({failure.attempts} attempt(s)):"
-                f" {error.code} {failure.error.message}; fix it and retry the saga",
-                error,
-                now,
-            )
-        else:
-            run.step_failed(step.name, error, failure.attempts, failure.unknown, now)
-            run.begin_compensation(
-                f"step {step.name} failed: {error.code} {failure.error.message}", step.name, now
-            )
-
-    def _span(
-        self, name: str, run: SagaRun, step: ResolvedStep, parent: context_api.Context
-    ) -> Any:
-        return self._tracer.start_as_current_span(
-            name,
-            context=parent,
-            kind=SpanKind.INTERNAL,
-            attributes={
-                "saga.id": run.id,
-                "saga.definition": run.definition,
-                "saga.step": step.name,
-                "rpc.method": step.method[1:],
-            },
-        )
-
-    async def _act(
-        self,
-        run: SagaRun,
-        step: ResolvedStep,
-        pivot: bool,
-        parent: context_api.Context,
-        lock: asyncio.Lock,
-    ) -> _Done | _Failed:
-        state = run.step(step.name)
-        key = saga_key(run.id, step.name, Op.ACTION)
-        assert run.deadline is not None
-        deadline = run.deadline
-        with self._span(f"saga step {step.name}", run, step, parent) as span:
-            attempt = state.attempts
-            while True:
-                attempt += 1
-                timeout = step.timeout_s
-                if not pivot:
-                    remaining = (deadline - self.clock.now()).total_seconds()
-                    if remaining <= 0:
-                        return _Failed(
-                            DeadlineExceededError(
-                                f"the saga's deadline passed during step {step.name}",
-                                domain=DOMAIN,
-                            ),
-                            attempt - 1,
-                            unknown=True,
-                        )
-                    timeout = min(timeout, remaining)
-                try:
-                    reply = await self.participants.call(
-                        step.service, step.method, state.request, key, timeout
-                    )
-                except FrameworkError as error:
-                    span.add_event("attempt failed", {"attempt": attempt, "code": error.code.name})
-                    delay = step.step.retry.delay_s(attempt, self._rng.random())
-                    again = retryable(error) and attempt < step.step.retry.max_attempts
-                    if again and not pivot:
-                        left = (deadline - self.clock.now()).total_seconds()
-                        again = delay < left
-                    if not again:
-                        span.set_status(Status(StatusCode.ERROR, f"{error.code.name}: {error}"))
-                        return _Failed(error, attempt, unknown=retryable(error))
-                    await self._record_attempt(run, step, False, attempt, error, delay, lock)
-                    await self.clock.sleep(delay)
-                    continue
-                return _Done(reply, attempt)
-
-    async def _record_attempt(
-        self,
-        run: SagaRun,
-        step: ResolvedStep,
-        compensation: bool,
-        attempt: int,
-        error: FrameworkError,
-        delay: float,
-        lock: asyncio.Lock,
-    ) -> None:
-        async with lock:
-            run.attempt_failed(
-                step.name, compensation, attempt, step_error(error), delay, self.clock.now()
-            )
-            await self._save(run)
-
-    async def _backward(
-        self,
-        run: SagaRun,
-        definition: SagaDefinition,
-        parent: context_api.Context,
-        lock: asyncio.Lock,
-    ) -> None:
-        for name in reversed(run.started_order):
-            step = definition.by_name.get(name)
-            state = run.step(name)
-            if step is None or not step.compensable or state.status is StepStatus.COMPENSATED:
-                continue
-            try:
-                action = step.request_type.FromString(state.request)
-                reply = (
-                    step.response_type.FromString(state.response)
-                    if state.response is not None
-                    else None
-                )
-                request = step.build_compensation(action, reply).SerializeToString()
-            except Exception as error:  # noqa: BLE001 - a definition bug: an operator must look
-                problem = InvalidArgumentError(str(error), reason="BAD_COMPENSATION_REQUEST")
-                run.needs_attention(
-                    name,
-                    f"cannot build the compensation request of step {name}: {error}",
-                    step_error(problem),
-                    self.clock.now(),
-                )
-                await self._save(run)
-                return
-            outcome = await self._undo(run, step, request, parent, lock)
-            now = self.clock.now()
-            if isinstance(outcome, _Done):
-                run.step_compensated(name, outcome.response, outcome.attempts, now)
-                await self._save(run)
-                continue
-            assert step.compensation is not None
-            run.needs_attention(
-                name,
-                f"compensation {step.compensation.method[1:]} of step {name} failed"
-                f" {outcome.attempts} time(s): {outcome.error.code.name}"
-                f" {outcome.error.message}; fix it and retry the saga",
-                step_error(outcome.error),
-                now,
-            )
-            await self._save(run)
-            return
-        run.compensated(self.clock.now())
-        await self._save(run)
-
-    async def _undo(
-        self,
-        run: SagaRun,
-        step: ResolvedStep,
-        request: bytes,
-        parent: context_api.Context,
-        lock: asyncio.Lock,
-    ) -> _Done | _Failed:
-        compensation = step.compensation
-        assert compensation is not None
-        retry = step.step.compensation_retry or self.config.compensation_retry
-        key = saga_key(run.id, step.name, Op.COMPENSATION)
-        attempt = run.step(step.name).compensation_attempts
-        with self._span(f"saga compensate {step.name}", run, step, parent) as span:
-            while True:
-                attempt += 1
-                try:
-                    reply = await self.participants.call(
-                        step.service, compensation.method, request, key, compensation.timeout_s
-                    )
-                except FrameworkError as error:
-                    span.add_event("attempt failed", {"attempt": attempt, "code": error.code.name})
-                    if attempt >= retry.max_attempts:
-                        span.set_status(Status(StatusCode.ERROR, f"{error.code.name}: {error}"))
-                        return _Failed(error, attempt, unknown=True)
-                    delay = retry.delay_s(attempt, self._rng.random())
-                    await self._record_attempt(run, step, True, attempt, error, delay, lock)
-                    await self.clock.sleep(delay)
-                    continue
-                return _Done(reply, attempt)
