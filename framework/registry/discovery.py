@@ -3,7 +3,8 @@
 If the registry is unreachable or the stream breaks, the last view stays in
 force (clients keep calling the instances they know) while `Discovery`
 reconnects with capped exponential backoff (the channel's own reconnect backoff
-is capped the same way), resuming from the last revision it saw.  Listeners are
+is capped the same way, and the Watch call waits for the channel to be ready),
+resuming from the last revision it saw.  Listeners are
 called synchronously with every new view.
 
 A client can also start while the registry is down: with
@@ -60,7 +61,7 @@ class DiscoveryConfig:
     """Reconnect backoff after the registry stream fails (seconds); the view cache."""
 
     reconnect_min_s: float = 0.05
-    reconnect_max_s: float = 2.0
+    reconnect_max_s: float = 1.0
     # Directory where the last view of each service is kept ("" = no cache).
     cache_dir: str = ""
 
@@ -255,7 +256,10 @@ class Discovery:
                 deltas=True,
             )
             try:
-                async for message in stub.Watch(request, timeout=None):
+                # wait_for_ready: while the registry is away the call waits for the
+                # channel (reconnecting every reconnect_max_s at most) instead of failing
+                # fast, so the stream resumes as soon as the registry is back.
+                async for message in stub.Watch(request, timeout=None, wait_for_ready=True):
                     if not self.connected:
                         logger.info("following %s in the registry", self.service)
                     self.connected = True

@@ -70,7 +70,9 @@ async def _serve(instances: int, services: int) -> None:
         for n in range(instances):
             service = f"svc-{n % services:02d}"
             await registry.register(service, f"10.{n // 250}.{n % 250}.1:5000", ttl_s=3600)
-        server = Server(ServerConfig(name="registry", grace_s=0, reflection=False))
+        server = Server(
+            ServerConfig(name="registry", grace_s=0, reflection=False, insecure_dev=True)
+        )
         server.add(RegistryServicer(registry))
         await server.start()
         print(server.address, flush=True)
