@@ -25,10 +25,11 @@ import asyncio
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -159,21 +160,34 @@ def is_connection_error(error: BaseException) -> bool:
     return isinstance(error, asyncpg.InterfaceError) and "closed" in str(error)
 
 
-@contextmanager
-def unavailable_on_connection_errors(what: str) -> Iterator[None]:
-    """Re-raise driver connection failures as `UnavailableError` (UNAVAILABLE: retry)."""
-    try:
-        yield
-    except UnavailableError:
-        raise
-    except Exception as error:
-        if is_connection_error(error):
-            # the driver's text (hosts, roles, paths) goes to the log, not to callers
-            logger.warning("PostgreSQL event store: %s failed: %r", what, error)
-            raise UnavailableError(
-                f"PostgreSQL event store: {what} failed, the connection was lost; retry"
-            ) from error
-        raise
+class unavailable_on_connection_errors:  # noqa: N801 - used like a function: `with ...(what):`
+    """Re-raise driver connection failures as `UnavailableError` (UNAVAILABLE: retry).
+
+    A plain class, not a generator context manager: it wraps every call of the
+    store, so entering and leaving it must cost next to nothing.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if error is None or isinstance(error, UnavailableError) or not is_connection_error(error):
+            return
+        # the driver's text (hosts, roles, paths) goes to the log, not to callers
+        logger.warning("PostgreSQL event store: %s failed: %r", self.what, error)
+        raise UnavailableError(
+            f"PostgreSQL event store: {self.what} failed, the connection was lost; retry"
+        ) from error
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:

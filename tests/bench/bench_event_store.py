@@ -36,7 +36,7 @@ from typing import Any
 
 from framework.events.aggregate import Repository
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
-from framework.events.store import NewEvent
+from framework.events.store import NewEvent, new_event_id
 from gen.events.v1.testing_pb2 import AmountDeposited
 from tests.bench.harness import Sample, bench_line, interleave, median_cpu_us, median_rate, timed
 from tests.events.account import Account, account_types
@@ -64,7 +64,7 @@ def _events(batch: int) -> list[NewEvent]:
 
 def _fresh_ids(batches: list[list[NewEvent]]) -> list[list[NewEvent]]:
     """The same events under new ids (built before the clock starts)."""
-    return [[dataclasses.replace(e, event_id=str(uuid.uuid4())) for e in b] for b in batches]
+    return [[dataclasses.replace(e, event_id=new_event_id()) for e in b] for b in batches]
 
 
 def _rows(stream: str, first_version: int, events: list[NewEvent]) -> list[tuple[Any, ...]]:
