@@ -12,6 +12,8 @@ Commands:
   reference  write docs/reference.md from the contracts (what `make docs` runs)
   analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
   sagas    list, show, watch or retry sagas (`python -m framework sagas --help`)
+  token    a development JWT: `token --sub alice --scopes orders:read` (key from a file or env)
+  new      scaffold a service: `new service catalog` (contract, layers, main, test)
 """
 
 from __future__ import annotations
@@ -61,6 +63,103 @@ def _up(args: argparse.Namespace) -> int:
         return 1
 
 
+TOKEN_KEY_ENV = "FRAMEWORK_TOKEN_KEY"  # path of a PEM private key
+TOKEN_SECRET_ENV = "FRAMEWORK_TOKEN_SECRET"  # an HMAC secret (HS256), at least 32 bytes
+
+
+def _signing(args: argparse.Namespace) -> tuple[object, str | None, str | None]:
+    """(SigningKey, issuer, audience) from --key, --secret-env, the environment or the system."""
+    import os
+
+    from framework.auth.devtoken import SigningKey
+
+    kid = args.kid or "dev-1"
+    key_path = args.key or os.environ.get(TOKEN_KEY_ENV, "")
+    secret_env = args.secret_env or (TOKEN_SECRET_ENV if os.environ.get(TOKEN_SECRET_ENV) else "")
+    if key_path:
+        return SigningKey.from_pem_file(key_path, kid), args.issuer, args.audience
+    if secret_env:
+        secret = os.environ.get(secret_env, "")
+        if not secret:
+            raise ValueError(f"the environment variable {secret_env} is empty or unset")
+        return SigningKey.hmac(secret, kid), args.issuer, args.audience
+    # The development keys of the system `make run` started (python -m framework up).
+    from framework.system.keys import (
+        PLATFORM_ISSUER,
+        PLATFORM_KID,
+        USER_ISSUER,
+        USER_KID,
+        KeyFiles,
+    )
+    from framework.system.manifest import ManifestError, load_manifest
+
+    manifest_path = Path(args.manifest)
+    if not manifest_path.exists():
+        raise ValueError(
+            f"no signing key: pass --key PEM or --secret-env VAR, set {TOKEN_KEY_ENV} or "
+            f"{TOKEN_SECRET_ENV}, or run it next to a system manifest ({manifest_path} is missing)"
+        )
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as error:
+        raise ValueError(str(error)) from None
+    files = KeyFiles(manifest.data_dir / "keys")
+    path = files.platform_signing if args.platform else files.user_signing
+    if not path.exists():
+        raise ValueError(
+            f"no signing key at {path}: `make run` creates the system's development keys "
+            "(or pass --key PEM / --secret-env VAR)"
+        )
+    kid, issuer = (PLATFORM_KID, PLATFORM_ISSUER) if args.platform else (USER_KID, USER_ISSUER)
+    return (
+        SigningKey.from_pem_file(path, args.kid or kid),
+        args.issuer or issuer,
+        args.audience or manifest.name,
+    )
+
+
+def _token(args: argparse.Namespace) -> int:
+    from framework.auth.devtoken import SigningKey, mint_token
+
+    try:
+        key, issuer, audience = _signing(args)
+        assert isinstance(key, SigningKey)
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        issued = mint_token(
+            key, args.sub, scopes, issuer=issuer, audience=audience, ttl_s=args.ttl_s
+        )
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    expires = issued.expires_at.isoformat(timespec="seconds") if issued.expires_at else "never"
+    print(
+        f"token: sub={args.sub} scope={' '.join(sorted(set(scopes))) or '-'} "
+        f"iss={issuer or '-'} aud={audience or '-'} {key.algorithm} kid={key.kid}, "
+        f"expires {expires}; send it as 'authorization: Bearer <token>'",
+        file=sys.stderr,
+    )
+    print(issued.token)
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    from framework.scaffold import ScaffoldError, new_service
+
+    try:
+        written = new_service(args.name, args.root)
+    except ScaffoldError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    root = Path(args.root).resolve()
+    for path in written:
+        print(f"wrote {path.relative_to(root)}")
+    print(
+        f"next: make lint test (the new tests are tests/services/test_{args.name}.py); "
+        "make run starts it with the system"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m framework")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +182,32 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("manifest", nargs="?", default="system.toml", help="default: system.toml")
     u.set_defaults(func=_up)
     sub.add_parser("sagas", help="sagas: list, show ID, watch ID, retry ID (see --help)")
+    t = sub.add_parser(
+        "token",
+        help="sign a development JWT (printed on stdout)",
+        description="Sign a JWT for development. The key: --key PEM (or $FRAMEWORK_TOKEN_KEY), "
+        "--secret-env VAR naming an HMAC secret of 32+ bytes (or $FRAMEWORK_TOKEN_SECRET), "
+        "else the development keys of the system in --manifest (what `make run` created). "
+        "Scopes go in the `scope` claim, space-separated. Never a built-in secret.",
+    )
+    t.add_argument("--sub", required=True, help="the caller (the sub claim)")
+    t.add_argument("--scopes", default="", help="comma-separated, e.g. orders:read,orders:write")
+    t.add_argument("--key", default="", help="PEM private key (EC -> ES256, RSA, Ed25519)")
+    t.add_argument("--secret-env", default="", help="environment variable holding an HMAC secret")
+    t.add_argument("--kid", default="", help="key id in the header (default: the key's)")
+    t.add_argument("--issuer", default=None, help="the iss claim")
+    t.add_argument("--audience", default=None, help="the aud claim")
+    t.add_argument("--ttl-s", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    t.add_argument("--manifest", default="system.toml", help="system whose dev keys to use")
+    t.add_argument(
+        "--platform", action="store_true", help="sign as the platform (operator), not a user"
+    )
+    t.set_defaults(func=_token)
+    n = sub.add_parser("new", help="scaffold a service: new service NAME")
+    n.add_argument("kind", choices=["service"], help="what to create")
+    n.add_argument("name", help="the service's name, e.g. catalog")
+    n.add_argument("--root", default=".", help="the repository root (default: here)")
+    n.set_defaults(func=_new)
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")

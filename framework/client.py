@@ -26,10 +26,20 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from framework.config import ClientConfig
+from framework.config import ClientConfig, expect
 from framework.errors import CallCancelledError, from_rpc_error
 from framework.policies.deadline import DeadlinePolicy
-from framework.policy import Arity, BoundChain, Call, Chain, Exit, Policy, Side, run_exits
+from framework.policy import (
+    Arity,
+    BoundChain,
+    Call,
+    Chain,
+    Exit,
+    Policy,
+    Side,
+    as_policies,
+    run_exits,
+)
 
 __all__ = ["Channel", "ClientConfig", "connect"]
 
@@ -46,10 +56,13 @@ def connect(
     The deadline step is pinned innermost. Policies may contribute channel options
     through `channel_options()` (e.g. a retry service config).
     """
+    expect(target, str, "connect(target)", 'a "host:port" string, e.g. "127.0.0.1:50051"')
+    if config is not None:
+        expect(config, ClientConfig, "connect(config=...)", "a ClientConfig(...)")
     config = config or ClientConfig()
     chain = Chain(
         [
-            *policies,
+            *as_policies(policies, "connect(policies=...)"),
             DeadlinePolicy(config.default_timeout_s, propagate=config.propagate_deadline),
         ],
         Side.CLIENT,

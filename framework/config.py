@@ -7,6 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
+def expect(value: object, kind: type | tuple[type, ...], what: str, example: str) -> None:
+    """Refuse a constructor argument of the wrong type at once, saying what to pass.
+
+    `what` names the argument (`JwtVerifier(keys)`), `example` shows a right one.
+    """
+    if not isinstance(value, kind):
+        raise TypeError(f"{what} must be {example}, got {type(value).__name__}: {value!r:.80}")
+
+
 def _env(environ: Mapping[str, str], key: str) -> str | None:
     value = environ.get(key)
     return value if value not in (None, "") else None

@@ -75,6 +75,11 @@ class Check:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("Check.name must not be empty")
+        if not callable(self.fn):
+            raise TypeError(
+                f"Check({self.name!r}, fn) must be an async callable such as store.ping, "
+                f"got {type(self.fn).__name__}"
+            )
         if self.interval_s <= 0:
             raise ValueError(f"Check.interval_s must be > 0, got {self.interval_s}")
         if self.timeout_s <= 0:
@@ -145,6 +150,12 @@ class HealthMonitor:
     """Runs the checks and keeps the standard health service's statuses current."""
 
     def __init__(self, checks: Sequence[HealthCheck] = ()) -> None:
+        for check in checks:
+            if not isinstance(check, HealthCheck):
+                raise TypeError(
+                    'health_checks items must be checks such as Check("db", store.ping), '
+                    f"got {type(check).__name__}"
+                )
         names = [c.name for c in checks]
         if len(set(names)) != len(names):
             raise ValueError(f"health check names must be unique, got {names}")

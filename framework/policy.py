@@ -384,11 +384,27 @@ def _is_async(enter: Callable[..., Any]) -> bool:
     )
 
 
+def as_policies(policies: Iterable[Policy], where: str) -> tuple[Policy, ...]:
+    """`policies` as a tuple; a single policy or a non-list fails here, saying what to pass."""
+    single = isinstance(policies, Policy)
+    if single or isinstance(policies, str | bytes):
+        raise TypeError(
+            f"{where} must be a list of policies, e.g. [{type(policies).__name__}()], "
+            f"got one {type(policies).__name__}"
+        )
+    try:
+        return tuple(policies)
+    except TypeError:
+        raise TypeError(
+            f"{where} must be a list of policies, got {type(policies).__name__}"
+        ) from None
+
+
 class Chain:
     """Policies in declared order (first = outermost), bound per method and cached."""
 
     def __init__(self, policies: Iterable[Policy], side: Side, *, allow_async: bool = True) -> None:
-        self.policies: tuple[Policy, ...] = tuple(policies)
+        self.policies: tuple[Policy, ...] = as_policies(policies, "policies")
         self.side = side
         self.allow_async = allow_async
         for policy in self.policies:

@@ -26,10 +26,18 @@ import grpc
 import grpc.aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from framework.config import ServerConfig
+from framework.config import ServerConfig, expect
 from framework.health import HealthCheck, HealthMonitor
 from framework.policies.error_mapping import ErrorMappingPolicy
-from framework.policy import Chain, Method, Policy, Side, authenticates, requires_authentication
+from framework.policy import (
+    Chain,
+    Method,
+    Policy,
+    Side,
+    as_policies,
+    authenticates,
+    requires_authentication,
+)
 from framework.server_adapter import Registrar
 
 logger = logging.getLogger(__name__)
@@ -59,8 +67,17 @@ class Server:
         credentials: grpc.ServerCredentials | None = None,
         hooks: Sequence[object] = (),
     ) -> None:
+        if config is not None:
+            expect(
+                config,
+                ServerConfig,
+                "Server(config)",
+                'a ServerConfig, e.g. ServerConfig.from_env("orders")',
+            )
         self.config = config or ServerConfig()
-        self.chain = Chain([ErrorMappingPolicy(), *policies], Side.SERVER)
+        self.chain = Chain(
+            [ErrorMappingPolicy(), *as_policies(policies, "Server(policies=...)")], Side.SERVER
+        )
         self.credentials = credentials
         self._grpc = grpc.aio.server(
             options=list(self.config.grpc_options),

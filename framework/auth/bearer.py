@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 from framework.errors import UnauthenticatedError, code_of
 from framework.policy import AsyncEnter, Call, Enter, Exit, Method, Side
 
@@ -67,6 +68,13 @@ class BearerToken:
     ) -> None:
         if (token is None) == (provider is None):
             raise ValueError("give either a static token or a provider, not both or neither")
+        if token is not None:
+            expect(token, str, "BearerToken(token)", "the token as a str (without 'Bearer ')")
+        if provider is not None and not callable(provider):
+            raise TypeError(
+                "BearerToken(provider=...) must be an async function returning an IssuedToken, "
+                f"got {type(provider).__name__}"
+            )
         if refresh_before_s < 0:
             raise ValueError("refresh_before_s must be >= 0")
         if retry_after_s <= 0:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 
 __all__ = [
     "ALGORITHMS",
@@ -155,6 +156,17 @@ class StaticKeys:
     """Keys given in code; they never change (rotate by deploying)."""
 
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
+        if isinstance(keys, str | bytes | VerificationKey):
+            raise TypeError(
+                "StaticKeys(keys) must be a list of keys, e.g. "
+                '[VerificationKey.hmac("k1", secret)], '
+                f"got {type(keys).__name__}"
+            )
+        keys = list(keys)
+        for key in keys:
+            expect(
+                key, VerificationKey, "StaticKeys(keys) items", 'VerificationKey.hmac("k1", secret)'
+            )
         self._keys = {k.kid: k for k in keys}
         if not self._keys:
             raise ValueError("StaticKeys needs at least one key")
@@ -258,6 +270,13 @@ class KeySet:
     def __init__(
         self, source: KeySource, *, check_interval_s: float = 30.0, clock: Clock | None = None
     ) -> None:
+        if not (
+            callable(getattr(source, "load", None)) and callable(getattr(source, "stamp", None))
+        ):
+            raise TypeError(
+                "KeySet(source) must be a key source: StaticKeys([...]), JwksFile(path) or "
+                f"PemFiles({{kid: path}}), got {type(source).__name__}"
+            )
         if check_interval_s <= 0:
             raise ValueError("check_interval_s must be > 0")
         self.source = source

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from framework.auth.bearer import BearerToken, IssuedToken
 from framework.auth.tls import PeerIdentity
 from framework.auth.verifier import JwtConfig, JwtVerifier, Principal
+from framework.config import expect
 from framework.errors import PermissionDeniedError, UnauthenticatedError
 from framework.policy import BasePolicy, Call, Exit, Method, Side
 
@@ -164,6 +165,13 @@ class AuthPolicy(BasePolicy):
         allowed_identities: IdentityRule | None = None,
         read_peer_identity: bool = True,
     ) -> None:
+        if verifier is not None:
+            expect(
+                verifier,
+                JwtVerifier,
+                "AuthPolicy(verifier)",
+                "a JwtVerifier(KeySet(...), JwtConfig(...)), or None for mTLS identities only",
+            )
         self.verifier = verifier
         self.required_by_default = required_by_default
         self.open_services = tuple(open_services)

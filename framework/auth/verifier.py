@@ -41,6 +41,7 @@ from typing import Any
 
 from framework.auth.keyset import KeySet
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 from framework.errors import UnauthenticatedError
 
 __all__ = ["JwtConfig", "JwtVerifier", "Principal"]
@@ -185,6 +186,14 @@ class JwtVerifier:
     """
 
     def __init__(self, keys: KeySet, config: JwtConfig, *, clock: Clock | None = None) -> None:
+        expect(
+            keys,
+            KeySet,
+            "JwtVerifier(keys)",
+            "a KeySet: wrap the key source, e.g. KeySet(StaticKeys([...])) or "
+            "KeySet(JwksFile(path))",
+        )
+        expect(config, JwtConfig, "JwtVerifier(config)", 'JwtConfig(issuer="...", audience="...")')
         self.keys = keys
         self.config = config
         self._clock = clock or SystemClock()

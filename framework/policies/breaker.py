@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 from framework.errors import CircuitOpenError, code_of
 from framework.policy import Call, Enter, Exit, Method, Side
 
@@ -253,6 +254,8 @@ class CircuitBreakerPolicy:
         clock: Clock | None = None,
         on_state_change: StateListener | None = None,
     ) -> None:
+        if config is not None:
+            expect(config, BreakerConfig, "CircuitBreakerPolicy(config)", "BreakerConfig(...)")
         self.config = config or BreakerConfig()
         self.clock = clock or SystemClock()
         self.on_state_change = on_state_change

@@ -18,6 +18,7 @@ import asyncio
 import collections
 from dataclasses import dataclass
 
+from framework.config import expect
 from framework.errors import BulkheadFullError
 from framework.policy import AsyncEnter, Call, Enter, Exit, Method, Side
 
@@ -118,6 +119,13 @@ class BulkheadPolicy:
     """Server: one bulkhead per method. Client: one per channel target (all its methods)."""
 
     def __init__(self, config: BulkheadConfig | None = None) -> None:
+        if config is not None:
+            expect(
+                config,
+                BulkheadConfig,
+                "BulkheadPolicy(config)",
+                "BulkheadConfig(max_concurrency=...)",
+            )
         self.config = config or BulkheadConfig()
         self._by_target: dict[str, Bulkhead] = {}
         self._by_method: dict[str, Bulkhead] = {}

@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 from framework.errors import FrameworkError, InvalidArgumentError, error_class
 from framework.policy import AsyncEnter, Call, Exit, Method, Side
 from gen.framework.v1 import faults_pb2, faults_pb2_grpc
@@ -150,6 +151,11 @@ class FaultInjectionPolicy:
 
     def set_rules(self, rules: Iterable[FaultRule]) -> None:
         """Add rules, replacing those with the same name."""
+        if isinstance(rules, FaultRule | str):
+            raise TypeError(f"rules must be a list of FaultRule, got one {type(rules).__name__}")
+        rules = list(rules)
+        for rule in rules:
+            expect(rule, FaultRule, "fault rules", 'FaultRule(name="...", ...)')
         for rule in rules:
             self._rules[rule.name] = rule
             logger.warning("fault injection ON: %s", rule)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from contextvars import ContextVar
 
+from framework.config import expect
 from framework.errors import FieldViolation, InvalidArgumentError
 from framework.policy import BasePolicy, Call, Enter, Exit, Method, Side
 
@@ -31,6 +32,7 @@ class IdempotencyKeyPolicy(BasePolicy):
     """Server: require the key where the contract asks; client: attach one where missing."""
 
     def __init__(self, side: Side = Side.SERVER) -> None:
+        expect(side, Side, "IdempotencyKeyPolicy(side)", "Side.SERVER or Side.CLIENT")
         self.side = side
         self.sides = frozenset({side})
 

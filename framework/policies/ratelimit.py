@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from framework.clock import Clock, SystemClock
+from framework.config import expect
 from framework.errors import RateLimitedError
 from framework.policy import AsyncEnter, Call, Enter, Exit, Method, Side
 
@@ -224,6 +225,13 @@ class RateLimitPolicy:
         identity: Identity | None = None,
         clock: Clock | None = None,
     ) -> None:
+        if config is not None:
+            expect(
+                config,
+                RateLimitConfig,
+                "RateLimitPolicy(config)",
+                "RateLimitConfig(default=Limit(rate_per_s=..., burst=...))",
+            )
         self.config = config or RateLimitConfig()
         self.backend: Buckets | AsyncBuckets = backend or MemoryBuckets(
             max_keys=self.config.max_keys, clock=clock

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import descriptor_pool
 
+from framework.config import expect
 from framework.policy import Method, Side
 from gen.framework.v1 import options_pb2
 
@@ -145,6 +146,7 @@ class RetryPolicy:
     sides = frozenset({Side.CLIENT})
 
     def __init__(self, config: RetryConfig) -> None:
+        expect(config, RetryConfig, "RetryPolicy(config)", "RetryConfig(services=[...])")
         self.config = config
         self._options = [
             ("grpc.enable_retries", 1),
