@@ -1,4 +1,6 @@
-# Every target works from a fresh clone: the virtualenv is created on demand.
+# Every target works from a fresh clone: the virtualenv is created on demand. The install
+# says what it does and stays quiet otherwise (setuptools' editable-mode notice is a
+# UserWarning of the build backend, silenced for that one command).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +24,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	@echo "make: installing the framework and its dev tools into $(VENV) (pip, a few minutes the first time)"
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed

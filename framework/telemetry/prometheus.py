@@ -23,6 +23,7 @@ free port (see `.port`).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from bisect import bisect_left
@@ -51,6 +52,9 @@ _UNITS = {
 }
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+
+
+logger = logging.getLogger(__name__)
 
 
 class PullReader(Protocol):
@@ -189,6 +193,7 @@ class MetricsEndpoint:
             self._server, self._thread = start_wsgi_server(
                 self.requested_port, self.host, self.registry
             )
+            logger.info("metrics on %s", self.url, extra={"metrics_url": self.url})
         return self.port
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import sampling as samplers
 from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
@@ -295,10 +295,16 @@ class Telemetry:
             self.meter_provider.shutdown()
 
 
+def _span_line(span: ReadableSpan) -> str:
+    return str(span.to_json(indent=None)) + "\n"
+
+
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
     kind = config.traces_exporter
     if kind == "console":
-        return ConsoleSpanExporter(service_name=config.service_name)
+        # One span per line on stdout (logs go to stderr): never a multi-line block that a
+        # log line could land inside when both streams share a terminal.
+        return ConsoleSpanExporter(service_name=config.service_name, formatter=_span_line)
     if kind == "memory":
         return InMemorySpanExporter()
     if kind == "otlp":
