@@ -12,13 +12,15 @@ schema (`schema=`), created on `open()`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
+from framework.errors import UnavailableError
 from framework.registry.model import Health, Instance, ServiceView
 from framework.registry.store import (
     INSTANCE_COLUMNS,
@@ -39,6 +41,35 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 DB_NOW = "extract(epoch from clock_timestamp())::float8"
 # Lost connections and a server that went away: the store is unavailable for now.
 _GONE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# ... and a server that is shutting down or not accepting connections yet.
+_DOWN = (
+    *_GONE,
+    TimeoutError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+P = ParamSpec("P")
+
+
+def _unavailable_when_down(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """The store's database unreachable is `UnavailableError` (UNAVAILABLE: retry), not
+    INTERNAL; the driver's text goes to the log, never to callers."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _DOWN as error:
+            logger.warning("registry database unreachable in %s: %r", method.__name__, error)
+            raise UnavailableError(
+                "the registry's database is unreachable; retry shortly",
+                reason="REGISTRY_STORE_DOWN",
+            ) from error
+
+    return wrapper
+
 
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -162,6 +193,7 @@ class PostgresStore:
         return revision
 
     # ------------------------------------------------------------- writes
+    @_unavailable_when_down
     async def put(self, instance: Instance) -> int | None:
         s = self.schema
 
@@ -180,9 +212,11 @@ class PostgresStore:
             self._feed.publish(revision, instance.service)
         return revision
 
+    @_unavailable_when_down
     async def now(self) -> float:
         return float(await self._require_pool().fetchval(f"SELECT {DB_NOW}"))
 
+    @_unavailable_when_down
     async def renew(self, lease_id: str, now: float | None) -> Instance | None:
         row = await self._require_pool().fetchrow(
             f"WITH t AS (SELECT COALESCE($1::float8, {DB_NOW}) AS now) "
@@ -193,6 +227,7 @@ class PostgresStore:
         )
         return None if row is None else instance_from_row(tuple(row))
 
+    @_unavailable_when_down
     async def extend_leases(self, now: float | None) -> int:
         status = await self._require_pool().execute(
             f"WITH t AS (SELECT COALESCE($1::float8, {DB_NOW}) AS now) "
@@ -240,6 +275,7 @@ class PostgresStore:
             except (*_GONE, TimeoutError):
                 conn.terminate()
 
+    @_unavailable_when_down
     async def delete(self, lease_id: str) -> Instance | None:
         async def body(conn: Any) -> tuple[Instance | None, int | None]:
             row = await conn.fetchrow(
@@ -257,6 +293,7 @@ class PostgresStore:
             self._feed.publish(revision, removed.service)
         return removed
 
+    @_unavailable_when_down
     async def set_health(self, lease_id: str, health: Health) -> bool:
         async def body(conn: Any) -> tuple[int, str] | None:
             service = await conn.fetchval(
@@ -272,6 +309,7 @@ class PostgresStore:
             self._feed.publish(*changed)
         return changed is not None
 
+    @_unavailable_when_down
     async def expire(self, now: float | None) -> list[Instance]:
         async def body(conn: Any) -> tuple[list[Instance], list[tuple[int, str]]]:
             rows = await conn.fetch(
@@ -292,6 +330,7 @@ class PostgresStore:
             self._feed.publish(revision, service)
         return removed
 
+    @_unavailable_when_down
     async def set_version_weights(self, service: str, weights: Mapping[str, int]) -> int:
         async def body(conn: Any) -> int:
             revision = await self._bump(conn, service)
@@ -307,6 +346,7 @@ class PostgresStore:
         return revision
 
     # -------------------------------------------------------------- reads
+    @_unavailable_when_down
     async def get(self, lease_id: str) -> Instance | None:
         row = await self._require_pool().fetchrow(
             f"SELECT {INSTANCE_COLUMNS} FROM {self.schema}.registry_instances WHERE lease_id = $1",
@@ -334,12 +374,14 @@ class PostgresStore:
             weights_from_json(head[1]),
         )
 
+    @_unavailable_when_down
     async def view(self, service: str) -> ServiceView:
         async def body(conn: Any) -> ServiceView:
             return await self._read_view(conn, service)
 
         return await self._read_only(body)
 
+    @_unavailable_when_down
     async def views(self) -> list[ServiceView]:
         async def body(conn: Any) -> list[ServiceView]:
             names = await conn.fetch(
@@ -358,6 +400,7 @@ class PostgresStore:
         ):
             return await body(conn)
 
+    @_unavailable_when_down
     async def instances(self) -> list[Instance]:
         rows = await self._require_pool().fetch(
             f"SELECT {INSTANCE_COLUMNS} FROM {self.schema}.registry_instances "
@@ -365,12 +408,14 @@ class PostgresStore:
         )
         return [instance_from_row(tuple(r)) for r in rows]
 
+    @_unavailable_when_down
     async def revision(self) -> int:
         value = await self._require_pool().fetchval(
             f"SELECT value FROM {self.schema}.registry_revision WHERE id = 1"
         )
         return int(value)
 
+    @_unavailable_when_down
     async def service_revisions(self, services: Sequence[str]) -> dict[str, int]:
         rows = await self._require_pool().fetch(
             f"SELECT name, revision FROM {self.schema}.registry_services "
