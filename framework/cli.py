@@ -14,6 +14,7 @@ Commands:
   sagas    list, show, watch or retry sagas (`python -m framework sagas --help`)
   token    a development JWT: `token --sub alice --scopes orders:read` (key from a file or env)
   new      scaffold a service: `new service catalog` (contract, layers, main, test)
+  chaos    run chaos experiments against a system, print the table (`chaos run --help`)
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("name", help="the service's name, e.g. catalog")
     n.add_argument("--root", default=".", help="the repository root (default: here)")
     n.set_defaults(func=_new)
+    sub.add_parser("chaos", help="chaos experiments: run, check (see chaos run --help)")
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")
@@ -245,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from framework.saga.cli import main as sagas_main
 
         return sagas_main(args_list[1:])
+    if args_list[:1] == ["chaos"]:
+        from framework.chaos.cli import main as chaos_main
+
+        return chaos_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     result: int = args.func(args)
     return result

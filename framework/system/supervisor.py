@@ -149,6 +149,8 @@ class _Managed:
         self.ready = False
         self.started = asyncio.Event()  # set on every spawn
         self.stopping = asyncio.Event()
+        self.released = asyncio.Event()  # cleared while held down (chaos: "stop for N s")
+        self.released.set()
         self.task: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -211,6 +213,15 @@ class _Managed:
             self.ready = False
             if self.stopping.is_set():
                 break
+            if not self.released.is_set():  # held down on purpose: no restart until released
+                self.state = ProcessState.STOPPED
+                self.sup.write_line(self.spec.name, f"exited with {_describe(code or 0)}; held")
+                await _first(self.released.wait(), self.stopping.wait())
+                backoff = policy.initial_backoff_s
+                if self.stopping.is_set():
+                    break
+                self.restarts += 1
+                continue
             if clock.monotonic() - began >= policy.reset_after_s:
                 backoff = policy.initial_backoff_s
             self.state = ProcessState.BACKOFF
@@ -253,6 +264,17 @@ class _Managed:
         if self.task is not None:
             await self.task
         return self.last_exit
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    """Wait until the first of `waits` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -390,6 +412,21 @@ class Supervisor:
             raise ProcessLookupError(f"{name} is not running")
         process.send_signal(sig)
         return process.pid
+
+    async def hold(self, name: str) -> int | None:
+        """Stop one process (SIGTERM, then SIGKILL after its timeout) and keep it down until
+        `release(name)`: e.g. the registry down for longer than a lease.  Its exit code."""
+        managed = self._get(name)
+        managed.released.clear()
+        process = managed.process
+        if process is None or process.returncode is not None:
+            return managed.last_exit
+        await managed._end_process()
+        return process.returncode
+
+    def release(self, name: str) -> None:
+        """Let a held process start again (at once, without backoff)."""
+        self._get(name).released.set()
 
     async def stop(self) -> dict[str, int | None]:
         """Stop every process, highest tier first; returns each one's last exit code."""

@@ -33,6 +33,7 @@ __all__ = [
     "authorize",
     "charge",
     "declined",
+    "ledger_entries",
     "refund",
 ]
 
@@ -148,6 +149,17 @@ def charge(
         updated_at=now,
     )
     return payment, True
+
+
+def ledger_entries(before: Payment | None, after: Payment) -> list[int]:
+    """Money moved by a change, as signed ledger amounts: +amount when a charge is taken,
+    -amount when a taken charge is refunded; nothing for declines and tombstones."""
+    was = before.status if before is not None else None
+    if after.status is PaymentStatus.CHARGED and was is None:
+        return [after.amount_minor]
+    if after.status is PaymentStatus.REFUNDED and was is PaymentStatus.CHARGED:
+        return [-after.amount_minor]
+    return []
 
 
 def refund(

@@ -4,7 +4,9 @@
 
 Environment: the runtime's `SERVICE_*` (see `framework.system.runtime`), plus
 `PAYMENT_FAILURE_RATE` (0..1, random declines for chaos runs; default 0) and
-`PAYMENT_DECLINE_ABOVE_MINOR` (amounts above it are declined; 0 = no limit).
+`PAYMENT_DECLINE_ABOVE_MINOR` (amounts above it are declined; 0 = no limit), and the test
+flag `PAYMENT_BUG_REFUND_TWICE=1`: a deliberate bug (each refund entered twice in the
+ledger) that the chaos invariants must catch; never set it otherwise.
 Several replicas may share one database.
 """
 
@@ -26,6 +28,8 @@ from services.payment.servicer import PaymentServicer
 from services.payment.store import SqlPaymentStore
 
 __all__ = ["SERVICE", "PaymentService", "build", "config_from_env", "main"]
+
+logger = logging.getLogger(__name__)
 
 SERVICE = "payment.v1.PaymentService"
 
@@ -50,7 +54,10 @@ class PaymentService:
 async def build(config: RuntimeConfig, payment: PaymentConfig | None = None) -> PaymentService:
     runtime = ServiceRuntime(config)
     db = await runtime.open_database(EventTypeRegistry.from_modules(events_pb2))
-    store = SqlPaymentStore(db)
+    refund_twice = config.extra.get("PAYMENT_BUG_REFUND_TWICE", "") == "1"
+    if refund_twice:
+        logger.warning("PAYMENT_BUG_REFUND_TWICE=1: refunds are entered twice (a chaos test flag)")
+    store = SqlPaymentStore(db, refund_entries=2 if refund_twice else 1)
     await store.setup()
     payments = Payments(store, payment or config_from_env(config.extra))
     server = runtime.server(

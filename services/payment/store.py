@@ -1,18 +1,25 @@
 """Payments in the service's own database; several replicas may share it.
 
 Each change is one transaction that reads the payment row (locked on PostgreSQL)
-and writes it; a first write of a payment id inserts with ON CONFLICT DO NOTHING,
-and a replica that loses that race runs the unit of work again on the winner's row.
+and writes it, with the money it moved as ledger entries (`payment_ledger`: +amount
+for a charge taken, -amount for a refund), so the ledger of a payment always adds up
+to what its status says; a first write of a payment id inserts with ON CONFLICT DO
+NOTHING, and a replica that loses that race runs the unit of work again on the
+winner's row.
+
+`refund_entries=2` is a deliberate bug for chaos runs (`PAYMENT_BUG_REFUND_TWICE=1`):
+each refund is entered twice, which the `payment-balances` invariant must catch.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from framework.events.envelope import from_micros, to_micros
 from framework.system.database import ServiceDatabase
-from services.payment.domain import Payment, PaymentStatus
+from services.payment.domain import Payment, PaymentStatus, ledger_entries
 
 __all__ = ["SCHEMA", "SqlPaymentStore"]
 
@@ -30,6 +37,14 @@ SCHEMA = (
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS {payment_ledger} (
+        entry_id TEXT PRIMARY KEY,
+        payment_id TEXT NOT NULL,
+        order_id TEXT NOT NULL,
+        amount_minor BIGINT NOT NULL,
+        recorded_at BIGINT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS payment_ledger_by_payment ON {payment_ledger} (payment_id)",
 )
 _COLUMNS = (
     "payment_id, order_id, user_id, amount_minor, currency, status, reason, created_at, updated_at"
@@ -55,8 +70,11 @@ class _LostRaceError(Exception):
 
 
 class SqlPaymentStore:
-    def __init__(self, db: ServiceDatabase) -> None:
+    def __init__(self, db: ServiceDatabase, *, refund_entries: int = 1) -> None:
+        if refund_entries not in (1, 2):
+            raise ValueError(f"refund_entries must be 1 (or 2: the chaos bug), got {refund_entries}")
         self.db = db
+        self.refund_entries = refund_entries
 
     async def setup(self) -> None:
         await self.db.script(SCHEMA)
@@ -122,6 +140,19 @@ class SqlPaymentStore:
                     *values,
                     payment.payment_id,
                 )
+            for amount in ledger_entries(current, payment):
+                for _ in range(self.refund_entries if amount < 0 else 1):
+                    await db.execute(
+                        tx,
+                        "INSERT INTO {payment_ledger}"
+                        " (entry_id, payment_id, order_id, amount_minor, recorded_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        str(uuid.uuid4()),
+                        payment.payment_id,
+                        payment.order_id,
+                        amount,
+                        to_micros(payment.updated_at),
+                    )
             return result
 
     async def totals(self) -> dict[str, int]:
@@ -131,3 +162,13 @@ class SqlPaymentStore:
                 tx, "SELECT status, COALESCE(SUM(amount_minor), 0) FROM {payments} GROUP BY status"
             )
         return {str(r[0]): int(r[1]) for r in rows}
+
+    async def ledger_balance(self, payment_id: str) -> int:
+        """What the ledger says a payment holds now (its entries summed)."""
+        async with self.db.transaction() as tx:
+            row = await self.db.fetchone(
+                tx,
+                "SELECT COALESCE(SUM(amount_minor), 0) FROM {payment_ledger} WHERE payment_id = ?",
+                payment_id,
+            )
+        return int(row[0]) if row else 0

@@ -96,6 +96,7 @@ async def test_racing_charges_on_two_replicas_charge_once(
     )
     assert len({r.payment.SerializeToString() for r in replies}) == 1
     assert await replicas[1].payments.store.totals() == {"CHARGED": 25_00}
+    assert await replicas[1].payments.store.ledger_balance(payment_id) == 25_00  # one entry
 
 
 async def test_refund_compensates_once_and_a_late_charge_takes_nothing(
@@ -117,6 +118,7 @@ async def test_refund_compensates_once_and_a_late_charge_takes_nothing(
         await stub.ChargePayment(_charge(payment_id), metadata=_key())
     assert late.value.reason == "PAYMENT_CANCELLED"
     assert await replicas[0].payments.store.totals() == {"REFUNDED": 25_00}
+    assert await replicas[0].payments.store.ledger_balance(payment_id) == 0  # +2500 -2500
 
 
 async def test_a_refund_before_its_charge_blocks_the_charge(
@@ -133,6 +135,7 @@ async def test_a_refund_before_its_charge_blocks_the_charge(
         await stub.ChargePayment(_charge(payment_id), metadata=_key())
     assert hanging.value.reason == "PAYMENT_CANCELLED"
     assert "CHARGED" not in await replicas[0].payments.store.totals()
+    assert await replicas[0].payments.store.ledger_balance(payment_id) == 0
     with pytest.raises(NotFoundError):
         await stub.GetPayment(pb.GetPaymentRequest(payment_id=payment_id))
 

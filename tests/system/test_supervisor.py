@@ -145,3 +145,32 @@ def test_names_must_be_unique() -> None:
     """Two processes with one name are refused when the supervisor is built."""
     with pytest.raises(ValueError, match="repeated: x"):
         Supervisor([_spec("x"), _spec("x")])
+
+
+async def test_a_held_process_stays_down_until_released() -> None:
+    """hold() stops a process and keeps it down (no restart); release() starts it again."""
+    out = io.StringIO()
+    supervisor = Supervisor(
+        [_spec("held")],
+        out=out,
+        color=False,
+        policy=RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.1),
+    )
+    await supervisor.start()
+    try:
+        first = supervisor.pid("held")
+        assert first is not None
+        await supervisor.hold("held")
+        assert not _alive(first)
+        status = {s.name: s for s in supervisor.status()}["held"]
+        await _until(
+            lambda: {s.name: s for s in supervisor.status()}["held"].state is ProcessState.STOPPED
+        )
+        assert supervisor.pid("held") is None and status.restarts == 0
+        supervisor.release("held")
+        await _until(lambda: supervisor.pid("held") not in (None, first))
+        await supervisor.wait_ready("held", timeout_s=30)
+        assert {s.name: s for s in supervisor.status()}["held"].restarts == 1
+        assert "held |" in out.getvalue() and "; held" in out.getvalue()
+    finally:
+        await supervisor.stop()
