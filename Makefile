@@ -16,7 +16,7 @@ GRPCJS := .tools/grpcjs/node_modules/@grpc/grpc-js/package.json
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb grpcjs gateway-fuzz docs check-docs analysis check-analysis
+.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb grpcjs gateway-fuzz docs check-docs analysis check-analysis chaos fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -92,6 +92,18 @@ run: protos
 # saga outcomes (completed, compensated) were seen.
 demo: protos
 	$(BIN)/python -m services.demo.walkthrough
+
+# Chaos experiments (services/chaos/experiments) against a fresh system, on SQLite and on
+# PostgreSQL + NATS JetStream; prints the table, writes chaos-report/<backend>/ (JSON, PNGs).
+CHAOS_PG ?= postgresql://postgres@127.0.0.1:5432/test
+CHAOS_NATS ?= nats://127.0.0.1:4222
+chaos: protos
+	$(BIN)/python -m framework chaos run services/chaos/experiments --store sqlite --bus store --report chaos-report/sqlite
+	$(BIN)/python -m framework chaos run services/chaos/experiments --store $(CHAOS_PG) --bus $(CHAOS_NATS) --report chaos-report/postgres
+
+# The fuzzers of the default suite, longer (random seed each run).
+fuzz: protos
+	FUZZ_EXAMPLES=2000 FUZZ_RANDOM=1 $(BIN)/python -m pytest -q tests/chaos/test_fuzz.py
 
 bench: protos
 	$(BIN)/python -m tests.bench $(BENCH)

@@ -61,9 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from framework.chaos.experiment import ExperimentError, load_experiments
-
     import logging
+
+    from framework.chaos.experiment import ExperimentError, load_experiments
 
     args = _parser().parse_args(list(argv))
     for noisy in ("httpx", "httpcore", "matplotlib"):
@@ -82,7 +82,9 @@ def main(argv: Sequence[str]) -> int:
         wanted = {n.strip() for n in args.only.split(",") if n.strip()}
         unknown = sorted(wanted - {e.name for e in experiments})
         if unknown:
-            print(f"error: --only names unknown experiment(s): {', '.join(unknown)}", file=sys.stderr)
+            print(
+                f"error: --only names unknown experiment(s): {', '.join(unknown)}", file=sys.stderr
+            )
             return 2
         experiments = [e for e in experiments if e.name in wanted]
     try:

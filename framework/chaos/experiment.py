@@ -215,7 +215,9 @@ class _Table:
         bad = not math.isfinite(value) or value > high or value < low or (open_low and value == low)
         if bad:
             sign = ">" if open_low else ">="
-            raise ExperimentError(f"{self.key(key)} must be {sign} {low:g} and <= {high:g}, got {value!r}")
+            raise ExperimentError(
+                f"{self.key(key)} must be {sign} {low:g} and <= {high:g}, got {value!r}"
+            )
         return value
 
     def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -239,7 +241,7 @@ def _load(table: _Table) -> LoadSpec:
     scenario = table.get("scenario", str, "http")
     if scenario != "http" and not _REFERENCE.match(scenario):
         raise ExperimentError(
-            f"load.scenario must be \"http\" or package.module:factory, got {scenario!r}"
+            f'load.scenario must be "http" or package.module:factory, got {scenario!r}'
         )
     params = table.get("params", dict, {})
     body = table.get("body", dict, None)
@@ -251,7 +253,9 @@ def _load(table: _Table) -> LoadSpec:
         raise ExperimentError(f"load.expect must list HTTP statuses, got {expect!r}")
     method = table.get("method", str, "GET").upper()
     if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
-        raise ExperimentError(f"load.method must be GET, POST, PUT, PATCH or DELETE, got {method!r}")
+        raise ExperimentError(
+            f"load.method must be GET, POST, PUT, PATCH or DELETE, got {method!r}"
+        )
     path = table.get("path", str, "/readyz")
     if not path.startswith("/"):
         raise ExperimentError(f"load.path must start with '/', got {path!r}")
@@ -286,7 +290,9 @@ def _hypothesis(table: _Table) -> Hypothesis:
         max_error_rate=table.number("max_error_rate", 0.01, 0.0, 1.0),
         max_p99_ms=table.number("max_p99_ms", 5000.0, 0.0, 600_000.0, open_low=True),
         steady_tail_s=table.number("steady_tail_s", 5.0, 0.0, MAX_DURATION_S),
-        max_error_rate_during=None if during is None else table.number("max_error_rate_during", 0, 0, 1),
+        max_error_rate_during=None
+        if during is None
+        else table.number("max_error_rate_during", 0, 0, 1),
         max_recovery_s=None if recovery is None else table.number("max_recovery_s", 0, 0, 600),
         invariants=invariants,
         settle_timeout_s=table.number("settle_timeout_s", 60.0, 0.0, 600.0, open_low=True),
@@ -298,14 +304,18 @@ def _hypothesis(table: _Table) -> Hypothesis:
 def _fault(table: _Table, duration_s: float) -> FaultSpec:
     action = table.get("action", str, "")
     if action not in ACTIONS:
-        raise ExperimentError(f"{table.key('action')} must be one of {', '.join(ACTIONS)}, got {action!r}")
+        raise ExperimentError(
+            f"{table.key('action')} must be one of {', '.join(ACTIONS)}, got {action!r}"
+        )
     at_s = table.number("at_s", 0.0, 0.0, duration_s)
     lasting = action != "kill"
-    fault_duration = table.number("duration_s", 0.0, 0.0, MAX_DURATION_S, open_low=lasting) if (
-        lasting or "duration_s" in table.data
-    ) else 0.0
     if lasting and "duration_s" not in table.data:
         raise ExperimentError(f"{table.key('duration_s')} is required for a {action} fault")
+    fault_duration = (
+        table.number("duration_s", 0.0, 0.0, MAX_DURATION_S, open_low=lasting)
+        if lasting or "duration_s" in table.data
+        else 0.0
+    )
     spec: dict[str, Any] = {"at_s": at_s, "action": action, "duration_s": fault_duration}
     if action in ("kill", "pause", "stop"):
         process = table.get("process", str, "")
@@ -333,7 +343,7 @@ def _fault(table: _Table, duration_s: float) -> FaultSpec:
     else:
         proxy = table.get("proxy", str, "")
         if proxy not in ("postgres", "nats"):
-            raise ExperimentError(f"{table.key('proxy')} must be \"postgres\" or \"nats\"")
+            raise ExperimentError(f'{table.key("proxy")} must be "postgres" or "nats"')
         mode = table.get("mode", str, "")
         if mode not in PROXY_MODES:
             raise ExperimentError(f"{table.key('mode')} must be one of {', '.join(PROXY_MODES)}")

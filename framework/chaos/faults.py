@@ -131,7 +131,7 @@ async def _process_fault(
             record.ended_s = now()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ready_s
-    while supervisor.pid(name) in (None, before) and loop.time() < deadline:
+    while supervisor.pid(name) in (None, before) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     try:
         await supervisor.wait_ready(name, timeout_s=max(1.0, deadline - loop.time()))
@@ -159,7 +159,9 @@ async def _serving_again(system: Any, name: str, services: set[str]) -> bool:
     live = {
         i.service
         for i in await system.snapshot().registered()
-        if i.instance == name and i.health == "SERVING" and int(i.address.rsplit(":", 1)[1]) in ports
+        if i.instance == name
+        and i.health != "NOT_SERVING"
+        and int(i.address.rsplit(":", 1)[1]) in ports
     }
     return services <= live
 
@@ -170,7 +172,11 @@ async def _instances(system: Any, service: str) -> list[tuple[str, str]]:
     instances = set(spec.instance_names())
     found = await system.snapshot().registered()
     return sorted(
-        {(i.instance, i.address) for i in found if i.instance in instances and i.service in spec.registers}
+        {
+            (i.instance, i.address)
+            for i in found
+            if i.instance in instances and i.service in spec.registers
+        }
     )
 
 
@@ -205,7 +211,9 @@ async def _rpc_fault(
     )
     if spec.abort:
         rule.abort_code = grpc.StatusCode[spec.abort].value[0]
-    reached = await _set_rules(system, spec.service, faults_pb2.SetFaultsRequest(rules=[rule]), False)
+    reached = await _set_rules(
+        system, spec.service, faults_pb2.SetFaultsRequest(rules=[rule]), False
+    )
     if not reached:
         raise ValueError(f"no instance of {spec.service} took the fault rule")
     record.detail = f"rule {name} on {', '.join(reached)}"
@@ -232,4 +240,6 @@ async def _proxy_fault(
     finally:
         proxy.set(ProxyMode.PASS)
         record.ended_s = now()
-    record.detail = f"{proxy.resets - resets} connections reset" if spec.mode == "reset" else spec.mode
+    record.detail = (
+        f"{proxy.resets - resets} connections reset" if spec.mode == "reset" else spec.mode
+    )

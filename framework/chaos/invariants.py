@@ -185,7 +185,9 @@ class EventsDeliveredOnce:
     async def check(self, view: SystemView) -> InvariantResult:
         marks = ", ".join("?" for _ in self.event_types)
         stored = await view.query(
-            self.producer, f"SELECT event_id FROM {{events}} WHERE type IN ({marks})", *self.event_types
+            self.producer,
+            f"SELECT event_id FROM {{events}} WHERE type IN ({marks})",
+            *self.event_types,
         )
         applied = await view.query(
             self.consumer,

@@ -122,7 +122,9 @@ class LoadContext:
         except httpx.TransportError as error:
             self._record(name, started, begun, False, type(error).__name__)
             return None
-        self._record(name, started, begun, response.status_code in expect, str(response.status_code))
+        self._record(
+            name, started, begun, response.status_code in expect, str(response.status_code)
+        )
         return response
 
     def _record(self, name: str, started: float, begun: float, ok: bool, status: str) -> None:

@@ -185,7 +185,9 @@ class FaultProxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
-    async def _send(self, pending: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+    async def _send(
+        self, pending: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter
+    ) -> None:
         while True:
             due, data = await pending.get()
             if not data:

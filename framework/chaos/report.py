@@ -126,7 +126,9 @@ def _pct(value: float) -> str:
     return f"{value * 100:.1f}%"
 
 
-def timeline(samples: Sequence[Sample], duration_s: float, bucket_s: float = 1.0) -> list[dict[str, float]]:
+def timeline(
+    samples: Sequence[Sample], duration_s: float, bucket_s: float = 1.0
+) -> list[dict[str, float]]:
     """Per `bucket_s`: ok requests per second, error rate and p99 (ms) of the requests started."""
     buckets = max(1, math.ceil(duration_s / bucket_s))
     rows = []
@@ -179,13 +181,25 @@ def evaluate(
     if faults and h.steady_tail_s > 0:
         last_end = max(f.ended_s for f in faults)
         tail_start = max(end - h.steady_tail_s, last_end)
-        windows.append((f"steady state, last {h.steady_tail_s:g}s", Window.of(samples, tail_start, math.inf)))
+        windows.append(
+            (f"steady state, last {h.steady_tail_s:g}s", Window.of(samples, tail_start, math.inf))
+        )
     for label, w in windows:
         res.checks.append(
-            Check(f"error rate, {label}", f"<= {_pct(h.max_error_rate)}", f"{_pct(w.error_rate)} of {w.requests}", w.error_rate <= h.max_error_rate)
+            Check(
+                f"error rate, {label}",
+                f"<= {_pct(h.max_error_rate)}",
+                f"{_pct(w.error_rate)} of {w.requests}",
+                w.error_rate <= h.max_error_rate,
+            )
         )
         res.checks.append(
-            Check(f"p99, {label}", f"<= {h.max_p99_ms:g} ms", f"{w.p99_ms:.0f} ms", w.p99_ms <= h.max_p99_ms)
+            Check(
+                f"p99, {label}",
+                f"<= {h.max_p99_ms:g} ms",
+                f"{w.p99_ms:.0f} ms",
+                w.p99_ms <= h.max_p99_ms,
+            )
         )
         if w.requests == 0:
             res.checks.append(Check(f"requests, {label}", "> 0", "0", False))
@@ -222,7 +236,12 @@ def evaluate(
         res.checks.append(Check(f"{label}: applied", "yes", fault.error or "yes", not fault.error))
         if h.max_recovery_s is not None:
             res.checks.append(
-                Check(f"{label}: recovery", f"<= {h.max_recovery_s:g} s", f"{recovery:.1f} s", recovery <= h.max_recovery_s)
+                Check(
+                    f"{label}: recovery",
+                    f"<= {h.max_recovery_s:g} s",
+                    f"{recovery:.1f} s",
+                    recovery <= h.max_recovery_s,
+                )
             )
     return res
 
@@ -244,9 +263,20 @@ def print_table(results: Sequence[ExperimentResult], out: TextIO) -> None:
         if r.error:
             rows.append([r.name, r.backend, "experiment ran", "yes", r.error, "FAIL"])
         for c in r.checks:
-            rows.append([r.name, r.backend, c.name, c.expected, c.observed, "ok" if c.held else "FAIL"])
+            rows.append(
+                [r.name, r.backend, c.name, c.expected, c.observed, "ok" if c.held else "FAIL"]
+            )
         for i in r.invariants:
-            rows.append([r.name, r.backend, f"invariant {i.name}", "holds", i.detail, "ok" if i.held else "FAIL"])
+            rows.append(
+                [
+                    r.name,
+                    r.backend,
+                    f"invariant {i.name}",
+                    "holds",
+                    i.detail,
+                    "ok" if i.held else "FAIL",
+                ]
+            )
     out.write("\n")
     _table(out, ("EXPERIMENT", "BACKEND", "CHECK", "EXPECTED", "OBSERVED", "RESULT"), rows)
     fault_rows = [
@@ -267,15 +297,36 @@ def print_table(results: Sequence[ExperimentResult], out: TextIO) -> None:
         out.write("\n")
         _table(
             out,
-            ("EXPERIMENT", "FAULT", "TARGET", "AT (s)", "REQUESTS", "ERRORS", "RECOVERY (s)", "RESTART (s)"),
+            (
+                "EXPERIMENT",
+                "FAULT",
+                "TARGET",
+                "AT (s)",
+                "REQUESTS",
+                "ERRORS",
+                "RECOVERY (s)",
+                "RESTART (s)",
+            ),
             fault_rows,
         )
     load_rows = [
-        [r.name, r.requests, r.errors, _pct(r.errors / r.requests if r.requests else 0), f"{r.p99_ms:.0f}", r.skipped, f"{r.settle_s:.1f}"]
+        [
+            r.name,
+            r.requests,
+            r.errors,
+            _pct(r.errors / r.requests if r.requests else 0),
+            f"{r.p99_ms:.0f}",
+            r.skipped,
+            f"{r.settle_s:.1f}",
+        ]
         for r in results
     ]
     out.write("\n")
-    _table(out, ("EXPERIMENT", "REQUESTS", "ERRORS", "ERROR RATE", "P99 (ms)", "SKIPPED", "SETTLE (s)"), load_rows)
+    _table(
+        out,
+        ("EXPERIMENT", "REQUESTS", "ERRORS", "ERROR RATE", "P99 (ms)", "SKIPPED", "SETTLE (s)"),
+        load_rows,
+    )
     failed = [r for r in results if not r.passed]
     out.write("\n")
     if failed:

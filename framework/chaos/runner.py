@@ -82,8 +82,7 @@ async def run_experiment(
         ctx.begin()
         load_task = asyncio.create_task(run_load(experiment.load, scenario, ctx))
         fault_tasks = [
-            asyncio.create_task(run_fault(f, system, ctx.now_s, rng=rng))
-            for f in experiment.faults
+            asyncio.create_task(run_fault(f, system, ctx.now_s, rng=rng)) for f in experiment.faults
         ]
         try:
             records = list(await asyncio.gather(*fault_tasks))

@@ -75,7 +75,7 @@ def listening_ports(pid: int) -> set[int]:
     try:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             with contextlib.suppress(OSError):
-                target = os.readlink(fd)
+                target = str(fd.readlink())
                 if target.startswith("socket:["):
                     inodes.add(target[8:-1])
     except OSError:

@@ -12,11 +12,13 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from framework.errors import (
     DeadlineExceededError,
     FrameworkError,
     InternalError,
+    InvalidArgumentError,
     UnimplementedError,
     internal_status,
     to_status,
@@ -73,6 +75,15 @@ class ErrorMappingPolicy(BasePolicy):
                 call.status = to_status(InternalError(DEPENDENCY_MESSAGE))
             elif isinstance(error, FrameworkError):
                 call.status = to_status(error)
+            elif isinstance(error, DecodeError):
+                # a streamed request message grpc could not parse (found by chaos fuzzing):
+                # the caller's bytes are at fault, not the server
+                call.status = to_status(
+                    InvalidArgumentError(
+                        f"a request message of {call.method.full_name} could not be parsed "
+                        "as its protobuf type; send a valid serialized message"
+                    )
+                )
             elif isinstance(error, NotImplementedError):
                 call.status = to_status(
                     UnimplementedError(f"{call.method.full_name} is not implemented by this server")

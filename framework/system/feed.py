@@ -208,7 +208,7 @@ class EventFeed:
         except BaseException:
             await channel.close()
             raise
-        return _Owned(remote, _ChannelCloser(channel))
+        return _Owned(remote, _ChannelCloser(channel), stream=True)
 
     async def _run(self) -> None:
         delay = self.retry_delay_s
@@ -222,7 +222,7 @@ class EventFeed:
                 finally:
                     self.connected.clear()
                     await subscription.close()
-            except (FrameworkError, grpc.RpcError, OSError) as error:
+            except (FrameworkError, grpc.RpcError, OSError, _StreamLostError) as error:
                 logger.warning(
                     "event feed %s from %s broke (%s); reconnecting in %.1fs",
                     self.group,
@@ -242,15 +242,32 @@ class _ChannelCloser:
         await self.channel.close()
 
 
-class _Owned:
-    """A subscription that also closes the connection (bus or channel) it was made on."""
+class _StreamLostError(Exception):
+    """The Subscribe stream to the producer ended: only a new subscription can go on."""
 
-    def __init__(self, subscription: Any, bus: Any) -> None:
+
+class _Owned:
+    """A subscription that also closes the connection (bus or channel) it was made on.
+
+    `stream=True` (a gRPC Subscribe stream to one instance): once a fetch fails the
+    stream is gone for good (e.g. the producer was restarted, on another address), so
+    the failure ends `consume` (which would retry the dead stream forever) and the feed
+    resolves the producer again and subscribes anew.  Found by the chaos experiment
+    kill-order: the notification feed never caught up after the order service restarted.
+    """
+
+    def __init__(self, subscription: Any, bus: Any, *, stream: bool = False) -> None:
         self.subscription = subscription
         self.bus = bus
+        self.stream = stream
 
     async def fetch(self, max_count: int = 64, timeout_s: float = 1.0) -> list[Any]:
-        result: list[Any] = await self.subscription.fetch(max_count, timeout_s)
+        try:
+            result: list[Any] = await self.subscription.fetch(max_count, timeout_s)
+        except (UnavailableError, OSError) as error:
+            if self.stream:
+                raise _StreamLostError(str(error)) from error
+            raise
         return result
 
     async def close(self) -> None:

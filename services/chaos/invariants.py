@@ -99,7 +99,9 @@ class OrdersMatchSagas:
                 problems.append(f"order {order.order_id} still CONFIRMING (saga: {saga})")
             elif saga != expected[order.status]:
                 problems.append(f"order {order.order_id} is {order.status} but its saga: {saga}")
-        return result(self.name, len(orders), problems, f"{len(orders)} orders settled like their sagas")
+        return result(
+            self.name, len(orders), problems, f"{len(orders)} orders settled like their sagas"
+        )
 
 
 def _inventory_db(view: SystemView) -> Database:
@@ -142,9 +144,11 @@ class StockBalances:
                 for sku, q in quantities.items():
                     held[sku] += q
         problems: list[str] = []
-        for sku, (on_hand, reserved) in sorted(stock.items()):
+        for sku, (_on_hand, reserved) in sorted(stock.items()):
             if reserved != held.get(sku, 0):
-                problems.append(f"{sku}: reserved {reserved} but HELD reservations sum to {held.get(sku, 0)}")
+                problems.append(
+                    f"{sku}: reserved {reserved} but HELD reservations sum to {held.get(sku, 0)}"
+                )
         for sku, seeded in sorted(_seed(view).items()):
             if sku in stock and stock[sku][0] != seeded:
                 problems.append(f"{sku}: on_hand {stock[sku][0]}, seeded {seeded}")
@@ -154,7 +158,9 @@ class StockBalances:
                 confirmation.reservation_id(order.order_id), ("none", {})
             )
             if order.status == "CONFIRMED" and (state != "HELD" or quantities != order.lines):
-                problems.append(f"confirmed order {order.order_id}: reservation {state} {quantities}")
+                problems.append(
+                    f"confirmed order {order.order_id}: reservation {state} {quantities}"
+                )
             if order.status == "CANCELLED" and state == "HELD":
                 problems.append(f"cancelled order {order.order_id} still holds {quantities}")
         return result(
@@ -184,7 +190,9 @@ class PaymentBalances:
         for pid, (_, status, amount) in sorted(payments.items()):
             expected = amount if status == "CHARGED" else 0
             if ledger.get(pid, 0) != expected:
-                problems.append(f"payment {pid} {status}: ledger {ledger.get(pid, 0)}, expected {expected}")
+                problems.append(
+                    f"payment {pid} {status}: ledger {ledger.get(pid, 0)}, expected {expected}"
+                )
         for pid in sorted(set(ledger) - set(payments)):
             problems.append(f"ledger entries for unknown payment {pid}")
         orders = await confirmed_orders(view)
@@ -192,7 +200,9 @@ class PaymentBalances:
             pid = confirmation.payment_id(order.order_id)
             held = ledger.get(pid, 0)
             if order.status == "CONFIRMED" and held != order.total_minor:
-                problems.append(f"confirmed order {order.order_id}: charged {held} of {order.total_minor}")
+                problems.append(
+                    f"confirmed order {order.order_id}: charged {held} of {order.total_minor}"
+                )
             if order.status == "CANCELLED" and held != 0:
                 problems.append(f"cancelled order {order.order_id}: still holds {held}")
         return result(

@@ -72,7 +72,9 @@ class _LostRaceError(Exception):
 class SqlPaymentStore:
     def __init__(self, db: ServiceDatabase, *, refund_entries: int = 1) -> None:
         if refund_entries not in (1, 2):
-            raise ValueError(f"refund_entries must be 1 (or 2: the chaos bug), got {refund_entries}")
+            raise ValueError(
+                f"refund_entries must be 1 (or 2: the chaos bug), got {refund_entries}"
+            )
         self.db = db
         self.refund_entries = refund_entries
 

@@ -1,0 +1,117 @@
+"""Experiment files: parsed into frozen objects, every mistake named by file and key; the
+hypothesis judged on recorded samples (steady-state windows, per-fault recovery)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from framework.chaos.experiment import ExperimentError, load_experiments, parse_experiment
+from framework.chaos.faults import FaultRecord, resolve_process
+from framework.chaos.load import LoadResult, Sample
+from framework.chaos.report import evaluate, p99
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = """
+[experiment]
+name = "x"
+[load]
+rate_per_s = 2
+duration_s = 10
+[hypothesis]
+max_error_rate = 0.1
+max_recovery_s = 2
+"""
+
+
+def _parse(text: str) -> object:
+    return parse_experiment(tomllib.loads(text), Path("x.toml"))
+
+
+def test_the_standard_set_parses_and_names_are_unique() -> None:
+    """Every experiment `make chaos` runs is valid; one is PostgreSQL-only."""
+    experiments = load_experiments([ROOT / "services/chaos/experiments"])
+    assert len(experiments) >= 10
+    assert {f.action for e in experiments for f in e.faults} >= {
+        "kill",
+        "pause",
+        "stop",
+        "rpc",
+        "proxy",
+    }
+    assert [e.name for e in experiments if not e.applies_to("sqlite")] == ["postgres-cut"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[[faults]]\nat_s = 1\naction = "explode"', "faults[0].action must be one of"),
+        (
+            '[[faults]]\nat_s = 1\naction = "pause"\nprocess = "a"',
+            "faults[0].duration_s is required",
+        ),
+        ('[[faults]]\nat_s = 11\naction = "kill"\nprocess = "a"', "faults[0].at_s must be"),
+        ('[[faults]]\nat_s = 1\naction = "rpc"\nservice = "p"\nduration_s = 1', "does nothing"),
+        (
+            '[[faults]]\nat_s = 1\naction = "proxy"\nproxy = "redis"\nduration_s = 1',
+            'faults[0].proxy must be "postgres" or "nats"',
+        ),
+        (
+            '[[faults]]\nat_s = 1\naction = "kill"\nprocess = "a"\ncolour = 1',
+            "unknown key(s) in [faults[0]]: colour",
+        ),
+    ],
+)
+def test_a_bad_fault_is_refused_naming_its_key(extra: str, message: str) -> None:
+    """Each mistake in a fault table raises ExperimentError naming the key."""
+    with pytest.raises(
+        ExperimentError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
+        _parse(BASE + extra)
+
+
+def test_a_bad_load_and_hypothesis_are_refused() -> None:
+    """Rates, durations and invariant references are checked."""
+    with pytest.raises(ExperimentError, match=re.escape("load.rate_per_s must be > 0")):
+        _parse(BASE.replace("rate_per_s = 2", "rate_per_s = 0"))
+    with pytest.raises(ExperimentError, match=re.escape("hypothesis.invariants[0]")):
+        _parse(BASE + 'invariants = ["not a reference"]')
+
+
+def test_random_process_choices_stay_within_the_named_service() -> None:
+    """ "random" never picks the registry; "random:payment" picks a payment replica."""
+    import random
+
+    names = ["registry", "payment-1", "payment-2", "order-1"]
+    rng = random.Random(1)
+    assert all(resolve_process("random", names, rng) != "registry" for _ in range(30))
+    assert {resolve_process("random:payment", names, rng) for _ in range(30)} == {
+        "payment-1",
+        "payment-2",
+    }
+    with pytest.raises(ValueError, match="no process 'nope'"):
+        resolve_process("nope", names, rng)
+
+
+def test_the_hypothesis_is_judged_per_window_and_per_fault() -> None:
+    """Errors only during a fault: steady state holds, recovery is fault end to last error."""
+    text = (
+        BASE
+        + 'steady_tail_s = 3\n[[faults]]\nat_s = 4\naction = "pause"\nprocess = "a"\nduration_s = 1'
+    )
+    experiment = _parse(text)
+    samples = [Sample("r", t / 2, 0.1, not (4.0 <= t / 2 < 6.5), "200") for t in range(20)]
+    load = LoadResult(samples=samples, iterations=20, duration_s=10.0)
+    fault = FaultRecord(experiment.faults[0], "a", started_s=4.0, ended_s=5.0)  # type: ignore[attr-defined]
+    result = evaluate(experiment, "sqlite", load, [fault], [], 0.0)  # type: ignore[arg-type]
+    checks = {c.name: c for c in result.checks}
+    assert checks["error rate, steady state before faults"].held
+    assert checks["error rate, steady state, last 3s"].observed == "0.0% of 6"
+    figures = result.faults[0]
+    assert (figures.requests, figures.errors) == (12, 5)
+    assert figures.recovery_s == pytest.approx(1.1)  # the last error began at 6.0 s, took 0.1 s
+    assert result.passed  # 1.1 s <= max_recovery_s 2
+    assert p99([0.1] * 99 + [5.0]) == 0.1 and p99([0.1] * 98 + [5.0, 5.0]) == 5.0
