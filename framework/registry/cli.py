@@ -231,6 +231,7 @@ async def _serve(args: argparse.Namespace) -> int:
         credentials=credentials,
     )
     server.add(RegistryServicer(registry, grants=grants))
+    server.add_hook(registry)  # on_draining: stop sweeping, renewals are refused from now on
     try:
         await server.serve()
     finally:

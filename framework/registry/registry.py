@@ -160,6 +160,23 @@ class Registry:
         await self.prober.close()
         await self.store.close()
 
+    async def stop_leading(self) -> None:
+        """Stop sweeping leases and probing (the store stays open): a registry that is
+        draining refuses renewals, so sweeping then would expire every lease it holds and
+        tell every watcher its instances left.  Found by the chaos experiment
+        registry-down; the next registry to lead extends the leases to a full TTL."""
+        task, self._leader_task = self._leader_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._stop_probing()
+        self.leading = False
+
+    async def on_draining(self, server: object) -> None:
+        """Server hook: stop leading once the server drains (see `stop_leading`)."""
+        await self.stop_leading()
+
     async def _lead(self) -> None:
         while True:
             await self.clock.sleep(self.config.sweep_interval_s)
