@@ -11,8 +11,8 @@ import pytest
 from framework.chaos.proxy import FaultProxy, ProxyMode
 from framework.clock import ManualClock
 from framework.errors import UnavailableError
-from framework.events.consumer_grpc import RemoteSubscription
 from framework.events.consumer_group import StoreBus
+from framework.events.consumer_grpc import RemoteSubscription
 from framework.events.service import EventStoreServicer
 from framework.events.sqlite import SqliteConfig, SqliteEventStore
 from framework.events.typeregistry import EventTypeRegistry
