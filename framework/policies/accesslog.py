@@ -233,6 +233,11 @@ class AccessLogPolicy:
             raise ValueError(f"sample_ratio must be within [0, 1], got {sample_ratio}")
         if slow_ms < 0:
             raise ValueError(f"slow_ms must be >= 0, got {slow_ms}")
+        if sink is not None and not isinstance(sink, AccessLogWriter | logging.Logger):
+            raise TypeError(
+                "AccessLogPolicy(sink) must be an AccessLogWriter(stream) or a logging.Logger, "
+                f"got {type(sink).__name__}"
+            )
         self.sink: AccessLogWriter | logging.Logger = (
             sink if sink is not None else AccessLogWriter()
         )

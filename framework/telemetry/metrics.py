@@ -366,6 +366,11 @@ class MetricsPolicy:
     """Duration, in-flight and errors of every RPC, on either side (put it after tracing)."""
 
     def __init__(self, store: RpcMetrics | None) -> None:
+        if store is not None and not isinstance(store, RpcMetrics):
+            raise TypeError(
+                "MetricsPolicy(store) must be an RpcMetrics (telemetry.rpc_metrics, or use "
+                f"telemetry.policies()), got {type(store).__name__}"
+            )
         self.store = store
 
     def bind(self, method: Method) -> _MetricsEnter | None:

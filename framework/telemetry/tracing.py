@@ -186,6 +186,14 @@ class TracingPolicy:
         propagator: TextMapPropagator | None = None,
         server_address: str = "",
     ) -> None:
+        if tracer_provider is not None and not isinstance(
+            tracer_provider, trace_api.TracerProvider
+        ):
+            raise TypeError(
+                "TracingPolicy(tracer_provider) must be a TracerProvider "
+                "(telemetry.tracer_provider, or use telemetry.policies()), "
+                f"got {type(tracer_provider).__name__}"
+            )
         self._factory = SpanFactory(tracer_provider) if tracer_provider is not None else None
         self._propagator = propagator or propagate.get_global_textmap()
         self._fields = tuple(sorted(self._propagator.fields))

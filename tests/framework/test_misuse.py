@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,21 @@ MISUSES: list[tuple[str, Callable[[], object], str]] = [
     ("FaultInjectionPolicy(rule)", lambda: framework.FaultInjectionPolicy("abort"), "FaultRule"),  # type: ignore[arg-type]
     ("IdempotencyKeyPolicy('client')", lambda: framework.IdempotencyKeyPolicy("client"), "Side."),  # type: ignore[arg-type]
     ("ValidationPolicy(True)", lambda: framework.ValidationPolicy(True), "Validators"),  # type: ignore[arg-type]
+    (
+        "TracingPolicy(telemetry)",
+        lambda: framework.TracingPolicy(framework.TelemetryConfig()),  # type: ignore[arg-type]
+        "telemetry.tracer_provider",
+    ),
+    (
+        "MetricsPolicy(telemetry)",
+        lambda: framework.MetricsPolicy(framework.TelemetryConfig()),  # type: ignore[arg-type]
+        "telemetry.rpc_metrics",
+    ),
+    (
+        "AccessLogPolicy(sys.stderr)",
+        lambda: framework.AccessLogPolicy(sys.stderr),  # type: ignore[arg-type]
+        "AccessLogWriter(stream)",
+    ),
     ("Check('db', None)", lambda: framework.Check("db", None), "callable"),  # type: ignore[arg-type]
     (
         "Server(health_checks=[callable])",
