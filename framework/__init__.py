@@ -87,6 +87,8 @@ _EXPORTS: dict[str, str] = {
     "ResourceExhaustedError": "framework.errors",
     "RateLimitedError": "framework.errors",
     "BulkheadFullError": "framework.errors",
+    "OverloadedError": "framework.errors",
+    "ThrottledError": "framework.errors",
     "UnavailableError": "framework.errors",
     "CircuitOpenError": "framework.errors",
     "DeadlineExceededError": "framework.errors",

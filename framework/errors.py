@@ -154,6 +154,18 @@ class BulkheadFullError(ResourceExhaustedError):
     default_reason = "BULKHEAD_FULL"
 
 
+class OverloadedError(ResourceExhaustedError):
+    """The server shed the call: it is at the concurrency it can serve at its best latency."""
+
+    default_reason = "OVERLOADED"
+
+
+class ThrottledError(ResourceExhaustedError):
+    """The client refused the call itself: its target has been refusing most calls lately."""
+
+    default_reason = "THROTTLED"
+
+
 class UnavailableError(FrameworkError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
