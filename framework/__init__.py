@@ -61,6 +61,10 @@ _EXPORTS: dict[str, str] = {
     "FaultInjectionPolicy": "framework.policies.faults",
     "FaultRule": "framework.policies.faults",
     "FaultInjectionServicer": "framework.policies.faults",
+    "LoadSheddingPolicy": "framework.policies.shedding",
+    "SheddingConfig": "framework.policies.shedding",
+    "AdaptiveThrottlePolicy": "framework.policies.throttle",
+    "ThrottleConfig": "framework.policies.throttle",
     # observability
     "Telemetry": "framework.telemetry.sdk",
     "TelemetryConfig": "framework.telemetry.sdk",

@@ -2,7 +2,8 @@
 `framework.errors`, `framework.clock`, `framework.config`) and nothing else of the framework.
 
 Resilience: `ratelimit` (token buckets in memory), `ratelimit_redis` (shared in Redis),
-`breaker`, `bulkhead`, `retry` (compiled to gRPC service config), `deadline` (pinned
+`breaker`, `bulkhead`, `shedding` (adaptive concurrency limit), `throttle` (client
+adaptive throttling), `retry` (compiled to gRPC service config), `deadline` (pinned
 innermost on clients), `faults` (fault injection and its admin servicer).
 Contracts: `validation` (protovalidate), `idempotency`.
 Edges: `error_mapping` (pinned outermost on servers), `accesslog`.
