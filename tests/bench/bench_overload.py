@@ -104,9 +104,7 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
     servers = []
     for policies in ([shedding], []):
         server = Server(
-            ServerConfig(
-                name="overload", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True
-            ),
+            ServerConfig(name="overload", host="127.0.0.1", port=0, grace_s=0.5, insecure_dev=True),
             policies=policies,
         )
         server.add(Servicer())
