@@ -138,16 +138,20 @@ async def _measure(
     }
     if with_plain:
         variants["plain"] = _round(store, UpsertEach(f"{prefix}balances_each", pg), events)
-        if pg:
-            arrays = UpsertArrays(f"{prefix}balances_arrays", pg)
-            variants["arrays"] = _round(store, arrays, events)
+    if pg:
+        arrays = UpsertArrays(f"{prefix}balances_arrays", pg)
+        variants["arrays"] = _round(store, arrays, events)
     samples = await interleave(rounds, **variants)
     ours, base = median_rate(samples["upsert"]), median_rate(samples["runner"])
     extra = ""
     if with_plain:
         extra = f", per-event UPSERT (no apply_batch) {median_rate(samples['plain']):,.0f} ev/s"
-        if "arrays" in samples:
-            extra += f", one UPSERT over arrays per page {median_rate(samples['arrays']):,.0f} ev/s"
+    if "arrays" in samples:
+        arrays_rate = median_rate(samples["arrays"])
+        extra += (
+            f", one UPSERT over arrays per page {arrays_rate:,.0f} ev/s"
+            f" (ratio {arrays_rate / base:.2f})"
+        )
     print(
         f"  {'pg' if pg else 'sqlite'} {events:,} events: UPSERT projection {ours:,.0f} ev/s"
         f" ({median_cpu_us(samples['upsert']):.1f} us CPU/ev), no-op runner {base:,.0f} ev/s"
