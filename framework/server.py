@@ -80,7 +80,7 @@ class Server:
         )
         self.credentials = credentials
         self._grpc = grpc.aio.server(
-            options=list(self.config.grpc_options),
+            options=self.config.channel_options,
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
         self._services: list[str] = []
