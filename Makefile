@@ -1,9 +1,18 @@
-# Every target works from a fresh clone: the virtualenv is created on demand. The install
-# says what it does and stays quiet otherwise (setuptools' editable-mode notice is a
-# UserWarning of the build backend, silenced for that one command).
+# Every target works from a fresh clone: the virtualenv is created on demand and installed
+# from the lock (requirements/dev.txt) by a pinned uv. The install says what it does and
+# stays quiet otherwise.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The lock (every package of the dev install, pinned with hashes, for every platform) and the
+# pinned installer that reads it; both written by `make lock`, never by hand (README: Upgrading).
+LOCK := requirements/dev.txt
+UV := $(BIN)/uv
+UV_INSTALL = $(UV) pip install --quiet --python
+LOCK_COMPILE = $(UV) pip compile --quiet --universal --generate-hashes --custom-compile-command 'make lock'
+# Throwaway virtualenvs: the lowest versions pyproject.toml allows, and the newest ones.
+LOWEST := .venv-lowest
+NEWEST := .venv-newest
 PYTEST_ARGS ?=
 BENCH ?=
 # buf CLI (lint, breaking): the buf-bin wheel of the dev extras, in the virtualenv.
@@ -16,18 +25,60 @@ GRPCJS := .tools/grpcjs/node_modules/@grpc/grpc-js/package.json
 # (a release tag later: BUF_AGAINST='.git#tag=v1.0.0,subdir=protos').
 BUF_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: venv protos test lint run demo bench clean check-protos buf grpcweb grpcjs gateway-fuzz docs check-docs analysis check-analysis chaos fuzz
+.PHONY: venv lock lock-upgrade check-lock lowest-test upgrade-test protos test lint run demo bench clean check-protos buf grpcweb grpcjs gateway-fuzz docs check-docs analysis check-analysis chaos fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	@echo "make: installing the framework and its dev tools into $(VENV) (pip, a few minutes the first time)"
-	PYTHONWARNINGS=ignore::UserWarning $(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+$(UV): requirements/uv.txt | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off --require-hashes -r requirements/uv.txt
+
+# The locked packages, then the framework itself (editable, built with the locked setuptools).
+$(VENV)/.installed: $(UV) pyproject.toml $(LOCK)
+	@echo "make: installing $(LOCK) and the framework (editable) into $(VENV)"
+	$(UV_INSTALL) $(BIN)/python --require-hashes -r $(LOCK)
+	$(UV_INSTALL) $(BIN)/python --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Re-resolve after an edit of pyproject.toml, keeping every pin the edit does not force to move.
+# LOCK_ARGS='--upgrade-package grpcio' moves one package to its newest allowed version.
+LOCK_ARGS ?=
+lock: $(UV)
+	$(LOCK_COMPILE) $(LOCK_ARGS) pyproject.toml --extra dev -o $(LOCK)
+	$(LOCK_COMPILE) requirements/uv.in -o requirements/uv.txt
+
+# Everything to the newest versions the ranges allow (then `make venv test`, and commit the lock).
+lock-upgrade: $(UV)
+	$(LOCK_COMPILE) --upgrade pyproject.toml --extra dev -o $(LOCK)
+	$(LOCK_COMPILE) --upgrade requirements/uv.in -o requirements/uv.txt
+
+# CI: the lock is current with pyproject.toml (`make lock` would move no pin; hashes not compared,
+# an index may add wheels to a release).
+check-lock: $(UV)
+	@rm -rf .lockcheck && mkdir .lockcheck && cp $(LOCK) .lockcheck/dev.txt
+	@$(LOCK_COMPILE) pyproject.toml --extra dev -o .lockcheck/dev.txt
+	@grep '^[a-z]' $(LOCK) > .lockcheck/pins.want; grep '^[a-z]' .lockcheck/dev.txt > .lockcheck/pins.got
+	@diff .lockcheck/pins.want .lockcheck/pins.got || (rm -rf .lockcheck; echo "$(LOCK) is stale: run 'make lock' and commit"; exit 1)
+	@rm -rf .lockcheck
+
+# The suite on the lowest versions pyproject.toml allows for its direct dependencies (the floors
+# are tested: raise one when it fails), in a fresh virtualenv; CI runs it after `make test`.
+lowest-test: $(UV) protos
+	rm -rf $(LOWEST) && $(PY) -m venv $(LOWEST)
+	$(UV_INSTALL) $(LOWEST)/bin/python --resolution lowest-direct -e '.[dev]'
+	$(LOWEST)/bin/python -m pip check
+	$(LOWEST)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The suite on the newest versions the ranges allow, in a fresh virtualenv; the lock is untouched.
+# Green: `make lock-upgrade venv test` and commit requirements/.
+upgrade-test: $(UV) protos
+	rm -rf $(NEWEST) && $(PY) -m venv $(NEWEST)
+	$(UV_INSTALL) $(NEWEST)/bin/python --refresh --upgrade -e '.[dev]'
+	$(NEWEST)/bin/python -m pip check
+	$(NEWEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 protos: venv
 	$(BIN)/python -m framework protos
@@ -109,4 +160,4 @@ bench: protos
 	$(BIN)/python -m tests.bench $(BENCH)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) $(NEWEST) .pytest_cache .mypy_cache .ruff_cache
