@@ -10,9 +10,13 @@ an extra task per call and cost about a fifth of unary throughput when measured
 here.
 
 Failures come back as the typed framework errors the server raised
-(`except ConflictError` works across a hop); the original `AioRpcError` is kept
-as `__cause__`.  Returned call objects are awaitable (unary responses) or async
-iterable (streamed responses) and delegate the rest of the grpc.aio call API
+(`except ConflictError` works across a hop).  Every framework error is also a
+`grpc.aio.AioRpcError` carrying what grpc would have raised (`code()`,
+`details()`, `initial_metadata()`, `trailing_metadata()`,
+`debug_error_string()`), so code written for grpc.aio (`except grpc.RpcError`)
+works unchanged; the original `AioRpcError` is kept as `__cause__`.
+Returned call objects are awaitable (unary responses) or async iterable
+(streamed responses) and delegate the rest of the grpc.aio call API
 (`initial_metadata()`, `trailing_metadata()`, `cancel()`, `write()`...).
 """
 
@@ -27,7 +31,7 @@ import grpc
 import grpc.aio
 
 from framework.config import ClientConfig, expect
-from framework.errors import CallCancelledError, from_rpc_error
+from framework.errors import CallCancelledError, FrameworkError, from_rpc_error
 from framework.policies.deadline import DeadlinePolicy
 from framework.policy import (
     Arity,
@@ -201,7 +205,7 @@ class _ResponseCall:
 
     def _failed(self, error: BaseException) -> BaseException:
         """Run the exits for `error`; return what to raise (typed for grpc failures)."""
-        if isinstance(error, grpc.aio.AioRpcError):
+        if isinstance(error, grpc.aio.AioRpcError) and not isinstance(error, FrameworkError):
             typed = from_rpc_error(error)
             self._end(typed)
             typed.__cause__ = error

@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
@@ -27,6 +28,7 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 DEFAULT_DOMAIN = "framework"
 
 Metadata = Sequence[tuple[str, str | bytes]]
+_NO_METADATA = grpc.aio.Metadata()
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class FieldViolation:
     rule: str = ""
 
 
-class FrameworkError(Exception):
+class FrameworkError(grpc.aio.AioRpcError):
     """Base of every error the framework maps to a gRPC status.
 
     `reason` is stable and UPPER_SNAKE (it crosses the wire in `ErrorInfo`);
@@ -46,8 +48,19 @@ class FrameworkError(Exception):
     string facts that help (never secrets).
     """
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    status_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
     default_reason: ClassVar[str] = "UNKNOWN"
+    _code: grpc.StatusCode
+    _initial_metadata: grpc.aio.Metadata
+    _trailing_metadata: grpc.aio.Metadata | None
+    _debug_error_string: str | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        legacy = cls.__dict__.get("code")
+        if isinstance(legacy, grpc.StatusCode):  # `code = grpc.StatusCode.X` in a subclass
+            cls.status_code = legacy
+            delattr(cls, "code")  # keep grpc's code() method
 
     def __init__(
         self,
@@ -57,7 +70,9 @@ class FrameworkError(Exception):
         metadata: Mapping[str, str] | None = None,
         domain: str = DEFAULT_DOMAIN,
     ) -> None:
-        super().__init__(message)
+        # grpc.aio.AioRpcError's state; metadata is filled when rebuilt from a peer's answer
+        super().__init__(type(self).status_code, _NO_METADATA, None, message, None)
+        self.args = (message,)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -65,14 +80,39 @@ class FrameworkError(Exception):
         # True when rebuilt by a client from another service's answer
         self.remote = False
 
+    # ---- grpc.aio.AioRpcError's interface (grpc-style handlers read the outcome with it)
+    def details(self) -> str:
+        return self.message
+
+    def trailing_metadata(self) -> grpc.aio.Metadata:
+        """What the peer sent; for an error raised here, what the server edge would send."""
+        if self._trailing_metadata is None:
+            self._trailing_metadata = grpc.aio.Metadata(*to_status(self).trailing_metadata)
+        return self._trailing_metadata
+
+    def debug_error_string(self) -> str:
+        if self._debug_error_string is None:
+            return f"{type(self).__name__}: {self.reason} ({self.domain}): {self.message}"
+        return str(self._debug_error_string)
+
+    def override_code(self, code: grpc.StatusCode) -> None:
+        """Report `code` instead of the class's (a status with no class of its own)."""
+        self._code = code
+
+    def __str__(self) -> str:
+        return self.message
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        return BaseException.__reduce__(self)  # rebuilt from (message,) and __dict__
 
 
 class InvalidArgumentError(FrameworkError):
     """The request is malformed; `violations` lists each bad field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status_code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(
@@ -89,48 +129,48 @@ class InvalidArgumentError(FrameworkError):
 
 
 class NotFoundError(FrameworkError):
-    code = grpc.StatusCode.NOT_FOUND
+    status_code = grpc.StatusCode.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExistsError(FrameworkError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    status_code = grpc.StatusCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
 class ConflictError(FrameworkError):
     """A concurrent change won (optimistic concurrency); retry from a fresh read."""
 
-    code = grpc.StatusCode.ABORTED
+    status_code = grpc.StatusCode.ABORTED
     default_reason = "CONFLICT"
 
 
 class FailedPreconditionError(FrameworkError):
     """The system is not in a state that allows this operation."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
 class OutOfRangeError(FrameworkError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+    status_code = grpc.StatusCode.OUT_OF_RANGE
     default_reason = "OUT_OF_RANGE"
 
 
 class UnauthenticatedError(FrameworkError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    status_code = grpc.StatusCode.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
 class PermissionDeniedError(FrameworkError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    status_code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
 class ResourceExhaustedError(FrameworkError):
     """A capacity limit was hit; `retry_after_s` says when trying again makes sense."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
 
     def __init__(
@@ -167,7 +207,7 @@ class ThrottledError(ResourceExhaustedError):
 
 
 class UnavailableError(FrameworkError):
-    code = grpc.StatusCode.UNAVAILABLE
+    status_code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
@@ -176,27 +216,27 @@ class CircuitOpenError(UnavailableError):
 
 
 class DeadlineExceededError(FrameworkError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status_code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
 
 
 class CallCancelledError(FrameworkError):
-    code = grpc.StatusCode.CANCELLED
+    status_code = grpc.StatusCode.CANCELLED
     default_reason = "CANCELLED"
 
 
 class UnimplementedError(FrameworkError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    status_code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
 
 
 class InternalError(FrameworkError):
-    code = grpc.StatusCode.INTERNAL
+    status_code = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
 
 
 class DataLossError(FrameworkError):
-    code = grpc.StatusCode.DATA_LOSS
+    status_code = grpc.StatusCode.DATA_LOSS
     default_reason = "DATA_LOSS"
 
 
@@ -224,7 +264,7 @@ def code_of(error: BaseException | None) -> grpc.StatusCode:
     if error is None:
         return grpc.StatusCode.OK
     if isinstance(error, FrameworkError):
-        return error.code
+        return error._code
     if isinstance(error, grpc.aio.AioRpcError | grpc.RpcError) and hasattr(error, "code"):
         code = error.code()
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
@@ -243,7 +283,7 @@ def _pack(message: object) -> any_pb2.Any:
 
 def to_status(error: FrameworkError) -> RpcStatus:
     """Map a framework error to what the server edge sends."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status = status_pb2.Status(code=error.code().value[0], message=error.message)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=error.domain, metadata=error.metadata
     )
@@ -261,7 +301,7 @@ def to_status(error: FrameworkError) -> RpcStatus:
             bad.field_violations.add(field=v.field, description=v.description, reason=v.rule)
         status.details.append(_pack(bad))
     trailing.append((DETAILS_KEY, status.SerializeToString()))
-    return RpcStatus(error.code, error.message, tuple(trailing))
+    return RpcStatus(error.code(), error.message, tuple(trailing))
 
 
 def internal_status() -> RpcStatus:
@@ -286,7 +326,7 @@ def _classes_by_code() -> Mapping[grpc.StatusCode, type[FrameworkError]]:
     pending: list[type[FrameworkError]] = [FrameworkError]
     while pending:
         cls = pending.pop(0)  # breadth first: the most general class per code wins
-        table.setdefault(cls.code, cls)
+        table.setdefault(cls.status_code, cls)
         pending.extend(cls.__subclasses__())
     return table
 
@@ -301,7 +341,7 @@ def error_class(reason: str, code: grpc.StatusCode) -> type[FrameworkError]:
     if cls is None:
         _classes_by_reason.cache_clear()
         cls = _classes_by_reason().get(reason)
-    if cls is not None and cls.code == code:
+    if cls is not None and cls.status_code == code:
         return cls
     return _classes_by_code().get(code, UnknownError)
 
@@ -352,12 +392,23 @@ def from_status(
     else:
         error = cls(message, reason=reason, metadata=meta, domain=domain)
     if cls is UnknownError:
-        error.code = code  # type: ignore[misc]  # keep the code a foreign peer sent
+        error.override_code(code)  # keep the code a foreign peer sent
     return error
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> FrameworkError:
-    """Rebuild the typed error a server raised, from a grpc.aio failure (marked `remote`)."""
-    typed = from_status(error.code(), error.details() or "", error.trailing_metadata())
+    """Rebuild the typed error a server raised, from a grpc.aio failure (marked `remote`).
+
+    The typed error is also the `grpc.aio.AioRpcError` grpc would have raised: same
+    code, details, initial and trailing metadata and debug string.  A framework error
+    (already typed) is returned as it is.
+    """
+    if isinstance(error, FrameworkError):
+        return error
+    trailing = error.trailing_metadata()
+    typed = from_status(error.code(), error.details() or "", trailing)
     typed.remote = True
+    typed._initial_metadata = error.initial_metadata()
+    typed._trailing_metadata = trailing
+    typed._debug_error_string = error.debug_error_string()
     return typed

@@ -32,7 +32,7 @@ __all__ = ["BearerToken", "IssuedToken", "TokenProvider"]
 
 logger = logging.getLogger(__name__)
 
-_UNAUTHENTICATED = UnauthenticatedError.code
+_UNAUTHENTICATED = UnauthenticatedError.status_code
 
 
 @dataclass(frozen=True, slots=True)

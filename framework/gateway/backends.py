@@ -139,7 +139,7 @@ class Backends:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
             )
         except FrameworkError as error:
-            return f"{error.code.name}: {error.message}"
+            return f"{error.code().name}: {error.message}"
         except grpc.aio.AioRpcError as error:
             return f"{error.code().name}: {error.details()}"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

@@ -108,7 +108,7 @@ def _sent_details(error: FrameworkError) -> status_pb2.Status | None:
 
 def _status_of(error: FrameworkError) -> status_pb2.Status:
     sent = _sent_details(error)
-    if sent is not None and sent.code == error.code.value[0]:
+    if sent is not None and sent.code == error.code().value[0]:
         return sent
     for key, value in to_status(error).trailing_metadata:
         if key == DETAILS_KEY and isinstance(value, bytes):
@@ -119,7 +119,7 @@ def _status_of(error: FrameworkError) -> status_pb2.Status:
 def answer_for(error: BaseException) -> ErrorAnswer:
     """The answer for anything a request ended with; unexpected errors become INTERNAL."""
     if isinstance(error, FrameworkError):
-        answer = ErrorAnswer(_status_of(error), error.code)
+        answer = ErrorAnswer(_status_of(error), error.code())
         answer.http_status = getattr(error, "http_status", answer.http_status)
         return answer
     logger.error("gateway: unexpected error", exc_info=error)
@@ -127,7 +127,7 @@ def answer_for(error: BaseException) -> ErrorAnswer:
     for key, value in internal_status().trailing_metadata:
         if key == DETAILS_KEY and isinstance(value, bytes):
             status.ParseFromString(value)
-    return ErrorAnswer(status, InternalError.code)
+    return ErrorAnswer(status, InternalError.status_code)
 
 
 def grpc_web_trailers(answer: ErrorAnswer | None) -> list[tuple[str, str]]:

@@ -61,13 +61,13 @@ class ErrorMappingPolicy(BasePolicy):
                 return
             if _is_abort(error):
                 return  # the handler called context.abort(): its status stands
-            if isinstance(error, FrameworkError) and error.remote and error.code in _NOT_OURS:
+            if isinstance(error, FrameworkError) and error.remote and error.code() in _NOT_OURS:
                 # a dependency refused *this service's* call: the caller's request is not
                 # at fault and must not learn the dependency's auth or internals
                 logger.error(
                     "%s: a dependency answered %s (%s): %s",
                     call.method.full_name,
-                    error.code.name,
+                    error.code().name,
                     error.reason,
                     error.message,
                     extra={"method": call.method.full_name, "code": "INTERNAL"},

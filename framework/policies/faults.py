@@ -87,8 +87,8 @@ class FaultRule:
         cls = error_class(FAULT_REASON, code)
         message = self.abort_message or f"fault injected by rule {self.name!r}"
         error = cls(message, reason=FAULT_REASON, metadata={"rule": self.name})
-        if error.code is not code:
-            error.code = code  # type: ignore[misc]  # a code with no class of its own
+        if error.code() is not code:
+            error.override_code(code)  # a code with no class of its own
         return error
 
     @classmethod

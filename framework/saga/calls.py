@@ -44,7 +44,7 @@ RETRYABLE = frozenset(
 
 
 def retryable(error: FrameworkError) -> bool:
-    return error.code in RETRYABLE
+    return error.code() in RETRYABLE
 
 
 def _identity(data: bytes) -> bytes:

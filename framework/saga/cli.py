@@ -168,7 +168,7 @@ async def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> i
         command = {"list": _list, "show": _show, "watch": _watch, "retry": _retry}[args.command]
         return await command(args, stub, out)
     except FrameworkError as error:
-        out.write(f"error: {error.message} ({error.code.name} {error.reason})\n")
+        out.write(f"error: {error.message} ({error.code().name} {error.reason})\n")
         return 1
     finally:
         await channel.close()

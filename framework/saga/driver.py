@@ -259,14 +259,16 @@ class SagaDriver:
                         step.service, step.method, state.request, key, timeout
                     )
                 except FrameworkError as error:
-                    span.add_event("attempt failed", {"attempt": attempt, "code": error.code.name})
+                    span.add_event(
+                        "attempt failed", {"attempt": attempt, "code": error.code().name}
+                    )
                     delay = step.step.retry.delay_s(attempt, self._rng.random())
                     again = retryable(error) and attempt < step.step.retry.max_attempts
                     if again and not pivot:
                         left = (deadline - self.clock.now()).total_seconds()
                         again = delay < left
                     if not again:
-                        span.set_status(Status(StatusCode.ERROR, f"{error.code.name}: {error}"))
+                        span.set_status(Status(StatusCode.ERROR, f"{error.code().name}: {error}"))
                         return _Failed(error, attempt, unknown=retryable(error))
                     await self._record_attempt(run, step, False, attempt, error, delay, lock)
                     await self.clock.sleep(delay)
@@ -329,7 +331,7 @@ class SagaDriver:
             run.needs_attention(
                 name,
                 f"compensation {step.compensation.method[1:]} of step {name} failed"
-                f" {outcome.attempts} time(s): {outcome.error.code.name}"
+                f" {outcome.attempts} time(s): {outcome.error.code().name}"
                 f" {outcome.error.message}; fix it and retry the saga",
                 step_error(outcome.error),
                 now,
@@ -360,9 +362,11 @@ class SagaDriver:
                         step.service, compensation.method, request, key, compensation.timeout_s
                     )
                 except FrameworkError as error:
-                    span.add_event("attempt failed", {"attempt": attempt, "code": error.code.name})
+                    span.add_event(
+                        "attempt failed", {"attempt": attempt, "code": error.code().name}
+                    )
                     if attempt >= retry.max_attempts:
-                        span.set_status(Status(StatusCode.ERROR, f"{error.code.name}: {error}"))
+                        span.set_status(Status(StatusCode.ERROR, f"{error.code().name}: {error}"))
                         return _Failed(error, attempt, unknown=True)
                     delay = retry.delay_s(attempt, self._rng.random())
                     await self._record_attempt(run, step, True, attempt, error, delay, lock)

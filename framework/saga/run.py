@@ -83,7 +83,7 @@ def describe_error(error: ev.StepError) -> str:
 def step_error(error: BaseException) -> ev.StepError:
     """The log's record of an exception (typed framework errors keep code and reason)."""
     if isinstance(error, FrameworkError):
-        return ev.StepError(code=error.code.name, reason=error.reason, message=error.message)
+        return ev.StepError(code=error.code().name, reason=error.reason, message=error.message)
     return ev.StepError(code="INTERNAL", reason=type(error).__name__, message=str(error))
 
 

@@ -362,7 +362,7 @@ async def test_attack_set_is_refused_unauthenticated(
         with pytest.raises(UnauthenticatedError) as error:
             await _echo(server, token, header)
         assert (name, _reason(error)) == (name, reason)
-        assert error.value.code is grpc.StatusCode.UNAUTHENTICATED
+        assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
         if token and token.split(".")[-1]:
             assert token.split(".")[-1] not in error.value.message  # never the signature
 

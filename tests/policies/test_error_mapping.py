@@ -45,7 +45,7 @@ async def test_each_typed_error_maps_to_its_status_and_comes_back_typed(
         with pytest.raises(cls) as caught:
             await stub.Fail(echo_pb2.FailRequest(error=cls.__name__, message="do X then retry"))
     assert type(caught.value) is cls
-    assert caught.value.code == code
+    assert caught.value.code() == code
     assert caught.value.reason == cls.default_reason
     assert caught.value.message == "do X then retry"
     assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
@@ -110,7 +110,7 @@ def test_a_foreign_status_without_details_maps_by_code() -> None:
     assert type(error) is errors.NotFoundError
     unknown = errors.from_status(grpc.StatusCode.UNKNOWN, "?", None)
     assert isinstance(unknown, errors.FrameworkError)
-    assert unknown.code == grpc.StatusCode.UNKNOWN
+    assert unknown.code() == grpc.StatusCode.UNKNOWN
 
 
 async def test_unimplemented_methods_answer_unimplemented() -> None:

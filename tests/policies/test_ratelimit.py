@@ -80,7 +80,7 @@ async def test_over_limit_is_resource_exhausted_with_retry_after() -> None:
         with pytest.raises(RateLimitedError) as caught:
             await stub.Echo(EchoRequest(text="3"))
         error = caught.value
-        assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.reason == "RATE_LIMITED"
         assert error.retry_after_s == pytest.approx(0.25)  # rebuilt from google.rpc.RetryInfo
         rpc_error = error.__cause__

@@ -114,7 +114,7 @@ async def test_throttle_engages_against_a_shedding_server_and_releases() -> None
             except FrameworkError as error:
                 outcomes[error.reason] = outcomes.get(error.reason, 0) + 1
                 assert isinstance(error, OverloadedError | ThrottledError)
-                assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert outcomes.get("ok", 0) == 0
         assert outcomes["THROTTLED"] > outcomes["OVERLOADED"]
         # the server refused exactly the calls that were sent

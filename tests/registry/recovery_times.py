@@ -158,7 +158,7 @@ async def client_start_from_cache(tmp: Path) -> str:
         await EchoServiceStub(bare).Echo(EchoRequest(text="x"), timeout=0.5)
         outcome = "answered"
     except FrameworkError as error:
-        outcome = f"{error.code.name} {error.reason}"
+        outcome = f"{error.code().name} {error.reason}"
     bare_s = time.perf_counter() - start
     await second.close()
     await bare.close()

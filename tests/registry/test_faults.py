@@ -77,7 +77,7 @@ async def test_slow_instance_is_ejected_and_returns_after_successful_probes(
                 await stub.Echo(EchoRequest(text="x"), timeout=1.0)
                 codes["OK"] += 1
             except FrameworkError as error:  # counted: the assertions below show them
-                codes[error.code.name] += 1
+                codes[error.code().name] += 1
 
     workers = [asyncio.create_task(worker()) for _ in range(4)]
     assert process.stdin is not None and process.stdout is not None
@@ -138,7 +138,7 @@ async def _fail_all(channel: BalancedChannel, calls: int) -> int:
             try:
                 await stub.Echo(EchoRequest(text="x"), timeout=5)
             except FrameworkError as error:
-                assert error.code is grpc.StatusCode.UNAVAILABLE, error
+                assert error.code() is grpc.StatusCode.UNAVAILABLE, error
                 failed += 1
 
     await asyncio.gather(*(worker() for _ in range(4)))

@@ -100,7 +100,7 @@ async def test_bad_registration_is_invalid_argument_and_changes_nothing(
     before = await stub.ListServices(pb.ListServicesRequest())
     with pytest.raises(InvalidArgumentError) as caught:
         await stub.Register(request_)
-    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.message
     assert [v.field for v in caught.value.violations] == [field]
     assert await stub.ListServices(pb.ListServicesRequest()) == before

@@ -74,7 +74,7 @@ async def test_store_down_is_unavailable_and_recovers(relay: Cuttable, postgres_
         await relay.cut()
         with pytest.raises(UnavailableError) as caught:
             await stub.Discover(request)
-        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert caught.value.reason == "REGISTRY_STORE_DOWN"
         assert "unreachable" in caught.value.message and "5432" not in caught.value.message
         await relay.start()  # same port: the database is back

@@ -58,7 +58,7 @@ async def test_flood_through_a_small_pool_admits_only_the_burst(
         )
     errors = [r for r in results if isinstance(r, BaseException)]
     assert all(isinstance(e, ResourceExhaustedError) for e in errors), errors[:3]
-    assert all(e.code is grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)  # type: ignore[attr-defined]
+    assert all(e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)  # type: ignore[attr-defined]
     assert len(results) - len(errors) == servicer.calls.get("Echo", 0) == BURST
 
 

@@ -222,5 +222,5 @@ async def test_unknown_lease_status_is_not_found_without_the_id(clients: Clients
     """A made-up lease id is NOT_FOUND for its caller, and the answer does not echo it."""
     with pytest.raises(NotFoundError) as caught:
         await clients["attacker"].Renew(pb.RenewRequest(lease_id="guessed-lease-id"))
-    assert caught.value.code is grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
     assert "guessed-lease-id" not in caught.value.message

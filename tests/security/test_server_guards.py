@@ -136,7 +136,7 @@ async def test_fault_admin_rejects_non_finite_delays(issuer: Issuer, delay: floa
             await FaultInjectionServiceStub(operator).SetFaults(
                 faults_pb2.SetFaultsRequest(rules=[rule])
             )
-        assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "delay_s" in caught.value.message
         assert faults.rules == []
 
