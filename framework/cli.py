@@ -9,6 +9,7 @@ Commands:
   registry run or query the service registry (`python -m framework registry --help`)
   events   event store tools: `events tail [SERVICE] [-f]`, rebuild a projection (see --help)
   gateway  the HTTP/JSON and gRPC-Web gateway (`python -m framework gateway --help`)
+  serve    serve MODULE[:FACTORY] with worker processes (`--workers N`, default the cores)
   reference  write docs/reference.md from the contracts (what `make docs` runs)
   analyze  coupling findings from contracts, code and traces (`python -m framework analyze --help`)
   sagas    list, show, watch or retry sagas (`python -m framework sagas --help`)
@@ -161,6 +162,12 @@ def _new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from framework.workers.target import main as serve_main
+
+    return serve_main(args.target, args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m framework")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--root", default=".", help="the repository root (default: here)")
     n.set_defaults(func=_new)
     sub.add_parser("chaos", help="chaos experiments: run, check (see chaos run --help)")
+    s = sub.add_parser(
+        "serve",
+        help="serve MODULE[:FACTORY]'s server with worker processes",
+        description="Import MODULE, call FACTORY (default build_server: no arguments, returns a "
+        "framework Server not yet started) and serve it with N worker processes sharing its "
+        "port (SO_REUSEPORT), supervised: a crashed worker is restarted, SIGTERM drains all.",
+    )
+    s.add_argument("target", help="MODULE[:FACTORY], e.g. services.echo.main:build_server")
+    s.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: the cores)"
+    )
+    s.set_defaults(func=_serve)
     r = sub.add_parser("reference", help="write the Markdown reference of the contracts")
     r.add_argument("--proto-root", default="protos")
     r.add_argument("--out", default="docs/reference.md")

@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import grpc
@@ -39,6 +40,7 @@ from framework.policy import (
     requires_authentication,
 )
 from framework.server_adapter import Registrar
+from framework.workers.slot import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,10 @@ class Server:
         health_checks: Sequence[HealthCheck] = (),
         credentials: grpc.ServerCredentials | None = None,
         hooks: Sequence[object] = (),
+        workers: int = 1,
     ) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"Server(workers=...) must be an int >= 1, got {workers!r}")
         if config is not None:
             expect(
                 config,
@@ -75,6 +80,11 @@ class Server:
                 'a ServerConfig, e.g. ServerConfig.from_env("orders")',
             )
         self.config = config or ServerConfig()
+        # processes serving this server (framework.workers); in a worker, the slot it fills
+        self.workers = workers
+        self._slot = WorkerSlot.take()
+        if self._slot is not None:
+            self.config = replace(self.config, port=self._slot.port, reuse_port=True)
         self.chain = Chain(
             [ErrorMappingPolicy(), *as_policies(policies, "Server(policies=...)")], Side.SERVER
         )
@@ -86,6 +96,8 @@ class Server:
         self._services: list[str] = []
         self._unguarded: list[str] = []  # methods served without authentication (insecure_dev)
         self._hooks: list[object] = list(hooks)
+        if self._slot is not None:
+            self._hooks = [*self._slot.adopt(hooks), self._slot.watcher()]
         self._port: int | None = None
         self._stopping: asyncio.Event | None = None
         self._stopped = False
@@ -140,8 +152,16 @@ class Server:
         self._unguarded += unguarded
 
     def add_hook(self, hook: object) -> None:
-        """Add an object with any of `on_started`, `on_draining`, `on_stopped` (async)."""
-        self._hooks.append(hook)
+        """Add an object with any of `on_started`, `on_draining`, `on_stopped` (async).
+
+        With worker processes, `hook.for_worker(slot)` / `hook.for_supervisor(supervisor)`
+        (when defined) say what runs in each worker and once for the whole server.
+        """
+        self._hooks += self._slot.adopt([hook]) if self._slot is not None else [hook]
+
+    @property
+    def hooks(self) -> tuple[object, ...]:
+        return tuple(self._hooks)
 
     def _all_hooks(self) -> list[object]:
         """Hooks, then policies that define hook methods (e.g. tracing learns the address)."""
@@ -217,6 +237,8 @@ class Server:
         self._port = port
         for hook in self._all_hooks():
             await _call_hook(hook, "on_started", self)
+        if self._slot is not None:
+            self._slot.ready()
         logger.info(
             "%s serving on %s (%s)",
             self.config.name,
@@ -256,7 +278,16 @@ class Server:
         logger.info("%s stopped", self.config.name, extra={"service": self.config.name})
 
     async def serve(self) -> None:
-        """Start, then run until SIGTERM/SIGINT (or `stop()`), then drain and stop."""
+        """Start, then run until SIGTERM/SIGINT (or `stop()`), then drain and stop.
+
+        With `workers > 1` this process supervises that many worker processes instead
+        (`framework.workers.supervisor`), each running this program to serve.
+        """
+        if self.workers > 1 and self._slot is None:
+            from framework.workers.supervisor import Supervisor
+
+            await Supervisor(self, self.workers).run()
+            return
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)

@@ -117,6 +117,14 @@ class RegistrationAgent:
         self.ttl_s = self.config.ttl_s
 
     # ------------------------------------------------------------- hooks
+    # worker processes (framework.workers): the supervisor registers the server's
+    # address once and deregisters it when the whole server drains; workers do not
+    def for_worker(self, slot: object) -> None:
+        return None
+
+    def for_supervisor(self, supervisor: object) -> RegistrationAgent:
+        return self
+
     async def on_started(self, server: Any) -> None:
         address = self.config.advertise_address or str(server.address)
         host = address.rpartition(":")[0].strip("[]")

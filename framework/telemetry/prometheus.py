@@ -172,6 +172,7 @@ class MetricsEndpoint:
             raise ValueError(f"port must be 0..65535, got {port}")
         self.host = host
         self.requested_port = port
+        self.reader = reader
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(OtelCollector(reader))
         self._server: WSGIServer | None = None
@@ -209,3 +210,25 @@ class MetricsEndpoint:
 
     async def on_stopped(self, server: object) -> None:
         self.close()
+
+    # worker processes (framework.workers): each worker serves its own series on an
+    # ephemeral loopback port; the supervisor serves this endpoint's address for them all
+    def for_worker(self, slot: Any) -> MetricsEndpoint:
+        return _WorkerEndpoint(self.reader, slot)
+
+    def for_supervisor(self, supervisor: object) -> object:
+        from framework.workers.metrics import WorkersMetricsEndpoint
+
+        return WorkersMetricsEndpoint(supervisor, host=self.host, port=self.requested_port)
+
+
+class _WorkerEndpoint(MetricsEndpoint):
+    """A worker's own endpoint (127.0.0.1, port 0); tells the supervisor its URL."""
+
+    def __init__(self, reader: PullReader, slot: Any) -> None:
+        super().__init__(reader, host="127.0.0.1", port=0)
+        self.slot = slot
+
+    async def on_started(self, server: object) -> None:
+        self.start()
+        self.slot.notes["metrics_url"] = self.url
