@@ -32,6 +32,7 @@ $(BIN)/python:
 
 $(UV): requirements/uv.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --progress-bar off --require-hashes -r requirements/uv.txt
+	touch $@
 
 # The locked packages, then the framework itself (editable, built with the locked setuptools).
 $(VENV)/.installed: $(UV) pyproject.toml $(LOCK)
