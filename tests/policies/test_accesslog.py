@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framework.errors import NotFoundError, RateLimitedError
 from framework.policies.accesslog import AccessLogPolicy, AccessLogWriter
@@ -23,10 +25,8 @@ def _records(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-async def _until(condition: Callable[[], bool], attempts: int = 500) -> None:
+async def _until(condition: Callable[[], bool], attempts: int = 6000) -> None:
     """Poll (bounded) for something another thread does."""
-    import asyncio
-
     for _ in range(attempts):
         if condition():
             return
@@ -49,8 +49,13 @@ async def test_each_call_writes_one_json_line_with_the_fields() -> None:
             await stub.Fail(echo_pb2.FailRequest(error="unexpected"))
         with pytest.raises(RateLimitedError):
             await stub.Fail(echo_pb2.FailRequest(error="RateLimitedError"))
-    writer.flush()  # the client side's records (the server flushed its own on stop)
+        health = health_pb2_grpc.HealthStub(t.channel)
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+    # Stopping the server flushed the records queued so far (a 60 s interval never came).
+    assert sorted(r["side"] for r in _records(stream)).count("server") == 4
+    writer.flush()  # the client side's records written after the stop
     records = _records(stream)
+    assert not [r for r in records if r["rpc"].startswith("/grpc.health.")]
     fields = sorted((r["side"], r["method"], r["code"], r["level"]) for r in records)
     assert fields == sorted(
         [
@@ -240,7 +245,6 @@ def test_bad_settings_are_refused_with_the_field_named() -> None:
 async def test_a_call_the_client_cancels_is_logged_as_cancelled() -> None:
     """A call dropped half-way by its client gets a server record with code CANCELLED,
     written at once (an error record)."""
-    import asyncio
 
     stream = io.StringIO()
     writer = AccessLogWriter(stream, flush_interval_s=600)
@@ -248,7 +252,7 @@ async def test_a_call_the_client_cancels_is_logged_as_cancelled() -> None:
     async with serve(gate, policies=[AccessLogPolicy(writer)]) as t:
         stub = t.stub(echo_pb2_grpc.EchoServiceStub)
         call = asyncio.ensure_future(stub.Echo(echo_pb2.EchoRequest(text="held")))
-        await asyncio.wait_for(gate.started.wait(), timeout=10)
+        await asyncio.wait_for(gate.started.wait(), timeout=60)
         call.cancel()
         await _until(lambda: '"code":"CANCELLED"' in stream.getvalue())
     (record,) = _records(stream)

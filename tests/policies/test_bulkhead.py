@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from gen.echo.v1.echo_pb2 import EchoRequest, EchoResponse
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def _until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -69,23 +70,39 @@ async def test_client_caps_calls_per_target() -> None:
         assert servicer.calls["Echo"] == 2
 
 
+class OrderedEcho(EchoServicer):
+    """Echo that records the order in which handlers start."""
+
+    def __init__(self, release: asyncio.Event) -> None:
+        super().__init__(release=release)
+        self.order: list[str] = []
+
+    async def Echo(self, request: EchoRequest, context: Any) -> EchoResponse:
+        self.order.append(request.text)
+        return await super().Echo(request, context)
+
+
 async def test_waiting_bulkhead_queues_in_order_and_bounds_the_queue() -> None:
-    """With max_wait_s, a call waits for a freed slot; beyond max_waiting it is rejected."""
+    """With max_wait_s, calls wait for a freed slot and get it first come, first served;
+    beyond max_waiting a call is rejected."""
     release = asyncio.Event()
-    servicer = EchoServicer(release=release)
-    policy = BulkheadPolicy(BulkheadConfig(max_concurrency=1, max_wait_s=10.0, max_waiting=1))
+    servicer = OrderedEcho(release)
+    policy = BulkheadPolicy(BulkheadConfig(max_concurrency=1, max_wait_s=600.0, max_waiting=2))
     async with serve(servicer, policies=[policy]) as t:
         stub = t.stub(EchoServiceStub)
+        compartment = policy._by_method["/echo.v1.EchoService/Echo"]
         first = asyncio.ensure_future(_echo(stub, "first"))
-        await _until(lambda: servicer.calls.get("Echo") == 1)
+        await _until(lambda: servicer.order == ["first"])
         second = asyncio.ensure_future(_echo(stub, "second"))
-        await _until(lambda: policy._by_method["/echo.v1.EchoService/Echo"].waiting == 1)
+        await _until(lambda: compartment.waiting == 1)
+        third = asyncio.ensure_future(_echo(stub, "third"))
+        await _until(lambda: compartment.waiting == 2)
         with pytest.raises(BulkheadFullError):
-            await stub.Echo(EchoRequest(text="third"))
+            await stub.Echo(EchoRequest(text="fourth"))
         release.set()
-        assert (await first).text == "first"
-        assert (await second).text == "second"
-        assert servicer.calls["Echo"] == 2
+        replies = [(await call).text for call in (first, second, third)]
+    assert replies == ["first", "second", "third"]
+    assert servicer.order == ["first", "second", "third"]  # the queue is FIFO
 
 
 async def test_wait_gives_up_after_max_wait_s() -> None:
@@ -110,5 +127,5 @@ async def test_cancelled_waiter_passes_its_slot_on() -> None:
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
     bulkhead.release()
-    await asyncio.wait_for(second, 1.0)
+    await asyncio.wait_for(second, 60.0)
     assert bulkhead.in_flight == 1

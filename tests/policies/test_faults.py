@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import time
 from collections.abc import Callable
 
 import grpc
@@ -13,6 +13,7 @@ import pytest
 from framework.auth.bearer import BearerToken
 from framework.auth.keyset import KeySet, StaticKeys, VerificationKey
 from framework.auth.policy import AuthPolicy, JwtConfig, JwtVerifier
+from framework.clock import ManualClock
 from framework.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
@@ -85,15 +86,49 @@ async def test_header_selects_the_calls() -> None:
             await stub.Echo(EchoRequest(), metadata=(("x-chaos", "on"),))
 
 
+class SleepLog(ManualClock):
+    """A manual clock that records each requested sleep and says when one has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+        self.sleeping = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.sleeping.set()
+        await super().sleep(seconds)
+
+
 async def test_delay_is_injected_before_the_handler() -> None:
-    """A delay rule holds the call for delay_s, visible in the handler's remaining deadline."""
+    """A delay rule holds the call for delay_s of the policy's clock; the handler runs after."""
+    clock = SleepLog()
     rule = FaultRule("slow", method="echo.v1.EchoService/Echo", delay_s=0.1)
-    async with serve(EchoServicer(), policies=[FaultInjectionPolicy([rule])]) as t:
+    servicer = EchoServicer()
+    async with serve(servicer, policies=[FaultInjectionPolicy([rule], clock=clock)]) as t:
         stub = t.stub(EchoServiceStub)
-        started = time.monotonic()
-        reply = await stub.Echo(EchoRequest(text="late"), timeout=5.0)
-        assert time.monotonic() - started >= 0.1
-        assert reply.deadline_remaining_s <= 4.9
+        call = asyncio.ensure_future(stub.Echo(EchoRequest(text="late"), timeout=120.0))
+        await asyncio.wait_for(clock.sleeping.wait(), timeout=60.0)
+        assert clock.sleeps == [0.1]
+        assert servicer.calls == {}  # held: the handler has not run
+        clock.advance(0.1)
+        reply = await call
+    assert reply.text == "late"
+    assert servicer.calls == {"Echo": 1}
+
+
+async def test_delay_never_outlasts_the_deadline() -> None:
+    """A delay longer than the call's remaining time is cut to that time (never past it)."""
+    clock = SleepLog()
+    rule = FaultRule("slow", method="echo.v1.EchoService/Echo", delay_s=600.0)
+    async with serve(EchoServicer(), policies=[FaultInjectionPolicy([rule], clock=clock)]) as t:
+        stub = t.stub(EchoServiceStub)
+        call = asyncio.ensure_future(stub.Echo(EchoRequest(text="cut"), timeout=120.0))
+        await asyncio.wait_for(clock.sleeping.wait(), timeout=60.0)
+        (slept,) = clock.sleeps
+        assert 0 < slept <= 120.0
+        clock.advance(slept)
+        assert (await call).text == "cut"
 
 
 async def test_admin_rpc_switches_faults_at_runtime() -> None:

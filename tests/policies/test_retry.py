@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from framework.clock import ManualClock
 from framework.errors import DeadlineExceededError, UnavailableError
 from framework.policies.ratelimit import Limit, RateLimitConfig, RateLimitPolicy
 from framework.policies.retry import RetryConfig, RetryPolicy, service_config
@@ -120,48 +121,60 @@ async def test_retries_stop_when_the_budget_is_spent() -> None:
 
 
 async def test_retries_never_run_past_the_deadline() -> None:
-    """Backoff longer than the caller's timeout: the call ends at its deadline, not after."""
+    """Backoffs far longer than the caller's timeout: the call ends DEADLINE_EXCEEDED at its
+    deadline instead of waiting them out."""
     servicer = FlakyEcho(failures=1000)
     policy = _retry(
-        max_attempts=5, initial_backoff_s=1.0, max_backoff_s=1.0, backoff_multiplier=1.0
+        max_attempts=5, initial_backoff_s=300.0, max_backoff_s=300.0, backoff_multiplier=1.0
     )
     async with serve(servicer, client_policies=[policy]) as t:
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             await t.stub(EchoServiceStub).Echo(echo_pb2.EchoRequest(), timeout=0.25)
         elapsed = time.monotonic() - started
-    # Four jittered backoffs in [0, 1 s] almost never fit in 0.25 s: the deadline ends it
-    # (the upper bound leaves room for a loaded machine, far below the backoffs' ~2 s).
-    assert 0.2 <= elapsed < 0.9
+    # Each jittered backoff is uniform in [0, 300 s]: waiting them out takes minutes, and
+    # four of them fitting in 0.25 s (all five attempts made, UNAVAILABLE) has a chance of
+    # about 1e-12. Both bounds hold on any machine: the deadline cannot pass early, and
+    # 60 s is far below the backoffs' ~600 s.
+    assert 0.25 <= elapsed < 60.0
     assert 1 <= len(servicer.attempts) < 5
 
 
 class AttemptLog(BasePolicy):
-    """Server policy recording each attempt's grpc-previous-rpc-attempts value."""
+    """Server policy recording each attempt's grpc-previous-rpc-attempts value and when it
+    arrived; a retry (attempt >= 1) first moves the rate limiter's clock a second on."""
 
     sides = frozenset({Side.SERVER})
 
-    def __init__(self) -> None:
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
         self.attempts: list[int] = []
+        self.arrived: list[float] = []
 
     def enter(self, call: Call) -> Exit | None:
-        self.attempts.append(int(call.header("grpc-previous-rpc-attempts") or 0))
+        attempt = int(call.header("grpc-previous-rpc-attempts") or 0)
+        self.attempts.append(attempt)
+        self.arrived.append(time.monotonic())
+        if attempt:
+            self.clock.advance(1.0)  # the bucket has a token again
         return None
 
 
 async def test_rate_limited_retry_waits_for_the_server_pushback() -> None:
     """With RESOURCE_EXHAUSTED retryable, the core waits the retry-after pushback, then succeeds."""
-    log = AttemptLog()
-    limiter = RateLimitPolicy(RateLimitConfig(default=Limit(rate_per_s=3.0, burst=1)))
+    clock = ManualClock()  # the bucket refills only when the test says so
+    log = AttemptLog(clock)
+    limiter = RateLimitPolicy(RateLimitConfig(default=Limit(rate_per_s=3.0, burst=1)), clock=clock)
     servicer = EchoServicer()
     policy = _retry(retry_resource_exhausted=True)
     async with serve(servicer, policies=[log, limiter], client_policies=[policy]) as t:
         stub = t.stub(EchoServiceStub)
         await stub.Echo(echo_pb2.EchoRequest(text="first"))
-        started = time.monotonic()
         reply = await stub.Echo(echo_pb2.EchoRequest(text="second"))
-        elapsed = time.monotonic() - started
     assert reply.text == "second"
     assert log.attempts == [0, 0, 1]  # the second call was limited once, then retried
-    assert elapsed >= 0.2  # grpc-retry-pushback-ms (~0.33 s) from retry_after_s, not 10 ms
+    # retry_after_s is exactly 1/3 s (the clock stood still): grpc-retry-pushback-ms 333,
+    # not the 10 ms backoff. The gap is measured on the server, so client load cannot
+    # shorten it; the core never retries before the pushback has passed.
+    assert log.arrived[2] - log.arrived[1] >= 0.3
     assert servicer.calls["Echo"] == 2
