@@ -87,9 +87,10 @@ class WorkerSlot:
 
 
 class ParentWatch:
-    """Server hook of a worker: reads its socket to the supervisor; EOF means the supervisor
-    died (it never writes), so the worker drains as on SIGTERM instead of living on orphaned
-    with the port."""
+    """Server hook of a worker: reads its socket to the supervisor. `drain` (the whole
+    server starts draining) turns health NOT_SERVING while calls are still served, as one
+    process does before its `on_draining` hooks; EOF means the supervisor is gone, so the
+    worker drains as on SIGTERM instead of living on orphaned with the port."""
 
     def __init__(self, slot: WorkerSlot) -> None:
         self.slot = slot
@@ -98,11 +99,17 @@ class ParentWatch:
     async def on_started(self, server: object) -> None:
         sock = socket.socket(fileno=os.dup(self.slot.report_fd))
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        self._task = asyncio.get_running_loop().create_task(self._watch(reader, writer))
+        self._task = asyncio.get_running_loop().create_task(self._watch(server, reader, writer))
 
-    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _watch(
+        self, server: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            await reader.read()  # returns at EOF: the supervisor closed its end or died
+            while line := await reader.readline():
+                if line.strip() == b"drain":
+                    health = getattr(server, "health", None)
+                    if health is not None:
+                        await health.drain()
         except ConnectionError:
             pass
         finally:

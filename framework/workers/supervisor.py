@@ -18,9 +18,10 @@ which
   metrics endpoint serves every worker's series, labelled `worker`, in one scrape);
 * restarts a worker that exits, after a backoff (`restart_min_s` doubling up to
   `restart_max_s`; reset once a worker has run `stable_s`);
-* on SIGTERM/SIGINT: runs the whole-server hooks' `on_draining` (deregistration, and its
-  wait for clients to see the instance leave), then forwards SIGTERM to every worker at
-  once, so all drain together (health NOT_SERVING, in-flight calls finish within
+* on SIGTERM/SIGINT: tells every worker to answer health NOT_SERVING, runs the
+  whole-server hooks' `on_draining` (deregistration, and its wait for clients to see the
+  instance leave) while the workers still serve, then forwards SIGTERM to every worker at
+  once, so all drain together (new calls refused, in-flight calls finish within
   `grace_s`), waits for them and runs `on_stopped`.
 
 A worker whose supervisor dies sees its socket close and drains itself.
@@ -312,6 +313,13 @@ class Supervisor:
             )
 
     async def _drain(self) -> None:
+        for worker in self.workers:  # health NOT_SERVING everywhere, calls still served
+            link = self._links.get(worker.index)
+            if link is not None and worker.ready:
+                try:
+                    link.send(b"drain\n")
+                except OSError as error:  # that worker is gone; SIGTERM follows anyway
+                    logger.warning("worker %d not told to drain: %s", worker.index, error)
         for hook in self._hooks:
             await _call(hook, "on_draining", self)
         await self._stop_workers()

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framework.client import connect
 from framework.config import ServerConfig
@@ -133,6 +134,26 @@ async def pids_seen(address: str, want: int, *, exclude: frozenset[int] = frozen
     pytest.fail(f"only {sorted(seen)} of {want} workers answered 400 calls")
 
 
+async def channel_per_worker(address: str, workers: int) -> dict[int, grpc.aio.Channel]:
+    """One open connection to each worker, by pid (own subchannel pools: not shared)."""
+    channels: dict[int, grpc.aio.Channel] = {}
+    for _ in range(400):
+        channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        reply = await echo_pb2_grpc.EchoServiceStub(channel).Echo(
+            echo_pb2.EchoRequest(text="which"), timeout=60, wait_for_ready=True
+        )
+        pid = int(reply.text.split(":")[0])
+        if pid in channels:
+            await channel.close()
+        else:
+            channels[pid] = channel
+        if len(channels) == workers:
+            return channels
+    pytest.fail(f"only {len(channels)} of {workers} workers answered 400 connections")
+
+
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -193,22 +214,7 @@ async def test_killed_worker_is_restarted_and_calls_keep_succeeding() -> None:
 async def test_sigterm_drains_every_worker_without_failing_in_flight_calls() -> None:
     """SIGTERM to the supervisor: every worker finishes its in-flight streams, then all exit."""
     async with supervised(2) as server:
-        channels: dict[int, grpc.aio.Channel] = {}
-        for _ in range(400):  # one connection per worker (own subchannel pool: not shared)
-            channel = grpc.aio.insecure_channel(
-                server.address, options=[("grpc.use_local_subchannel_pool", 1)]
-            )
-            reply = await echo_pb2_grpc.EchoServiceStub(channel).Echo(
-                echo_pb2.EchoRequest(text="which"), timeout=60, wait_for_ready=True
-            )
-            pid = int(reply.text.split(":")[0])
-            if pid in channels:
-                await channel.close()
-            else:
-                channels[pid] = channel
-            if len(channels) == 2:
-                break
-        assert len(channels) == 2
+        channels = await channel_per_worker(server.address, 2)
         try:
             streams = []
             for channel in channels.values():
@@ -272,7 +278,7 @@ async def test_supervisor_registers_the_address_once_and_deregisters_at_drain(
     await store.open()
     try:
         async with registry_node(store) as node:
-            env = {"WORKERS_APP_REGISTRY": node.address}
+            env = {"WORKERS_APP_REGISTRY": node.address, "WORKERS_APP_DEREGISTER_WAIT_S": "20"}
             async with supervised(2, env) as server:
                 await server.wait_for(rf"registered {ECHO} at {re.escape(server.address)}")
                 view = await node.registry.discover(ECHO)
@@ -281,12 +287,74 @@ async def test_supervisor_registers_the_address_once_and_deregisters_at_drain(
                 await pids_seen(server.address, 2)
                 assert server.process.pid is not None
                 os.kill(server.process.pid, signal.SIGTERM)
+                # while the agent waits for clients to see the instance leave, every worker
+                # answers health NOT_SERVING and still serves calls
+                await server.wait_for(rf"deregistered {ECHO}")
+                assert (await node.registry.discover(ECHO)).instances == ()
+                channels = await channel_per_worker(server.address, 2)
+                try:
+                    for pid, channel in channels.items():
+                        check = health_pb2_grpc.HealthStub(channel).Check
+                        for _ in range(600):  # bounded: the worker reads "drain" from its link
+                            reply = await check(health_pb2.HealthCheckRequest(), timeout=60)
+                            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                                break
+                            await asyncio.sleep(0.05)
+                        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                        echo = await echo_pb2_grpc.EchoServiceStub(channel).Echo(
+                            echo_pb2.EchoRequest(text="still"), timeout=60
+                        )
+                        assert echo.text == f"{pid}:still"
+                finally:
+                    for channel in channels.values():
+                        await channel.close()
                 assert await asyncio.wait_for(server.process.wait(), timeout=120) == 0
                 await server.wait_for(rf"deregistered {ECHO} at {re.escape(server.address)}")
                 assert server.count(r"deregistered") == 1
                 assert (await node.registry.discover(ECHO)).instances == ()
     finally:
         await store.close()
+
+
+async def test_restart_backs_off_and_workers_drain_when_the_supervisor_dies() -> None:
+    """A worker killed again soon after its restart waits twice as long to come back; when
+    the supervisor itself is SIGKILLed, its workers see their socket close and drain."""
+    async with supervised(2) as server:
+        first = await pids_seen(server.address, 2)
+        victim = min(first)
+        mark = len(server.lines)
+        os.kill(victim, signal.SIGKILL)
+        again = int(
+            (await server.wait_for(r"worker \d+ serving \(pid (\d+)\)", after=mark)).group(1)
+        )
+        mark = len(server.lines)
+        os.kill(again, signal.SIGKILL)
+        await server.wait_for(r"worker \d+ serving \(pid (\d+)\)", after=mark)
+        delays = [
+            float(m) for line in server.lines for m in re.findall(r"restarting in ([\d.]+) s", line)
+        ]
+        assert delays == [0.2, 0.4]
+        workers = await pids_seen(server.address, 2)
+        assert server.process.pid is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        for _ in range(2400):  # bounded: 120 s
+            if all(_gone(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.05)
+        assert all(_gone(pid) for pid in workers)
+        assert server.count(r"the supervisor is gone; draining") == 2
+
+
+async def test_serve_command_says_what_it_expected() -> None:
+    """`serve MODULE:FACTORY` naming no callable, or one returning no Server, exits saying so."""
+    from framework.workers.target import load_server
+
+    with pytest.raises(SystemExit, match="has no callable 'nope'"):
+        await load_server("tests.framework.workers_app:nope")
+    with pytest.raises(SystemExit, match="cannot import"):
+        await load_server("tests.framework.no_such_module")
+    with pytest.raises(SystemExit, match="not a framework Server"):
+        await load_server("os:getcwd")
 
 
 async def test_server_with_workers_refuses_a_bad_count() -> None:

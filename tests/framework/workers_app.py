@@ -7,7 +7,7 @@ Echo answers `<pid>:<text>` (so a caller sees which worker served it), after spi
 `WORKERS_APP_SPIN_MS` of CPU; EchoStream adds the pid to each message. Settings from the
 environment: `SERVICE_*` (ServerConfig.from_env, insecure_dev), `WORKERS_APP_METRICS_PORT`
 (a metrics endpoint when set; 0 picks a port, logged), `WORKERS_APP_REGISTRY` (register
-as `echo.v1.EchoService` with the registry at that address).
+as `echo.v1.EchoService` with the registry at that address; `WORKERS_APP_DEREGISTER_WAIT_S`).
 """
 
 from __future__ import annotations
