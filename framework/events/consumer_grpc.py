@@ -25,7 +25,13 @@ from typing import Any
 
 import grpc
 
-from framework.errors import FailedPreconditionError, FrameworkError, UnavailableError, error_class
+from framework.errors import (
+    FailedPreconditionError,
+    FrameworkError,
+    UnavailableError,
+    code_of,
+    error_class,
+)
 from framework.events.bus import Delivery, SubscriptionBase, check_event_types, check_group
 from gen.events.v1.envelope_pb2 import EventEnvelope
 from gen.events.v1.store_pb2 import SubscribeRequest
@@ -71,6 +77,27 @@ def _typed(error: BaseException, what: str) -> FrameworkError:
             return error_class(code.name, code)(f"Subscribe {what}: {detail}")
         return UnavailableError(f"Subscribe {what} failed ({code}: {detail}); retry")
     return UnavailableError(f"Subscribe {what} failed ({error!r}); retry")
+
+
+async def _final_status(call: Any) -> FrameworkError | None:
+    """The typed error a stream already ended with, or None if it is still open.
+
+    A server that refuses the call (its policies: a missing scope, a rate limit) can end
+    the stream before the first write is sent; the write then fails with a bare status,
+    or with InvalidStateError, neither carrying the server's `ErrorInfo`. Reading the
+    ended stream raises the typed error, with its reason, as a later fetch would.
+    INTERNAL is left to the caller's transient mapping: it is also what grpc.aio records
+    locally when the send itself fails on the ended stream, hiding the server's status.
+    """
+    if not call.done():
+        return None
+    try:
+        await call.read()
+    except FrameworkError as error:
+        return None if code_of(error) is grpc.StatusCode.INTERNAL else error
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        return None
+    return None
 
 
 _TRANSIENT = frozenset(
@@ -120,8 +147,9 @@ class RemoteSubscription(SubscriptionBase):
         try:
             await call.write(SubscribeRequest(start=start))
         except (grpc.RpcError, FrameworkError, asyncio.InvalidStateError) as error:
+            refusal = await _final_status(call)
             call.cancel()
-            raise _typed(error, "open") from error
+            raise (refusal or _typed(error, "open")) from error
         return call
 
     async def _reopen(self) -> None:

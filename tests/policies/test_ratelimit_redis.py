@@ -59,7 +59,11 @@ async def test_two_replicas_share_one_limit(redis_url: str, prefix: str) -> None
     servicers = [EchoServicer(), EchoServicer()]
     policies = [
         RateLimitPolicy(
-            config, backend=RedisBuckets.from_url(redis_url, prefix=prefix), identity=_same_caller
+            config,
+            # a timeout far above any load-induced delay: a timed-out take would be
+            # admitted (fail open) without a token and break the bound below
+            backend=RedisBuckets.from_url(redis_url, prefix=prefix, timeout_s=60.0),
+            identity=_same_caller,
         )
         for _ in servicers
     ]

@@ -16,6 +16,7 @@ from framework.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from framework.events.consumer_group import StoreBus, StoreBusConfig
 from framework.events.consumer_grpc import RemoteSubscription
@@ -113,19 +114,15 @@ async def test_joining_another_consumer_group_is_refused(
     the billing member then receives the event."""
     await store.append("acc-1", [NewEvent.of(AccountOpened(owner="ann"))], 0)
     token = issuer.token("analytics", ["events:subscribe"], groups=["analytics", "analytics-*"])
-    thief = await RemoteSubscription.open(served.connect(policies=[BearerToken(token)]), "billing")
-    with pytest.raises(PermissionDeniedError) as caught:
-        for _ in range(50):  # bounded: the refusal ends the stream
-            await thief.fetch(timeout_s=0.2)
-    assert caught.value.reason == "GROUP_NOT_GRANTED"
-    await thief.close()
+    refused = await _refusal(served.connect(policies=[BearerToken(token)]), "billing")
+    assert refused.reason == "GROUP_NOT_GRANTED"
     owner_token = issuer.token("billing", ["events:subscribe"])  # own subject: its group
     owner = await RemoteSubscription.open(
         served.connect(policies=[BearerToken(owner_token)]), "billing"
     )
     deliveries = []
-    for _ in range(50):  # bounded
-        deliveries += await owner.fetch(timeout_s=0.2)
+    for _ in range(60):  # bounded
+        deliveries += await owner.fetch(timeout_s=1.0)
         if deliveries:
             break
     assert [d.envelope.position for d in deliveries] == [1]
@@ -133,15 +130,44 @@ async def test_joining_another_consumer_group_is_refused(
     await owner.close()
 
 
+async def _refusal(channel: Any, group: str) -> PermissionDeniedError:
+    """How joining `group` is refused: at open or at the first fetch, whichever the
+    timing gives (UNAVAILABLE means "try again", and is retried, bounded)."""
+    for _ in range(20):
+        try:
+            sub = await RemoteSubscription.open(channel, group)
+        except PermissionDeniedError as refused:
+            return refused
+        except UnavailableError:
+            continue
+        try:
+            for _ in range(60):  # bounded: the refusal ends the stream
+                await sub.fetch(timeout_s=1.0)
+        except PermissionDeniedError as refused:
+            return refused
+        except UnavailableError:
+            continue
+        finally:
+            await sub.close()
+        raise AssertionError("the subscription was never refused")
+    raise AssertionError("the server stayed unavailable")
+
+
 async def test_subscribe_without_the_scope_is_refused(served: TestServer, issuer: Issuer) -> None:
     """A token with events:read but not events:subscribe cannot open a subscription."""
     token = issuer.token("billing", ["events:read"])
-    sub = await RemoteSubscription.open(served.connect(policies=[BearerToken(token)]), "billing")
-    with pytest.raises(PermissionDeniedError) as caught:
-        for _ in range(50):
-            await sub.fetch(timeout_s=0.2)
-    assert caught.value.reason == "SCOPE_MISSING"
-    await sub.close()
+    refused = await _refusal(served.connect(policies=[BearerToken(token)]), "billing")
+    assert refused.reason == "SCOPE_MISSING"
+
+
+async def test_a_refusal_is_typed_whenever_it_arrives(served: TestServer, issuer: Issuer) -> None:
+    """The server refuses the stream before reading its first message; when that refusal
+    beats the client's first write, open() raises it with its reason (SCOPE_MISSING), not
+    a bare PERMISSION_DENIED or UNAVAILABLE. Repeated: the timing decides which side wins."""
+    token = issuer.token("billing", ["events:read"])
+    channel = served.connect(policies=[BearerToken(token)])
+    reasons = {(await _refusal(channel, "billing")).reason for _ in range(300)}
+    assert reasons == {"SCOPE_MISSING"}
 
 
 @pytest.mark.postgres
