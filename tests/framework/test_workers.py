@@ -345,6 +345,63 @@ async def test_restart_backs_off_and_workers_drain_when_the_supervisor_dies() ->
         assert server.count(r"the supervisor is gone; draining") == 2
 
 
+async def test_two_workers_append_to_one_sqlite_event_store(tmp_path: Path) -> None:
+    """Writers on both workers append to one stream of one SQLite file with expected
+    versions: stale ones are ABORTED and retried, versions stay 1..N without a gap or a
+    duplicate (the database decides, whichever process wrote)."""
+    from gen.events.v1 import store_pb2, store_pb2_grpc
+    from gen.events.v1.testing_pb2 import AmountDeposited
+
+    env = {"WORKERS_APP_EVENTS_DB": str(tmp_path / "events.sqlite3")}
+    target = "tests.framework.workers_app:build_events_server"
+    command = [sys.executable, "-m", "framework", "serve", target, "--workers", "2"]
+    writers, appends = 4, 6
+    async with supervised(2, env, command=command) as server:
+        channels = await channel_per_worker(server.address, 2)
+        try:
+            stubs = [store_pb2_grpc.EventStoreServiceStub(c) for c in channels.values()]
+
+            async def writer(n: int) -> None:
+                stub = stubs[n % len(stubs)]
+                for i in range(appends):
+                    for _ in range(500):  # bounded retries on a stale version
+                        read = await stub.ReadStream(
+                            store_pb2.ReadStreamRequest(stream_id="acct-1", from_version=1),
+                            timeout=60,
+                        )
+                        version = read.events[-1].version if read.events else 0
+                        event = store_pb2.ProposedEvent(
+                            type=AmountDeposited.DESCRIPTOR.full_name,
+                            payload=AmountDeposited(amount=n * 100 + i).SerializeToString(),
+                        )
+                        try:
+                            await stub.Append(
+                                store_pb2.AppendRequest(
+                                    stream_id="acct-1",
+                                    aggregate_type="Account",
+                                    expected_version=version,
+                                    events=[event],
+                                ),
+                                timeout=60,
+                            )
+                            break
+                        except grpc.aio.AioRpcError as error:
+                            assert error.code() == grpc.StatusCode.ABORTED, error
+                    else:
+                        pytest.fail("an append never got through 500 conflicts")
+
+            await asyncio.gather(*(writer(n) for n in range(writers)))
+            read = await stubs[0].ReadStream(
+                store_pb2.ReadStreamRequest(stream_id="acct-1", from_version=1), timeout=60
+            )
+        finally:
+            for channel in channels.values():
+                await channel.close()
+    amounts = sorted(AmountDeposited.FromString(e.payload).amount for e in read.events)
+    assert [e.version for e in read.events] == list(range(1, writers * appends + 1))
+    assert amounts == sorted(n * 100 + i for n in range(writers) for i in range(appends))
+
+
 async def test_serve_command_says_what_it_expected() -> None:
     """`serve MODULE:FACTORY` naming no callable, or one returning no Server, exits saying so."""
     from framework.workers.target import load_server

@@ -78,6 +78,32 @@ def build_server() -> Server:
     return server
 
 
+class _CloseStore:
+    """Server hook: close a worker's event store once it has drained."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def on_stopped(self, server: object) -> None:
+        await self.store.close()
+
+
+async def build_events_server() -> Server:
+    """`build_server()` plus the event store service on the SQLite file
+    `WORKERS_APP_EVENTS_DB` (each worker opens its own connection to the same file)."""
+    from framework.events.service import EventStoreServicer
+    from framework.events.sqlite import SqliteConfig, SqliteEventStore
+    from tests.events.account import account_types
+
+    server = build_server()
+    store = await SqliteEventStore.open(
+        SqliteConfig(os.environ["WORKERS_APP_EVENTS_DB"], synchronous="NORMAL"), account_types()
+    )
+    server.add(EventStoreServicer(store))
+    server.add_hook(_CloseStore(store))
+    return server
+
+
 async def _main(workers: int) -> None:
     server = build_server()
     server.workers = workers
