@@ -225,8 +225,17 @@ async def _serve(args: argparse.Namespace) -> int:
         store = SqliteStore(args.db)
     registry = Registry(store, config)
     await registry.start()
+    # FRAMEWORK_REFLECTION=0 switches reflection off, as for every server
+    switch = {k: v for k, v in os.environ.items() if k == "FRAMEWORK_REFLECTION"}
+    reflection = ServerConfig.from_env("registry", switch).reflection
     server = Server(
-        ServerConfig(name="registry", host=args.host, port=args.port, insecure_dev=not policies),
+        ServerConfig(
+            name="registry",
+            host=args.host,
+            port=args.port,
+            insecure_dev=not policies,
+            reflection=reflection,
+        ),
         policies=policies,
         credentials=credentials,
     )

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -152,7 +153,9 @@ async def _reflected_services(address: str) -> list[str] | grpc.StatusCode:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+            timeout=30,
+            wait_for_ready=True,
         )
         try:
             async for reply in call:
@@ -197,3 +200,14 @@ async def test_max_concurrent_rpcs_from_the_environment() -> None:
         ServerConfig.from_env("x", {"SERVICE_MAX_CONCURRENT_RPCS": "0"}).max_concurrent_rpcs is None
     )
     assert ServerConfig.from_env("x", {}).max_concurrent_rpcs == ServerConfig().max_concurrent_rpcs
+
+
+async def test_registry_process_reflection_switched_off_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m framework.registry serve` with FRAMEWORK_REFLECTION=0: UNIMPLEMENTED."""
+    from tests.security.test_registry_cli import registry_process
+
+    monkeypatch.setenv("FRAMEWORK_REFLECTION", "0")
+    async with registry_process(tmp_path, "--insecure-dev") as (address, _):
+        assert await _reflected_services(address) == grpc.StatusCode.UNIMPLEMENTED
