@@ -173,6 +173,48 @@ def test_the_installed_wheel_imports_without_the_repository(
     assert "No broken requirements" in _run([str(python), "-m", "pip", "check"], tmp_path)
 
 
+USER_PROTO = """
+syntax = "proto3";
+package shop.v1;
+import "framework/v1/options.proto";
+import "buf/validate/validate.proto";
+message PingRequest { string name = 1 [(buf.validate.field).string.min_len = 1]; }
+message PingResponse { string name = 1; }
+service PingService {
+  option (framework.v1.service_policy) = {bounded_context: "shop"};
+  rpc Ping(PingRequest) returns (PingResponse) {
+    option (framework.v1.method_policy) = {idempotent: true};
+  }
+}
+"""
+
+COMPILE = """
+import sys
+from pathlib import Path
+
+import grpc_tools
+import protos
+from grpc_tools import protoc
+
+roots = [f"-I{p}" for p in protos.__path__]
+wkt = Path(grpc_tools.__file__).parent / "_proto"
+sys.exit(protoc.main(["protoc", "-I.", *roots, f"-I{wkt}", "--python_out=out", "shop.proto"]))
+"""
+
+
+def test_a_user_contract_compiles_against_the_shipped_protos(
+    installed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A user's .proto importing framework/v1/options.proto and buf/validate compiles with
+    only the venv's shipped contracts (and grpcio-tools' well-known types) on the path."""
+    _, python = installed
+    (tmp_path / "shop.proto").write_text(USER_PROTO)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "compile.py").write_text(COMPILE)
+    _run([str(python), "compile.py"], cwd=tmp_path)
+    assert (tmp_path / "out" / "shop_pb2.py").is_file()
+
+
 def test_the_installed_wheel_serves_echo_and_answers_health(
     installed: tuple[Path, Path], tmp_path: Path
 ) -> None:
