@@ -38,7 +38,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     grace_s: float = 10.0
-    drain_delay_s: float = 0.0
+    # between health NOT_SERVING and refusing new calls, so load balancers polling health
+    # see the drain first (SERVICE_DRAIN_DELAY_S; skipped by stop(grace_s=0))
+    drain_delay_s: float = 0.5
     reflection: bool = True
     health: bool = True
     # Calls (unary and streams) served at once; more are refused at once with

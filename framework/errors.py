@@ -40,6 +40,30 @@ class FieldViolation:
     rule: str = ""
 
 
+# The error classes by reason and by code, built on first use; defining a new subclass
+# (a service's own error) clears them, so a lookup never walks the class tree again.
+@functools.cache
+def _classes_by_reason() -> Mapping[str, type[FrameworkError]]:
+    table: dict[str, type[FrameworkError]] = {}
+    pending: list[type[FrameworkError]] = [FrameworkError]
+    while pending:
+        cls = pending.pop()
+        table.setdefault(cls.default_reason, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+@functools.cache
+def _classes_by_code() -> Mapping[grpc.StatusCode, type[FrameworkError]]:
+    table: dict[grpc.StatusCode, type[FrameworkError]] = {}
+    pending: list[type[FrameworkError]] = [FrameworkError]
+    while pending:
+        cls = pending.pop(0)  # breadth first: the most general class per code wins
+        table.setdefault(cls.status_code, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
 class FrameworkError(grpc.aio.AioRpcError):
     """Base of every error the framework maps to a gRPC status.
 
@@ -61,6 +85,8 @@ class FrameworkError(grpc.aio.AioRpcError):
         if isinstance(legacy, grpc.StatusCode):  # `code = grpc.StatusCode.X` in a subclass
             cls.status_code = legacy
             delattr(cls, "code")  # keep grpc's code() method
+        _classes_by_reason.cache_clear()
+        _classes_by_code.cache_clear()
 
     def __init__(
         self,
@@ -309,38 +335,13 @@ def internal_status() -> RpcStatus:
     return to_status(InternalError(INTERNAL_MESSAGE))
 
 
-@functools.cache
-def _classes_by_reason() -> Mapping[str, type[FrameworkError]]:
-    table: dict[str, type[FrameworkError]] = {}
-    pending: list[type[FrameworkError]] = [FrameworkError]
-    while pending:
-        cls = pending.pop()
-        table.setdefault(cls.default_reason, cls)
-        pending.extend(cls.__subclasses__())
-    return table
-
-
-@functools.cache
-def _classes_by_code() -> Mapping[grpc.StatusCode, type[FrameworkError]]:
-    table: dict[grpc.StatusCode, type[FrameworkError]] = {}
-    pending: list[type[FrameworkError]] = [FrameworkError]
-    while pending:
-        cls = pending.pop(0)  # breadth first: the most general class per code wins
-        table.setdefault(cls.status_code, cls)
-        pending.extend(cls.__subclasses__())
-    return table
-
-
 def error_class(reason: str, code: grpc.StatusCode) -> type[FrameworkError]:
     """The class a (reason, code) pair stands for; falls back on the code alone.
 
-    Error classes defined after the first lookup (a service's own) are found too:
-    an unknown reason rebuilds the table once.
+    Error classes defined after the first lookup (a service's own) are found too: defining
+    one clears the cached tables.  An unknown reason costs one dictionary lookup.
     """
     cls = _classes_by_reason().get(reason)
-    if cls is None:
-        _classes_by_reason.cache_clear()
-        cls = _classes_by_reason().get(reason)
     if cls is not None and cls.status_code == code:
         return cls
     return _classes_by_code().get(code, UnknownError)

@@ -9,8 +9,9 @@ Exits run in reverse order, always, and never swallow the error.
 
 Enters are synchronous and free of I/O.  A policy that must await (a waiting
 bulkhead, injected delay) returns an `async def` enter; chains that contain one
-are run on the async path, and a sync-only adapter refuses them when the chain
-is built, not on the first call.
+are run on the async path.  Both adapters (`server_adapter`, `client`) are asyncio
+and run either kind; `Chain(..., allow_async=False)` is for an adapter that cannot
+await: it refuses an async enter when the chain is bound, not on the first call.
 
 The same `Call` shape serves both sides: on the server it reads the inbound
 metadata, peer and deadline; on the client it may add outbound metadata and set
@@ -36,6 +37,8 @@ from framework.errors import RpcStatus
 from gen.framework.v1 import options_pb2
 
 if TYPE_CHECKING:
+    import asyncio
+
     import grpc.aio
 
 logger = logging.getLogger(__name__)
@@ -146,13 +149,15 @@ class Call:
     """One RPC as policies see it. Built per call; everything costly is lazy."""
 
     __slots__ = (
+        "_decode",
         "_inbound",
         "_outbound",
+        "_request",
         "context",
+        "drain",
         "finished",
         "method",
         "principal",
-        "request",
         "side",
         "started",
         "status",
@@ -170,11 +175,16 @@ class Call:
         metadata: Metadata | None = None,
         timeout: float | None = None,
         target: str = "",
+        raw_request: bytes | None = None,
+        decode: Callable[[bytes], object] | None = None,
     ) -> None:
         self.method = method
         self.side = side
         self.context = context
-        self.request = request  # the request message for unary-request methods
+        # the request message for unary-request methods; the server passes the raw bytes
+        # and their parser, so the message is parsed on first use, inside the chain
+        self._request: Any = request if decode is None else raw_request
+        self._decode = decode
         self.started = time.perf_counter()
         self.timeout = timeout  # client: seconds the RPC may take; policies may lower it
         self.target = target  # client: the channel target
@@ -183,12 +193,28 @@ class Call:
         # server: the verified caller, set by the auth policy (a framework.auth Principal
         # with `.subject`, `.scopes`); None when anonymous or without authentication
         self.principal: Any = None
+        # server: set when the server starts draining (see framework.server.drain_signal)
+        self.drain: asyncio.Event | None = None
         self._inbound: dict[str, str | bytes] | None = None
         self._outbound: list[tuple[str, str | bytes]] | None = None
         if side is Side.CLIENT:
             self._outbound = list(metadata) if metadata else None
         elif metadata is not None:
             self._inbound = dict(metadata)
+
+    @property
+    def request(self) -> Any:
+        """The request message (unary-request methods); malformed bytes raise DecodeError."""
+        decode = self._decode
+        if decode is not None:
+            self._request = decode(self._request)  # kept raw (and raising) until it parses
+            self._decode = None
+        return self._request
+
+    @request.setter
+    def request(self, value: Any) -> None:
+        self._request = value
+        self._decode = None
 
     # ----- metadata
     def header(self, key: str) -> str | bytes | None:
@@ -327,6 +353,8 @@ def run_exits(exits: Sequence[Exit], error: BaseException | None) -> None:
 
 
 MessageCheck = Callable[[Any], None]
+# Maps an outcome to what the caller sees (the server's error mapping); None is OK.
+Outcome = Callable[[Call, BaseException | None], BaseException | None]
 
 
 class BoundChain:
@@ -350,8 +378,9 @@ class BoundChain:
         self.is_async = any(_is_async(e) for e in self.enters)
         self.message_checks = tuple(message_checks)
 
-    def enter(self, call: Call) -> list[Exit]:
-        """Run every enter; if one rejects, the exits collected so far see its error."""
+    def enter(self, call: Call, outcome: Outcome | None = None) -> list[Exit]:
+        """Run every enter; if one rejects, the exits collected so far see its error
+        (as `outcome(call, error)` maps it, when given: what the caller will see)."""
         exits: list[Exit] = []
         try:
             for enter in self.enters:
@@ -359,11 +388,11 @@ class BoundChain:
                 if exit_ is not None:
                     exits.append(exit_)  # type: ignore[arg-type]
         except BaseException as error:
-            run_exits(exits, error)
+            run_exits(exits, error if outcome is None else outcome(call, error))
             raise
         return exits
 
-    async def aenter(self, call: Call) -> list[Exit]:
+    async def aenter(self, call: Call, outcome: Outcome | None = None) -> list[Exit]:
         exits: list[Exit] = []
         try:
             for enter in self.enters:
@@ -373,7 +402,7 @@ class BoundChain:
                 if result is not None:
                     exits.append(result)
         except BaseException as error:
-            run_exits(exits, error)
+            run_exits(exits, error if outcome is None else outcome(call, error))
             raise
         return exits
 

@@ -6,9 +6,11 @@ operator health report and server reflection, and shuts down gracefully (health
 NOT_SERVING, hooks' `on_draining` such as deregistration, new calls refused,
 in-flight calls given `grace_s` to finish).
 
-The chain is applied by wrapping each method handler when a servicer is
-registered (`framework.server_adapter`), so it is bound once per method and a
-call pays only for the enters and exits that apply to it.
+Every method is served through one generic handler, a table from full method
+name to the handler wrapped with its bound chain (`framework.server_adapter`):
+one dictionary lookup per call however many methods are served, and a call pays
+only for the enters and exits that apply to it.  The grpc server is created in
+`start()`, so a `Server` may be built outside the event loop that runs it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -37,14 +40,54 @@ from framework.policy import (
     Side,
     as_policies,
     authenticates,
+    current_call,
     requires_authentication,
 )
-from framework.server_adapter import Registrar
+from framework.server_adapter import MethodTable, Registrar, Serving
 from framework.workers.slot import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Server", "ServerConfig", "ServerHook"]
+__all__ = ["Server", "ServerConfig", "ServerHook", "drain_signal"]
+
+# After grace, the calls grpc cancelled still run their exits: how long stop() waits.
+_EXITS_AFTER_GRACE_S = 2.0
+
+
+class _WithholdInvalidMetadata(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 at ERROR, with a traceback and the raw
+    value (an `authorization` header's token, say): keep the fact, withhold the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid encoding on"):
+            record.msg = (
+                "a request carried a metadata value that is not valid UTF-8 (value withheld; "
+                "grpc passes it on decoded as Latin-1, so an authorization check refuses it)"
+            )
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _withhold_invalid_metadata() -> None:
+    """Install the filter on grpc's logger once per process (idempotent)."""
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _WithholdInvalidMetadata) for f in grpc_logger.filters):
+        grpc_logger.addFilter(_WithholdInvalidMetadata())
+
+
+def drain_signal() -> asyncio.Event | None:
+    """In a handler: an event set when its server starts draining (None outside a call).
+
+    A long-lived stream can end itself cleanly instead of being cut at the end of
+    the grace period::
+
+        drain = drain_signal()
+        while not drain.is_set(): ...
+    """
+    call = current_call()
+    return call.drain if call is not None else None
 
 
 class ServerHook(Protocol):
@@ -85,14 +128,16 @@ class Server:
         self._slot = WorkerSlot.take()
         if self._slot is not None:
             self.config = replace(self.config, port=self._slot.port, reuse_port=True)
+        self._mapping = ErrorMappingPolicy()
         self.chain = Chain(
-            [ErrorMappingPolicy(), *as_policies(policies, "Server(policies=...)")], Side.SERVER
+            [self._mapping, *as_policies(policies, "Server(policies=...)")], Side.SERVER
         )
         self.credentials = credentials
-        self._grpc = grpc.aio.server(
-            options=self.config.channel_options,
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-        )
+        self._serving = Serving(self._mapping.outcome)
+        self._table = MethodTable(self.chain, self._serving)
+        # created in start(): a grpc.aio server belongs to the loop that makes it
+        self._grpc: grpc.aio.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._services: list[str] = []
         self._unguarded: list[str] = []  # methods served without authentication (insecure_dev)
         self._hooks: list[object] = list(hooks)
@@ -109,20 +154,44 @@ class Server:
     # ------------------------------------------------------------ registration
     def add(self, servicer: object, register: Callable[[Any, Any], None] | None = None) -> None:
         """Register a servicer; `register` defaults to its generated `add_..._to_server`."""
+        register = register or _find_register(servicer)
+        registrar = Registrar()
+        register(servicer, registrar)
+        self._register(registrar)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """As grpc.aio's server: generated `add_..._to_server(servicer, server)` works."""
+        registrar = Registrar()
+        registrar.add_registered_method_handlers(service, handlers)
+        self._register(registrar)
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """As grpc.aio's server; the methods they serve go through the chain too, and
+        one for a service already added adds its methods to that service."""
+        registrar = Registrar()
+        registrar.add_generic_rpc_handlers(handlers)
+        self._register(registrar)
+
+    def _register(self, registrar: Registrar) -> None:
         if self._port is not None:
             raise RuntimeError("add servicers before start(): grpc cannot add them later")
-        register = register or _find_register(servicer)
-        registrar = Registrar(self.chain)
-        register(servicer, registrar)
         self._check_authentication(registrar.registered)
-        for service, handlers in registrar.registered.items():
-            self._grpc.add_registered_method_handlers(service, handlers)
-            self._grpc.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler(service, handlers),)
-            )
-            self._services.append(service)
-        for handler in registrar.generic:
-            self._grpc.add_generic_rpc_handlers((handler,))
+        self._table.add(registrar)
+        for service in registrar.registered:
+            if service not in self._services:
+                self._services.append(service)
+
+    @property
+    def draining(self) -> asyncio.Event:
+        """Set when the server starts draining; handlers see it as `drain_signal()`."""
+        return self._serving.draining
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being served whose exits have not run yet."""
+        return self._serving.in_flight
 
     def _check_authentication(self, registered: dict[str, dict[str, Any]]) -> None:
         """Refuse methods whose contract requires a verified caller that no policy checks.
@@ -193,17 +262,25 @@ class Server:
         """Bind, start, mark every service SERVING; returns the bound port."""
         if self._port is not None:
             return self._port
-        if self.config.reflection:
+        if self.config.reflection and f"/{reflection.SERVICE_NAME}/ServerReflectionInfo" not in (
+            self._table
+        ):
             names = [*self._services, reflection.SERVICE_NAME]
-            registrar = Registrar(self.chain)
+            registrar = Registrar()
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
                 reflection.aio.ReflectionServicer(names), registrar
             )
-            for service, handlers in registrar.registered.items():
-                self._grpc.add_registered_method_handlers(service, handlers)
-                self._grpc.add_generic_rpc_handlers(
-                    (grpc.method_handlers_generic_handler(service, handlers),)
-                )
+            self._table.add(registrar)
+        _withhold_invalid_metadata()
+        self._executor = ThreadPoolExecutor(thread_name_prefix=f"{self.config.name}-handler")
+        self._serving.executor = self._executor
+        self._grpc = grpc.aio.server(
+            migration_thread_pool=self._executor,
+            options=self.config.channel_options,
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+        )
+        # one generic handler for every method: one dictionary lookup per call
+        self._grpc.add_generic_rpc_handlers((self._table,))
         bind = f"{self.config.host}:{self.config.port}"
         if self.config.insecure_dev:
             logger.warning(
@@ -249,30 +326,48 @@ class Server:
         return int(port)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain and stop: NOT_SERVING, hooks' on_draining (deregister), refuse new calls,
-        let in-flight ones finish within the grace period.
+        """Drain and stop: NOT_SERVING and the drain signal, hooks' on_draining
+        (deregister), `drain_delay_s` for load balancers to notice, refuse new calls,
+        let in-flight ones finish within the grace period, wait for the exits of the
+        calls cut at its end, then close policies.  `grace_s=0` stops at once (no
+        drain delay).
 
         A failing hook or policy `close()` is logged and does not stop the shutdown.
         """
-        if self._stopped or self._port is None:
+        if self._stopped or self._port is None or self._grpc is None:
             return
         self._stopped = True
         grace = self.config.grace_s if grace_s is None else grace_s
         try:
+            self._serving.draining.set()
             await self.health.drain()
             for hook in self._all_hooks():
                 await _call_hook(hook, "on_draining", self)
-            if self.config.drain_delay_s > 0:
+            if self.config.drain_delay_s > 0 and grace > 0:
                 await asyncio.sleep(self.config.drain_delay_s)
         finally:
             try:
                 await self._grpc.stop(grace)
+                # calls cut at the end of grace run their exits (spans, metrics, slots)
+                # once their tasks see the cancellation: wait for them, bounded
+                if not await self._serving.wait_idle(_EXITS_AFTER_GRACE_S):
+                    logger.warning(
+                        "%s: %d call(s) still running %.1f s after the grace period; "
+                        "closing policies anyway",
+                        self.config.name,
+                        self._serving.in_flight,
+                        _EXITS_AFTER_GRACE_S,
+                        extra={"service": self.config.name},
+                    )
                 await self.health.close()
                 for policy in self.chain.policies:
                     await _call_hook(policy, "close")
                 for hook in self._all_hooks():
                     await _call_hook(hook, "on_stopped", self)
             finally:
+                if self._executor is not None:
+                    # a sync handler still blocked in a thread cannot be interrupted
+                    self._executor.shutdown(wait=False, cancel_futures=True)
                 if self._stopping is not None:
                     self._stopping.set()
         logger.info("%s stopped", self.config.name, extra={"service": self.config.name})

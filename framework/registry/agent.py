@@ -16,9 +16,9 @@
 * `on_draining` (the server already answers health NOT_SERVING and still
   accepts calls): stops renewing, deregisters, then holds the drain for
   `deregister_wait_s` so that watching clients see the instance leave before
-  the server stops accepting calls. With the default `ServerConfig`
-  (`drain_delay_s=0`) a rolling restart then fails no call, even a call that
-  is not retried.
+  the server stops accepting calls. With the default `ServerConfig` a rolling
+  restart then fails no call, even a call that is not retried (it holds even with
+  `drain_delay_s=0`).
 """
 
 from __future__ import annotations

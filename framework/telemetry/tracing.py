@@ -122,10 +122,16 @@ def _ended(span: trace_api.Span, side: Side, error: BaseException | None) -> Non
     event = DECISION_EVENTS.get(reason)
     if event is not None:
         span.add_event(event, {"reason": reason, "side": side.value})
-    if not hasattr(error, "reason") and not isinstance(
-        error, grpc.RpcError | asyncio.CancelledError
+    # unexpected: the stack trace belongs on the span (the server's error mapping hands
+    # exits the INTERNAL error the caller sees, caused by what was really raised)
+    if hasattr(error, "reason"):
+        cause = error.__cause__ if code is grpc.StatusCode.INTERNAL else None
+    else:
+        cause = error
+    if cause is not None and not (
+        hasattr(cause, "reason") or isinstance(cause, grpc.RpcError | asyncio.CancelledError)
     ):
-        span.record_exception(error)  # unexpected: the stack trace belongs on the span
+        span.record_exception(cause)
 
 
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")

@@ -38,7 +38,10 @@ async def test_in_flight_call_completes_while_new_calls_are_refused() -> None:
     release = asyncio.Event()
     servicer = EchoServicer(release=release)
     hooks = Hooks()
-    server = Server(ServerConfig(name="echo", grace_s=5.0, insecure_dev=True), hooks=[hooks])
+    # no drain delay: new calls are refused right after the flip (with one, they are
+    # still served for drain_delay_s while load balancers notice)
+    config = ServerConfig(name="echo", grace_s=5.0, drain_delay_s=0, insecure_dev=True)
+    server = Server(config, hooks=[hooks])
     server.add(servicer)
     await server.start()
     async with (

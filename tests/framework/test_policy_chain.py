@@ -195,3 +195,17 @@ def test_method_resolution_reads_arity_and_rejects_bad_names() -> None:
     assert foreign.descriptor is None and foreign.policy.timeout_s == 0
     with pytest.raises(ValueError, match=r"/pkg\.Service/Method"):
         Method.resolve("nonsense")
+
+
+async def test_the_readmes_skip_pattern_leaves_health_out() -> None:
+    """`skip(policy, "grpc.health.v1.*")` (the README's example) skips health calls only."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    log: list[str] = []
+    async with serve(
+        EchoServicer(), policies=[skip(RecordingPolicy("s", log), "grpc.health.v1.*")]
+    ) as t:
+        await health_pb2_grpc.HealthStub(t.channel).Check(health_pb2.HealthCheckRequest())
+        await t.stub(echo_pb2_grpc.EchoServiceStub).Echo(echo_pb2.EchoRequest(text="x"))
+    assert log == ["enter:s", "exit:s:OK"]
+    assert Method.resolve("/grpc.health.v1.Health/Check").matches("grpc.health.v1.*")

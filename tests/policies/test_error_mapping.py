@@ -131,3 +131,24 @@ async def test_bad_input_to_the_test_service_names_the_field() -> None:
             await t.stub(echo_pb2_grpc.EchoServiceStub).Fail(echo_pb2.FailRequest(error="Nope"))
     assert [v.field for v in caught.value.violations] == ["error"]
     assert "Nope" in caught.value.message
+
+
+async def test_unknown_reasons_never_rebuild_the_class_table_and_new_classes_are_found() -> None:
+    """An answer with a reason no class has costs a lookup, not a walk of the class tree;
+    an error class defined later (a service's own) is still rebuilt typed across a hop."""
+    unknown = errors.error_class("NO_SUCH_REASON", grpc.StatusCode.INTERNAL)
+    table = errors._classes_by_reason()
+    for _ in range(100):
+        assert errors.error_class("NO_SUCH_REASON", grpc.StatusCode.INTERNAL) is unknown
+    assert errors._classes_by_reason() is table  # the same table: never rebuilt
+
+    class StockShortError(errors.FailedPreconditionError):
+        default_reason = "STOCK_SHORT"
+
+    class Short(echo_pb2_grpc.EchoServiceServicer):
+        async def Echo(self, request: echo_pb2.EchoRequest, context: object) -> object:
+            raise StockShortError("only 2 left; order fewer")
+
+    async with serve(Short()) as t:
+        with pytest.raises(StockShortError, match="only 2 left"):
+            await t.stub(echo_pb2_grpc.EchoServiceStub).Echo(echo_pb2.EchoRequest())

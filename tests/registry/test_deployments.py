@@ -93,10 +93,11 @@ async def test_canary_weight_sends_ten_percent_then_blue_green_switches(
 
 async def test_rolling_restart_under_load_fails_no_call(node: RegistryNode) -> None:
     """Each of three instances in turn deregisters, drains and is replaced; 0 calls fail with
-    the default ServerConfig and AgentConfig, even with retries off (the agent's
-    deregister_wait_s keeps the server accepting calls until clients have moved away)."""
+    the default AgentConfig and no server drain delay at all, even with retries off (the
+    agent's deregister_wait_s keeps the server accepting calls until clients have moved
+    away; the default drain_delay_s only adds to that)."""
     fleet = [await start_echo(node.address) for _ in range(3)]
-    assert fleet[0].server.config.drain_delay_s == ServerConfig().drain_delay_s == 0
+    assert fleet[0].server.config.drain_delay_s == 0 < ServerConfig().drain_delay_s
     retired: list[EchoInstance] = []
     channel = await balanced_channel(node.address, ECHO, config=BalancerConfig(max_attempts=1))
     await wait_until(lambda: len(channel.endpoints) == 3)
