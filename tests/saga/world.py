@@ -120,7 +120,10 @@ class World:
         return world
 
     async def start_payment(self, port: int = 0) -> None:
-        """Start (or restart) the payment participant, on `port` or the reserved address."""
+        """Start the payment participant, on `port` or the reserved address; nothing to do
+        when it already runs (a second server cannot bind the port: SO_REUSEPORT is off)."""
+        if "payment" in self.servers:
+            return
         if port == 0 and self.payment_target:
             port = int(self.payment_target.rpartition(":")[2])
         server = await start_server(self.payment, [*self.server_policies, ValidationPolicy()], port)
