@@ -23,6 +23,9 @@ max_error_rate_during = 0.5     # over the whole load (optional)
 max_recovery_s = 20.0           # each fault: from its end until requests succeed again
 invariants = ["services.chaos.invariants:invariants"]
 settle_timeout_s = 60.0         # invariants are polled until they hold or this passes
+baseline_s = 3.0                # before the load: unrecorded windows of this length until one
+baseline_timeout_s = 60.0       #   meets max_error_rate (at most this long; 0 s: no baseline)
+p99_over_baseline = 3.0         # steady-state p99 limit: max(max_p99_ms, this x baseline p99)
 
 [[faults]]
 at_s = 5.0
@@ -125,6 +128,9 @@ class Hypothesis:
     max_recovery_s: float | None = None
     invariants: tuple[str, ...] = ()
     settle_timeout_s: float = 60.0
+    baseline_s: float = 3.0  # 0: no baseline
+    baseline_timeout_s: float = 60.0
+    p99_over_baseline: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +302,9 @@ def _hypothesis(table: _Table) -> Hypothesis:
         max_recovery_s=None if recovery is None else table.number("max_recovery_s", 0, 0, 600),
         invariants=invariants,
         settle_timeout_s=table.number("settle_timeout_s", 60.0, 0.0, 600.0, open_low=True),
+        baseline_s=table.number("baseline_s", 3.0, 0.0, 60.0),
+        baseline_timeout_s=table.number("baseline_timeout_s", 60.0, 0.0, 600.0, open_low=True),
+        p99_over_baseline=table.number("p99_over_baseline", 3.0, 1.0, 100.0),
     )
     table.done()
     return spec

@@ -1,10 +1,12 @@
 """Faults applied to a running `ChaosSystem` at their time, always undone afterwards.
 
-Each fault runs as its own task: it waits for its `at_s` (on the load's clock), applies
-the fault, waits `duration_s` when it lasts, undoes it in a `finally` (so a cancelled
-experiment leaves no process paused, no rule set, no proxy cut) and records what
-happened (`FaultRecord`): the resolved target, when it started and ended, and, for a
-killed or stopped process, when it was ready again (registered and healthy).
+Each fault runs as its own task: it prepares what it needs from the registry (the
+leases of a process it will kill or stop, the instances an RPC rule goes to) before its
+`at_s` (on the load's clock), so a slow registry cannot delay the fault itself; then it
+applies the fault, waits `duration_s` when it lasts, undoes it in a `finally` (so a
+cancelled experiment leaves no process paused, no rule set, no proxy cut) and records
+what happened (`FaultRecord`): the resolved target, when it started and ended, and, for
+a killed or stopped process, when it was ready again (registered and healthy).
 """
 
 from __future__ import annotations
@@ -79,8 +81,6 @@ async def run_fault(
 ) -> FaultRecord:
     """Apply `spec` to `system` at its time (see the module docstring)."""
     record = FaultRecord(spec)
-    await _until(now, spec.at_s)
-    record.started_s = now()
     try:
         if spec.action in ("kill", "pause", "stop"):
             names = [p.name for p in system.processes()]
@@ -95,9 +95,17 @@ async def run_fault(
     except (ValueError, KeyError, ProcessLookupError, FrameworkError, grpc.RpcError) as error:
         record.error = str(error)
         logger.warning("fault %s could not be applied: %s", spec.describe(), error)
+    if not record.started_s:
+        record.started_s = now()
     if not record.ended_s:
         record.ended_s = now()
     return record
+
+
+async def _begin(now: Callable[[], float], record: FaultRecord) -> None:
+    """Wait for the fault's time; it starts now."""
+    await _until(now, record.spec.at_s)
+    record.started_s = now()
 
 
 async def _process_fault(
@@ -106,6 +114,7 @@ async def _process_fault(
     supervisor = system.supervisor
     name = record.target
     if spec.action == "pause":
+        await _begin(now, record)
         pid = supervisor.signal(name, signal.SIGSTOP)
         record.detail = f"pid {pid} paused"
         try:
@@ -115,20 +124,29 @@ async def _process_fault(
                 supervisor.signal(name, signal.SIGCONT)
             record.ended_s = now()
         return
-    before = supervisor.pid(name)
-    leased = {i.service for i in await system.snapshot().registered() if i.instance == name}
-    if spec.action == "kill":
-        pid = supervisor.signal(name, signal.Signals[spec.signal])
-        record.detail = f"pid {pid} {spec.signal}"
-        record.ended_s = now()
-    else:
-        code = await supervisor.hold(name)
-        record.detail = f"pid {before} stopped (exit {code})"
-        try:
-            await _until(now, spec.ends_s)
-        finally:
-            supervisor.release(name)
+    # what `name` leases, read from the fault's preparation on but never waited for before
+    # the fault (the registry may be slow under load); a killed process's leases stay
+    # until their TTL, so a late answer still lists them
+    leases = asyncio.create_task(_leases(system, name))
+    try:
+        await _begin(now, record)
+        before = supervisor.pid(name)
+        if spec.action == "kill":
+            pid = supervisor.signal(name, signal.Signals[spec.signal])
+            record.detail = f"pid {pid} {spec.signal}"
             record.ended_s = now()
+        else:
+            code = await supervisor.hold(name)
+            record.detail = f"pid {before} stopped (exit {code})"
+            try:
+                await _until(now, spec.ends_s)
+            finally:
+                supervisor.release(name)
+                record.ended_s = now()
+        leased = await leases
+    finally:
+        leases.cancel()
+        await asyncio.gather(leases, return_exceptions=True)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ready_s
     while supervisor.pid(name) in (None, before) and loop.time() < deadline:  # noqa: ASYNC110
@@ -145,6 +163,11 @@ async def _process_fault(
         return
     record.ready_s = now()
     record.detail += f"; back as pid {supervisor.pid(name)}"
+
+
+async def _leases(system: Any, name: str) -> set[str]:
+    """The services process `name` holds a lease of."""
+    return {i.service for i in await system.snapshot().registered() if i.instance == name}
 
 
 async def _serving_again(system: Any, name: str, services: set[str]) -> bool:
@@ -180,13 +203,15 @@ async def _instances(system: Any, service: str) -> list[tuple[str, str]]:
     )
 
 
-async def _set_rules(system: Any, service: str, request: Any, clear: bool) -> list[str]:
+async def _set_rules(
+    system: Any, instances: list[tuple[str, str]], request: Any, clear: bool
+) -> list[str]:
     from framework.client import connect
     from gen.framework.v1.faults_pb2_grpc import FaultInjectionServiceStub
 
     metadata = (("authorization", f"Bearer {system.operator_token()}"),)
     reached: list[str] = []
-    for instance, address in await _instances(system, service):
+    for instance, address in instances:
         channel = connect(address)
         try:
             stub = FaultInjectionServiceStub(channel)
@@ -211,16 +236,29 @@ async def _rpc_fault(
     )
     if spec.abort:
         rule.abort_code = grpc.StatusCode[spec.abort].value[0]
-    reached = await _set_rules(
-        system, spec.service, faults_pb2.SetFaultsRequest(rules=[rule]), False
-    )
-    if not reached:
-        raise ValueError(f"no instance of {spec.service} took the fault rule")
-    record.detail = f"rule {name} on {', '.join(reached)}"
+    instances = await _instances(system, spec.service)  # before the fault's time
+    await _begin(now, record)
     try:
+        reached = await _set_rules(
+            system, instances, faults_pb2.SetFaultsRequest(rules=[rule]), False
+        )
+        if not reached:
+            raise ValueError(f"no instance of {spec.service} took the fault rule")
+        record.detail = f"rule {name} on {', '.join(reached)}"
         await _until(now, spec.ends_s)
     finally:
-        await _set_rules(system, spec.service, faults_pb2.ClearFaultsRequest(names=[name]), True)
+        # every instance (also one that joined during the fault), so no rule is left behind
+        try:
+            current = await _instances(system, spec.service)
+        except (FrameworkError, grpc.RpcError) as error:
+            logger.warning("listing %s to clear rule %s: %s", spec.service, name, error)
+            current = []
+        await _set_rules(
+            system,
+            sorted({*instances, *current}),
+            faults_pb2.ClearFaultsRequest(names=[name]),
+            True,
+        )
         record.ended_s = now()
 
 
@@ -234,6 +272,7 @@ async def _proxy_fault(
             "(give --store postgresql://... / --bus nats://...)"
         )
     resets = proxy.resets
+    await _begin(now, record)
     proxy.set(ProxyMode(spec.mode), latency_s=spec.latency_ms / 1000.0)
     try:
         await _until(now, spec.ends_s)

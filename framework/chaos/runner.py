@@ -4,7 +4,10 @@
 
 One system is started for the run (`ChaosSystem`); the experiments run one after
 another on it, each starting once every process is ready again.  Per experiment: the
-scenario is set up, the load and every fault start on one clock, the faults are undone,
+scenario is set up, a baseline is measured (the same load, unrecorded, in windows of
+`baseline_s` until one meets `max_error_rate`, at most `baseline_timeout_s`: the system
+is warm and steady before any fault, and its p99 on this machine at this moment is
+known), the load and every fault start on one clock, the faults are undone,
 the invariants are polled until they hold (or the settle time passes), the hypothesis
 is judged (`report.evaluate`) and the timeline drawn.  Invariants hold across
 experiments, since every experiment's data stays in the stores.
@@ -14,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
+import os
 import random
 import shutil
 import tempfile
@@ -26,8 +32,15 @@ from typing import TextIO
 from framework.chaos.experiment import Experiment
 from framework.chaos.faults import FaultRecord, run_fault
 from framework.chaos.invariants import InvariantResult, check_invariants, load_invariants
-from framework.chaos.load import LoadContext, LoadResult, ScenarioError, build_scenario, run_load
-from framework.chaos.report import ExperimentResult, evaluate, timeline_png
+from framework.chaos.load import (
+    LoadContext,
+    LoadResult,
+    Scenario,
+    ScenarioError,
+    build_scenario,
+    run_load,
+)
+from framework.chaos.report import ExperimentResult, Window, evaluate, timeline_png
 from framework.chaos.system import ChaosSystem, ChaosSystemConfig
 
 __all__ = ["RunConfig", "run_chaos", "run_experiment"]
@@ -65,6 +78,7 @@ async def run_experiment(
     except (ValueError, ScenarioError) as error:
         return ExperimentResult(experiment.name, backend, experiment.description, error=str(error))
     await _all_ready(system)
+    load_before = os.getloadavg()[0]
     ctx = LoadContext(
         system.gateway_url,
         timeout_s=experiment.load.timeout_s,
@@ -78,6 +92,15 @@ async def run_experiment(
         except ScenarioError as error:
             return ExperimentResult(
                 experiment.name, backend, experiment.description, error=str(error)
+            )
+        baseline, why = await measure_baseline(experiment, scenario, system)
+        if why:
+            return ExperimentResult(experiment.name, backend, experiment.description, error=why)
+        if baseline is not None:
+            _say(
+                out,
+                f"{experiment.name}: baseline {baseline.requests} requests, "
+                f"p99 {baseline.p99_ms:.0f} ms (load average {os.getloadavg()[0]:.1f})",
             )
         ctx.begin()
         load_task = asyncio.create_task(run_load(experiment.load, scenario, ctx))
@@ -104,7 +127,44 @@ async def run_experiment(
         results, settle = await check_invariants(
             invariants, system.snapshot, settle_timeout_s=experiment.hypothesis.settle_timeout_s
         )
-    return evaluate(experiment, backend, load, records, results, settle)
+    return evaluate(
+        experiment,
+        backend,
+        load,
+        records,
+        results,
+        settle,
+        baseline=baseline,
+        load_average=(load_before, os.getloadavg()[0]),
+    )
+
+
+async def measure_baseline(
+    experiment: Experiment, scenario: Scenario, system: ChaosSystem
+) -> tuple[Window | None, str]:
+    """The experiment's load without faults, unrecorded, in `baseline_s` windows until one
+    meets `max_error_rate` (bounded by `baseline_timeout_s`): that window, or why none did."""
+    h = experiment.hypothesis
+    if h.baseline_s <= 0:
+        return None, ""
+    spec = dataclasses.replace(experiment.load, duration_s=h.baseline_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + h.baseline_timeout_s
+    while True:
+        ctx = LoadContext(
+            system.gateway_url, timeout_s=spec.timeout_s, operator_token=system.operator_token()
+        )
+        try:
+            window = Window.of((await run_load(spec, scenario, ctx)).samples, 0.0, math.inf)
+        finally:
+            await ctx.close()
+        if window.requests and window.error_rate <= h.max_error_rate:
+            return window, ""
+        if loop.time() >= deadline:
+            return None, (
+                f"no steady state before the load within {h.baseline_timeout_s:g}s: the last "
+                f"{h.baseline_s:g}s window had {window.errors} of {window.requests} requests failed"
+            )
 
 
 async def _all_ready(system: ChaosSystem, timeout_s: float = 120.0) -> None:

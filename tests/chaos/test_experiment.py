@@ -3,7 +3,10 @@ hypothesis judged on recorded samples (steady-state windows, per-fault recovery)
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 
@@ -115,3 +118,100 @@ def test_the_hypothesis_is_judged_per_window_and_per_fault() -> None:
     assert figures.recovery_s == pytest.approx(1.1)  # the last error began at 6.0 s, took 0.1 s
     assert result.passed  # 1.1 s <= max_recovery_s 2
     assert p99([0.1] * 99 + [5.0]) == 0.1 and p99([0.1] * 98 + [5.0, 5.0]) == 5.0
+
+
+def test_the_steady_tail_is_the_end_of_the_offered_load_even_when_the_load_overran() -> None:
+    """Requests in flight at the end stretch the load past duration_s: the tail window is
+    still the last steady_tail_s of the offered load (where iterations started), not empty."""
+    text = BASE + 'steady_tail_s = 3\n[[faults]]\nat_s = 2\naction = "kill"\nprocess = "a"'
+    experiment = _parse(text)
+    samples = [Sample("r", t / 2, 0.1, True, "200") for t in range(20)]  # started 0..9.5 s
+    load = LoadResult(samples=samples, iterations=20, duration_s=25.0)  # waited for stragglers
+    fault = FaultRecord(experiment.faults[0], "a", started_s=2.0, ended_s=2.1)  # type: ignore[attr-defined]
+    result = evaluate(experiment, "sqlite", load, [fault], [], 0.0)  # type: ignore[arg-type]
+    checks = {c.name: c for c in result.checks}
+    assert checks["error rate, steady state, last 3s"].observed == "0.0% of 6"
+    assert "requests, steady state, last 3s" not in checks
+    assert result.passed
+
+
+def test_the_p99_limit_is_relative_to_the_baseline_when_the_machine_is_slow() -> None:
+    """A slow baseline (a loaded machine) raises the p99 limit to p99_over_baseline x its p99;
+    a fast one leaves max_p99_ms; the limit applied is reported."""
+    from framework.chaos.report import Window
+
+    text = BASE + "max_p99_ms = 1000\np99_over_baseline = 2\nsteady_tail_s = 3\n"
+    experiment = _parse(text)
+    samples = [Sample("r", t / 2, 1.5, True, "200") for t in range(20)]  # 1500 ms each
+    load = LoadResult(samples=samples, iterations=20, duration_s=10.0)
+    slow = Window(0.0, 3.0, 9, 0, 900.0)
+    result = evaluate(experiment, "sqlite", load, [], [], 0.0, baseline=slow)  # type: ignore[arg-type]
+    check = next(c for c in result.checks if c.name.startswith("p99"))
+    assert (check.expected, check.held, result.p99_limit_ms) == (
+        "<= 1800 ms (2x baseline)",
+        True,
+        1800.0,
+    )
+    fast = Window(0.0, 3.0, 9, 0, 100.0)
+    result = evaluate(experiment, "sqlite", load, [], [], 0.0, baseline=fast)  # type: ignore[arg-type]
+    check = next(c for c in result.checks if c.name.startswith("p99"))
+    assert (check.expected, check.held, result.passed) == ("<= 1000 ms", False, False)
+
+
+async def test_a_kill_happens_at_its_time_even_when_the_registry_answers_late() -> None:
+    """kill-inventory on a loaded machine: the registry took longer than at_s to list the
+    leases; the process is still killed at at_s (the lease query never delays the fault)."""
+    from framework.chaos.faults import run_fault
+    from framework.chaos.system import ProcessView, RegisteredInstance
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    listener = socket.create_server(("127.0.0.1", 0))  # where the "restarted" process listens
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    answered = asyncio.Event()
+    events: list[str] = []
+
+    class SlowRegistrySystem:
+        """The runner's view of a system whose registry answers after the fault's time."""
+
+        def __init__(self) -> None:
+            self.supervisor = self
+            self.current = 1
+
+        def processes(self) -> list[ProcessView]:
+            return [ProcessView("order-1", self.current, "running", 0)]
+
+        def snapshot(self) -> SlowRegistrySystem:
+            return self
+
+        async def registered(self) -> list[RegisteredInstance]:
+            if not answered.is_set():
+                await asyncio.sleep(0.5)  # the fault is due at 0.05 s
+                events.append("registry answered")
+                answered.set()
+            return [RegisteredInstance("order.v1.OrderService", "order-1", address, "SERVING")]
+
+        def signal(self, name: str, sig: object) -> int:
+            events.append("killed")
+            self.current = os.getpid()  # back at once, listening on `address`
+            return 1
+
+        def pid(self, name: str) -> int:
+            return self.current
+
+        async def wait_ready(self, name: str, timeout_s: float) -> None:
+            return None
+
+    experiment = _parse(BASE + '[[faults]]\nat_s = 0.05\naction = "kill"\nprocess = "order-1"')
+    try:
+        record = await run_fault(
+            experiment.faults[0],  # type: ignore[attr-defined]
+            SlowRegistrySystem(),
+            lambda: loop.time() - t0,
+            ready_timeout_s=30,
+        )
+    finally:
+        listener.close()
+    assert events == ["killed", "registry answered"]
+    assert record.error == "" and record.ready_s is not None
+    assert record.started_s <= record.ended_s <= record.ready_s
