@@ -6,10 +6,11 @@ Steady state is judged where the system should be steady: before the first fault
 the machine of the moment: `max(max_p99_ms, p99_over_baseline x the baseline's p99)`,
 the baseline being the unrecorded window the runner measured just before the load
 (see `runner`), so a machine loaded by others does not fail a hypothesis that still
-holds relative to it.  Each fault gets its own figures: requests started between its
-start and the next fault's (or the load's end), how many failed, and its recovery
-time: from the fault's end to the last failed request attributed to it (0 when none
-failed).
+holds relative to it.  Each fault gets its own figures: the requests still running
+when it began or started after it, until the next fault's start (or the load's end),
+how many failed, and its recovery time: from the fault's end to the last failed
+request attributed to it (0 when none failed).  The steady state before faults counts
+only the requests that ended before the first one.
 """
 
 from __future__ import annotations
@@ -196,7 +197,10 @@ def evaluate(
     if first is None:
         windows.append(("steady state (whole load)", whole))
     elif first >= 2.0:
-        windows.append(("steady state before faults", Window.of(samples, 0.0, first)))
+        # the requests that ended before the first fault: one still in flight when it
+        # began (e.g. on the process killed) is the fault's
+        ended = [s for s in samples if s.started_s + s.latency_s < first]
+        windows.append(("steady state before faults", Window.of(ended, 0.0, first)))
     if faults and h.steady_tail_s > 0:
         # the last steady_tail_s of the offered load (no iteration starts after it, only
         # retries), never before the last fault ended
@@ -231,7 +235,12 @@ def evaluate(
     ordered = sorted(faults, key=lambda f: f.started_s)
     for index, fault in enumerate(ordered):
         until = ordered[index + 1].started_s if index + 1 < len(ordered) else math.inf
-        inside = [s for s in samples if fault.started_s <= s.started_s < until]
+        # started before the next fault, and still running when this one began
+        inside = [
+            s
+            for s in samples
+            if s.started_s < until and s.started_s + s.latency_s >= fault.started_s
+        ]
         failed = [s for s in inside if not s.ok]
         last_error = max((s.started_s + s.latency_s for s in failed), default=fault.ended_s)
         recovery = max(0.0, last_error - fault.ended_s) if failed else 0.0

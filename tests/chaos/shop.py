@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from framework.chaos.system import Database, ProcessView, SystemView
+from framework.system.keys import TokenFile
 from tests.services.kit import AUDIENCE, Backend, Keys, make_keys, runtime_config, start_registry
 
 T = TypeVar("T")
+# the services' own tokens outlive the longest fuzz run (`make fuzz` takes ~15 min on a
+# loaded machine; the kit's 10 min tokens expired half-way: every order UNAUTHENTICATED)
+TOKEN_TTL_S = 6 * 3600.0
 
 ALL_SCOPES = [
     "operator",
@@ -64,7 +68,7 @@ class Shop:
 
     @property
     def operator_token(self) -> str:
-        return self.keys.token("operator", ALL_SCOPES)
+        return self.keys.platform.mint("operator", ALL_SCOPES, ttl_s=TOKEN_TTL_S).token
 
     def view(self) -> SystemView:
         """The shop's databases, as the chaos invariants read them."""
@@ -107,9 +111,12 @@ async def _start(shop: Shop) -> None:
 
     def token(name: str, scopes: list[str], groups: list[str] | None = None) -> str:
         claims: dict[str, object] = {"services": [], "groups": groups or [name]}
-        return keys.token_file(
-            tmp, f"service:{name}", ["registry:register", "registry:read", *scopes], claims
+        path = tmp / f"service-{name}.jwt"
+        scopes = ["registry:register", "registry:read", *scopes]
+        TokenFile(path).write(
+            keys.platform.mint(f"service:{name}", scopes, ttl_s=TOKEN_TTL_S, claims=claims)
         )
+        return str(path)
 
     def config(name: str, scopes: list[str], **extra: str) -> Any:
         return runtime_config(
@@ -143,9 +150,11 @@ async def _start(shop: Shop) -> None:
     ):
         await service.server.start()
         shop.servers[name] = service.server
-    saga_token = keys.token(
-        "service:sagas", ["inventory:write", "payments:write", "notifications:write"]
-    )
+    saga_token = keys.platform.mint(
+        "service:sagas",
+        ["inventory:write", "payments:write", "notifications:write"],
+        ttl_s=TOKEN_TTL_S,
+    ).token
     channels = {
         "inventory.v1.InventoryService": connect(
             inventory.server.address, policies=[BearerToken(saga_token)]

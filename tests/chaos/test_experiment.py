@@ -48,6 +48,17 @@ def test_the_standard_set_parses_and_names_are_unique() -> None:
     assert [e.name for e in experiments if not e.applies_to("sqlite")] == ["postgres-cut"]
 
 
+def test_every_standard_steady_tail_begins_after_the_recovery_it_allows() -> None:
+    """A steady tail inside the recovery its own hypothesis allows would fail a system that
+    recovered in time (postgres-cut on a loaded machine: 7.4 s of 15 allowed, tail at 15 s)."""
+    for e in load_experiments([ROOT / "services/chaos/experiments"]):
+        h = e.hypothesis
+        assert h.max_recovery_s is not None, e.name
+        last_end = max(f.ends_s for f in e.faults)
+        tail_start = e.load.duration_s - h.steady_tail_s
+        assert tail_start >= last_end + h.max_recovery_s, (e.name, tail_start, last_end)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -215,3 +226,20 @@ async def test_a_kill_happens_at_its_time_even_when_the_registry_answers_late() 
     assert events == ["killed", "registry answered"]
     assert record.error == "" and record.ready_s is not None
     assert record.started_s <= record.ended_s <= record.ready_s
+
+
+def test_a_request_in_flight_when_the_fault_begins_is_the_faults() -> None:
+    """kill-order on a loaded machine: requests started just before the kill failed with it;
+    they count against the fault (and its recovery), not the steady state before it."""
+    text = BASE + '[[faults]]\nat_s = 3\naction = "kill"\nprocess = "a"'
+    experiment = _parse(text)
+    ok_before = [Sample("r", t / 2, 0.1, True, "200") for t in range(5)]  # 0.0..2.0 s
+    in_flight = [Sample("r", 2.6, 0.8, False, "503"), Sample("r", 2.8, 0.5, True, "200")]
+    after = [Sample("r", 3.0 + t / 2, 0.1, True, "200") for t in range(14)]
+    load = LoadResult(samples=ok_before + in_flight + after, iterations=21, duration_s=10.0)
+    fault = FaultRecord(experiment.faults[0], "a", started_s=3.0, ended_s=3.0)  # type: ignore[attr-defined]
+    result = evaluate(experiment, "sqlite", load, [fault], [], 0.0)  # type: ignore[arg-type]
+    checks = {c.name: c for c in result.checks}
+    assert checks["error rate, steady state before faults"].observed == "0.0% of 5"
+    assert (result.faults[0].requests, result.faults[0].errors) == (16, 1)
+    assert result.faults[0].recovery_s == pytest.approx(0.4)  # the failed one ended at 3.4 s
