@@ -286,8 +286,14 @@ class ChaosSystem:
         minter = TokenMinter(self.plan)
         minter.mint_all()
         self._refresher = asyncio.create_task(minter.run(), name="chaos-token-refresh")
+        # a process that crashes in native code (a segfault) writes its Python stacks to
+        # the system log (kill-notification once crashed the order service with SIGSEGV)
+        processes = [
+            dataclasses.replace(p, env={"PYTHONFAULTHANDLER": "1", **p.env})
+            for p in self.plan.processes
+        ]
         self.supervisor = Supervisor(
-            self.plan.processes, out=self.out, color=False, ready_timeout_s=cfg.ready_timeout_s
+            processes, out=self.out, color=False, ready_timeout_s=cfg.ready_timeout_s
         )
         await self.supervisor.start()
         self.view = SystemView(
