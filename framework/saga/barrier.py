@@ -29,9 +29,18 @@ they race: a compensation waits for an in-flight action's transaction and
 then undoes it.  A plain (non-saga) key is deduplicated the same way as op
 `call`.
 
-Rows are never deleted by the barrier itself; `prune_before(...)` removes old
-ones (keep them longer than any call can be delayed, or a very late action
-would no longer be recognised as hanging).
+Every row also names its *saga* (the saga id; a plain key is its own saga)
+and when it was written (`created_us`, from the participant's clock).  Rows
+are never deleted by a call; `prune_finished(cutoff_us)` deletes the rows of
+sagas whose **newest** row is older than the cutoff, so a saga still in flight
+(any step recorded within the horizon) keeps all its rows, and
+`BarrierPruner` (`framework.saga.retention`) runs it periodically.  The horizon
+must exceed the longest time a saga can still call this participant after
+its first call here: the orchestrator's saga deadline plus its compensation
+retry budget (and the time an operator may take to retry a saga that needs
+attention).  A call arriving after its saga's rows were pruned is not
+recognised: a late duplicate action would run again, and a late compensation
+would be taken for a null one.
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
@@ -63,6 +73,10 @@ __all__ = [
     "Op",
     "ProtoCodec",
     "ResultCodec",
+    "RowAccess",
+    "current_key",
+    "decide",
+    "guard_rows",
     "saga_key",
 ]
 
@@ -72,6 +86,7 @@ M = TypeVar("M", bound=Message)
 SAGA_KEY_PREFIX = "saga:"
 DOMAIN = "framework.saga"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Op(enum.Enum):
@@ -105,12 +120,20 @@ def fingerprint(request: Message | bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class BarrierCall:
-    """One inbound call as the barrier sees it: its branch, direction and request digest."""
+    """One inbound call as the barrier sees it: its branch, direction and request digest.
+
+    `saga` groups the rows pruned together: the saga id of a saga key, the key
+    itself for a plain one.
+    """
 
     key: str
     branch: str
     op: Op
     fingerprint: bytes
+
+    @property
+    def saga(self) -> str:
+        return self.branch.partition("/")[0] if self.op is not Op.CALL else self.branch
 
     @classmethod
     def of(cls, key: str, request: Message | bytes) -> BarrierCall:
@@ -144,11 +167,16 @@ class BarrierCall:
 
         Raises InvalidArgumentError (IDEMPOTENCY_KEY_MISSING) when the call carries none.
         """
-        call = current_call()
-        value = call.header(IDEMPOTENCY_KEY) if call is not None else None
-        if isinstance(value, bytes):
-            value = value.decode(errors="replace")
-        return cls.of(value or "", request)
+        return cls.of(current_key(), request)
+
+
+def current_key() -> str:
+    """The `idempotency-key` metadata entry of the inbound RPC being handled ("" if none)."""
+    call = current_call()
+    value = call.header(IDEMPOTENCY_KEY) if call is not None else None
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value or ""
 
 
 def _missing_key() -> InvalidArgumentError:
@@ -206,6 +234,14 @@ def replayed(call: BarrierCall, op: Op, row: StoredRow | None) -> Entry:
     return Entry(call, Decision.REPLAY, row.result or b"")
 
 
+def prune_statement(table: str, cutoff: str, limit: str) -> str:
+    """DELETE of the rows of sagas whose newest row is older than `cutoff` (placeholders)."""
+    return (
+        f"DELETE FROM {table} WHERE saga IN (SELECT saga FROM {table} GROUP BY saga"
+        f" HAVING MAX(created_us) < {cutoff} LIMIT {limit})"
+    )
+
+
 def check_identifier(name: str, what: str) -> None:
     if not _IDENTIFIER.match(name):
         raise ValueError(f"{what} must be a lower-case SQL identifier, got {name!r}")
@@ -235,3 +271,61 @@ class ProtoCodec(Generic[M]):
 
 
 NullResult = Callable[[], T]
+
+
+class RowAccess(Protocol):
+    """The barrier's row operations inside one open transaction (async backends)."""
+
+    async def insert(self, call: BarrierCall, op: Op, written_by: Op, fingerprint: bytes) -> bool:
+        """Insert row (call.branch, op) unless it exists; whether it was inserted."""
+        ...
+
+    async def read(self, branch: str, op: Op) -> StoredRow | None: ...
+
+    async def record(self, entry: Entry, result: bytes) -> None:
+        """Store the result of the entry's row."""
+        ...
+
+
+async def decide(rows: RowAccess, call: BarrierCall) -> Entry:
+    """Record `call` through `rows` and decide (the rules in the module docstring).
+
+    Raises FailedPreconditionError for a hanging action and AlreadyExistsError
+    for a key reused with another request; roll the transaction back then.
+    """
+    if call.op is Op.COMPENSATION:
+        # Claim the action's row first: success means the action never ran.
+        null = await rows.insert(call, Op.ACTION, Op.COMPENSATION, b"")
+        if not await rows.insert(call, Op.COMPENSATION, Op.COMPENSATION, call.fingerprint):
+            return replayed(call, Op.COMPENSATION, await rows.read(call.branch, Op.COMPENSATION))
+        return Entry(call, Decision.NULL_COMPENSATION if null else Decision.PROCEED)
+    if await rows.insert(call, call.op, call.op, call.fingerprint):
+        return Entry(call, Decision.PROCEED)
+    return replayed(call, call.op, await rows.read(call.branch, call.op))
+
+
+async def guard_rows(
+    rows: RowAccess,
+    call: BarrierCall,
+    work: Callable[[], Awaitable[T]],
+    codec: ResultCodec[T],
+    null_result: Callable[[], T] | None,
+) -> T:
+    """`decide`, then run `await work()` on PROCEED, `null_result()` on a null
+    compensation (required for compensations), or decode the stored answer on REPLAY."""
+    entry = await decide(rows, call)
+    if entry.decision is Decision.REPLAY:
+        return codec.decode(entry.result)
+    if entry.decision is Decision.NULL_COMPENSATION:
+        if null_result is None:
+            raise TypeError("guard() of a compensation needs null_result=")
+        value = null_result()
+    else:
+        value = await work()
+    await rows.record(entry, codec.encode(value))
+    return value
+
+
+def micros(clock_now: datetime) -> int:
+    """Microseconds since the epoch of an aware datetime (the rows' `created_us`)."""
+    return (clock_now - _EPOCH) // timedelta(microseconds=1)

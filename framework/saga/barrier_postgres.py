@@ -16,23 +16,27 @@ that meets an uncommitted row with the same `(branch, op)` waits for that
 transaction: an action and its compensation racing on one branch are
 serialized by the primary key, and the later one sees the earlier's outcome.
 It takes asyncpg connections (duck-typed: the module imports no driver).
+`created_us` comes from the participant's clock (like `SqliteBarrier`), so
+pruning (`prune_finished`) and its tests see one time line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
+from framework.clock import Clock, SystemClock
 from framework.saga.barrier import (
     BarrierCall,
-    Decision,
     Entry,
     Op,
     ResultCodec,
     StoredRow,
     check_identifier,
-    replayed,
+    decide,
+    guard_rows,
+    micros,
+    prune_statement,
 )
 
 __all__ = ["PostgresBarrier"]
@@ -43,41 +47,41 @@ T = TypeVar("T")
 class PostgresBarrier:
     """Barrier rows in `schema.table` of the participant's own PostgreSQL database."""
 
-    def __init__(self, schema: str = "public", table: str = "saga_barrier") -> None:
+    def __init__(
+        self, schema: str = "public", table: str = "saga_barrier", *, clock: Clock | None = None
+    ) -> None:
         check_identifier(schema, "schema")
         check_identifier(table, "table")
         self.schema, self.table = schema, table
+        self.clock = clock or SystemClock()
         qualified = f'"{schema}"."{table}"'
         self.qualified = qualified
         self._insert = (
-            f"INSERT INTO {qualified} (branch, op, written_by, fingerprint, created_at)"
-            " VALUES ($1, $2, $3, $4, now()) ON CONFLICT (branch, op) DO NOTHING"
+            f"INSERT INTO {qualified} (branch, op, saga, written_by, fingerprint, created_us)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (branch, op) DO NOTHING"
         )
         self._select = (
             f"SELECT written_by, fingerprint, result FROM {qualified} WHERE branch=$1 AND op=$2"
         )
         self._record = f"UPDATE {qualified} SET result = $1 WHERE branch = $2 AND op = $3"
+        self._prune = prune_statement(qualified, "$1", "$2")
 
     async def create_table(self, executor: Any) -> None:
-        """Create the schema and table if missing; `executor` is a pool or a connection."""
+        """Create the schema, table and pruning index if missing; `executor`: pool or connection."""
         await executor.execute(
             f'CREATE SCHEMA IF NOT EXISTS "{self.schema}";'
             f"CREATE TABLE IF NOT EXISTS {self.qualified} ("
-            " branch TEXT NOT NULL, op TEXT NOT NULL, written_by TEXT NOT NULL,"
-            " fingerprint BYTEA NOT NULL, result BYTEA, created_at TIMESTAMPTZ NOT NULL,"
-            " PRIMARY KEY (branch, op))"
+            " branch TEXT NOT NULL, op TEXT NOT NULL, saga TEXT NOT NULL,"
+            " written_by TEXT NOT NULL, fingerprint BYTEA NOT NULL, result BYTEA,"
+            " created_us BIGINT NOT NULL, PRIMARY KEY (branch, op));"
+            f'CREATE INDEX IF NOT EXISTS "{self.table}_by_saga"'
+            f" ON {self.qualified} (saga, created_us)"
         )
 
-    async def _insert_row(self, conn: Any, branch: str, op: Op, by: Op, fp: bytes) -> bool:
-        status: str = await conn.execute(self._insert, branch, op.value, by.value, fp)
-        return status.endswith(" 1")  # "INSERT 0 1" inserted, "INSERT 0 0" conflict
-
-    async def _row(self, conn: Any, branch: str, op: Op) -> StoredRow | None:
-        row = await conn.fetchrow(self._select, branch, op.value)
-        if row is None:
-            return None
-        result = row[2]
-        return StoredRow(row[0], bytes(row[1]), None if result is None else bytes(result))
+    def rows(self, conn: Any) -> _Rows:
+        if not conn.is_in_transaction():
+            raise RuntimeError("PostgresBarrier needs an open transaction")
+        return _Rows(self, conn)
 
     async def enter(self, conn: Any, call: BarrierCall) -> Entry:
         """Record the call in the open transaction and decide (see `Decision`).
@@ -85,24 +89,11 @@ class PostgresBarrier:
         Raises FailedPreconditionError for a hanging action and AlreadyExistsError
         for a key reused with another request; roll the transaction back then.
         """
-        if not conn.is_in_transaction():
-            raise RuntimeError("PostgresBarrier.enter needs an open transaction")
-        if call.op is Op.COMPENSATION:
-            null = await self._insert_row(conn, call.branch, Op.ACTION, Op.COMPENSATION, b"")
-            fresh = await self._insert_row(
-                conn, call.branch, Op.COMPENSATION, Op.COMPENSATION, call.fingerprint
-            )
-            if not fresh:
-                row = await self._row(conn, call.branch, Op.COMPENSATION)
-                return replayed(call, Op.COMPENSATION, row)
-            return Entry(call, Decision.NULL_COMPENSATION if null else Decision.PROCEED)
-        if await self._insert_row(conn, call.branch, call.op, call.op, call.fingerprint):
-            return Entry(call, Decision.PROCEED)
-        return replayed(call, call.op, await self._row(conn, call.branch, call.op))
+        return await decide(self.rows(conn), call)
 
     async def record(self, conn: Any, entry: Entry, result: bytes) -> None:
         """Store the answer of a PROCEED / NULL_COMPENSATION call for its replays."""
-        await conn.execute(self._record, result, entry.call.branch, entry.call.op.value)
+        await self.rows(conn).record(entry, result)
 
     async def guard(
         self,
@@ -118,21 +109,44 @@ class PostgresBarrier:
         `null_result()` answers a compensation whose action never ran (required
         for compensations; `work` is not called then).
         """
-        entry = await self.enter(conn, call)
-        if entry.decision is Decision.REPLAY:
-            return codec.decode(entry.result)
-        if entry.decision is Decision.NULL_COMPENSATION:
-            if null_result is None:
-                raise TypeError("guard() of a compensation needs null_result=")
-            value = null_result()
-        else:
-            value = await work()
-        await self.record(conn, entry, codec.encode(value))
-        return value
+        return await guard_rows(self.rows(conn), call, work, codec, null_result)
 
-    async def prune_before(self, executor: Any, cutoff: datetime) -> int:
-        """Delete rows written before `cutoff` (timezone-aware); rows deleted."""
-        status: str = await executor.execute(
-            f"DELETE FROM {self.qualified} WHERE created_at < $1", cutoff
-        )
+    async def prune_finished(self, executor: Any, cutoff_us: int, limit: int = 1000) -> int:
+        """Delete the rows of up to `limit` sagas whose newest row is older than `cutoff_us`
+        (microseconds since the epoch); rows deleted.  A saga with any row at or after the
+        cutoff keeps all its rows (see `framework.saga.barrier` for choosing the horizon)."""
+        status: str = await executor.execute(self._prune, cutoff_us, limit)
         return int(status.rsplit(" ", 1)[-1])
+
+
+class _Rows:
+    """`RowAccess` on one asyncpg connection inside its transaction."""
+
+    __slots__ = ("barrier", "conn")
+
+    def __init__(self, barrier: PostgresBarrier, conn: Any) -> None:
+        self.barrier, self.conn = barrier, conn
+
+    async def insert(self, call: BarrierCall, op: Op, written_by: Op, fingerprint: bytes) -> bool:
+        now_us = micros(self.barrier.clock.now())
+        status: str = await self.conn.execute(
+            self.barrier._insert,
+            call.branch,
+            op.value,
+            call.saga,
+            written_by.value,
+            fingerprint,
+            now_us,
+        )
+        return status.endswith(" 1")  # "INSERT 0 1" inserted, "INSERT 0 0" conflict
+
+    async def read(self, branch: str, op: Op) -> StoredRow | None:
+        row = await self.conn.fetchrow(self.barrier._select, branch, op.value)
+        if row is None:
+            return None
+        result = row[2]
+        return StoredRow(row[0], bytes(row[1]), None if result is None else bytes(result))
+
+    async def record(self, entry: Entry, result: bytes) -> None:
+        call = entry.call
+        await self.conn.execute(self.barrier._record, result, call.branch, call.op.value)

@@ -23,10 +23,10 @@ with `BEGIN IMMEDIATE`) serializes an action and its compensation.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from framework.clock import Clock, SystemClock
 from framework.saga.barrier import (
     BarrierCall,
     Decision,
@@ -35,6 +35,8 @@ from framework.saga.barrier import (
     ResultCodec,
     StoredRow,
     check_identifier,
+    micros,
+    prune_statement,
     replayed,
 )
 
@@ -46,31 +48,38 @@ T = TypeVar("T")
 class SqliteBarrier:
     """Barrier rows in table `table` of the participant's own SQLite database."""
 
-    def __init__(self, table: str = "saga_barrier") -> None:
+    def __init__(self, table: str = "saga_barrier", *, clock: Clock | None = None) -> None:
         check_identifier(table, "table")
         self.table = table
+        self.clock = clock or SystemClock()
         self._insert = (
-            f"INSERT INTO {table} (branch, op, written_by, fingerprint, created_us)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (branch, op) DO NOTHING"
+            f"INSERT INTO {table} (branch, op, saga, written_by, fingerprint, created_us)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (branch, op) DO NOTHING"
         )
+        self._prune = prune_statement(table, "?", "?")
         self._select = (
             f"SELECT written_by, fingerprint, result FROM {table} WHERE branch = ? AND op = ?"
         )
         self._record = f"UPDATE {table} SET result = ? WHERE branch = ? AND op = ?"
 
     def create_table(self, conn: sqlite3.Connection) -> None:
-        """Create the barrier table if it does not exist."""
+        """Create the barrier table (and its pruning index) if they do not exist."""
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self.table} ("
-            " branch TEXT NOT NULL, op TEXT NOT NULL, written_by TEXT NOT NULL,"
-            " fingerprint BLOB NOT NULL, result BLOB, created_us INTEGER NOT NULL,"
-            " PRIMARY KEY (branch, op))"
+            " branch TEXT NOT NULL, op TEXT NOT NULL, saga TEXT NOT NULL,"
+            " written_by TEXT NOT NULL, fingerprint BLOB NOT NULL, result BLOB,"
+            " created_us INTEGER NOT NULL, PRIMARY KEY (branch, op))"
+        )
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {self.table}_by_saga ON {self.table} (saga, created_us)"
         )
 
-    def _insert_row(self, conn: sqlite3.Connection, branch: str, op: Op, by: Op, fp: bytes) -> bool:
-        now_us = time.time_ns() // 1000
-        cursor = conn.execute(self._insert, (branch, op.value, by.value, fp, now_us))
-        return cursor.rowcount == 1
+    def _insert_row(
+        self, conn: sqlite3.Connection, call: BarrierCall, op: Op, by: Op, fp: bytes
+    ) -> bool:
+        now_us = micros(self.clock.now())
+        row = (call.branch, op.value, call.saga, by.value, fp, now_us)
+        return conn.execute(self._insert, row).rowcount == 1
 
     def _row(self, conn: sqlite3.Connection, branch: str, op: Op) -> StoredRow | None:
         row = conn.execute(self._select, (branch, op.value)).fetchone()
@@ -88,13 +97,13 @@ class SqliteBarrier:
         if call.op is Op.COMPENSATION:
             # Claim the action's row first: success means the action never ran.
             branch = call.branch
-            null = self._insert_row(conn, branch, Op.ACTION, Op.COMPENSATION, b"")
+            null = self._insert_row(conn, call, Op.ACTION, Op.COMPENSATION, b"")
             comp = Op.COMPENSATION
-            fresh = self._insert_row(conn, branch, comp, comp, call.fingerprint)
+            fresh = self._insert_row(conn, call, comp, comp, call.fingerprint)
             if not fresh:
                 return replayed(call, Op.COMPENSATION, self._row(conn, branch, Op.COMPENSATION))
             return Entry(call, Decision.NULL_COMPENSATION if null else Decision.PROCEED)
-        if self._insert_row(conn, call.branch, call.op, call.op, call.fingerprint):
+        if self._insert_row(conn, call, call.op, call.op, call.fingerprint):
             return Entry(call, Decision.PROCEED)
         return replayed(call, call.op, self._row(conn, call.branch, call.op))
 
@@ -128,7 +137,8 @@ class SqliteBarrier:
         self.record(conn, entry, codec.encode(value))
         return value
 
-    def prune_before(self, conn: sqlite3.Connection, cutoff_us: int) -> int:
-        """Delete rows written before `cutoff_us` (microseconds since the epoch); rows deleted."""
-        cursor = conn.execute(f"DELETE FROM {self.table} WHERE created_us < ?", (cutoff_us,))
-        return cursor.rowcount
+    def prune_finished(self, conn: sqlite3.Connection, cutoff_us: int, limit: int = 1000) -> int:
+        """Delete the rows of up to `limit` sagas whose newest row is older than `cutoff_us`
+        (microseconds since the epoch); rows deleted.  A saga with any row at or after the
+        cutoff keeps all its rows (see `framework.saga.barrier` for choosing the horizon)."""
+        return conn.execute(self._prune, (cutoff_us, limit)).rowcount

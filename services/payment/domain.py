@@ -1,16 +1,18 @@
 """Payment rules: charge a customer for an order, refund it. No grpc, no I/O.
 
-`ChargePayment` is a saga action and `RefundPayment` its compensation; the pair keeps
-the barrier rules a saga participant needs (the `payment_id` names both):
+`ChargePayment` is a saga action and `RefundPayment` its compensation.  The saga
+mechanics (a repeated call answering the first result, a refund arriving before
+its charge, a charge arriving after its refund) are the framework's participant
+barrier, recorded by the application layer in the same transaction.  The business
+rules on a payment id hold whatever the idempotency key:
 
 - a repeated charge (same id and request) returns the first outcome: the same
   payment, or the same decline (a random decline is drawn once, never re-rolled);
   the same id with another order or amount is ALREADY_EXISTS (`PAYMENT_MISMATCH`);
-- a refund of a payment that was never charged (null compensation) succeeds with
-  `refunded=False` and leaves a tombstone;
-- a charge arriving after its refund or tombstone (hanging action) is
-  FAILED_PRECONDITION (`PAYMENT_CANCELLED`) and takes nothing;
-- refunding twice succeeds with `refunded=False` the second time.
+- a refunded payment cannot be charged again: FAILED_PRECONDITION
+  (`PAYMENT_CANCELLED`), nothing taken;
+- refunding what was not charged (never charged, declined, refunded already)
+  changes nothing and says `refunded=False`.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ class PaymentStatus(enum.Enum):
     CHARGED = "CHARGED"
     REFUNDED = "REFUNDED"
     FAILED = "FAILED"
-    # refunded before any charge arrived (null compensation): refuses a late charge
-    TOMBSTONE = "TOMBSTONE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +121,9 @@ def charge(
     `declined()`, so a retry answers the same.
     """
     if existing is not None:
-        if existing.status in (PaymentStatus.REFUNDED, PaymentStatus.TOMBSTONE):
+        if existing.status is PaymentStatus.REFUNDED:
             raise FailedPreconditionError(
-                f"payment {existing.payment_id} was already refunded or cancelled; "
+                f"payment {existing.payment_id} was already refunded; "
                 "a charge arriving after its refund takes nothing",
                 reason="PAYMENT_CANCELLED",
                 domain=DOMAIN,
@@ -153,7 +153,7 @@ def charge(
 
 def ledger_entries(before: Payment | None, after: Payment) -> list[int]:
     """Money moved by a change, as signed ledger amounts: +amount when a charge is taken,
-    -amount when a taken charge is refunded; nothing for declines and tombstones."""
+    -amount when a taken charge is refunded; nothing for declines."""
     was = before.status if before is not None else None
     if after.status is PaymentStatus.CHARGED and was is None:
         return [after.amount_minor]
@@ -162,27 +162,9 @@ def ledger_entries(before: Payment | None, after: Payment) -> list[int]:
     return []
 
 
-def refund(
-    existing: Payment | None, payment_id: str, reason: str, now: datetime
-) -> tuple[Payment, bool, bool]:
-    """(payment after, refunded now?, changed (to be saved)?)."""
-    if existing is None:
-        tombstone = Payment(
-            payment_id=payment_id,
-            order_id="",
-            user_id="",
-            amount_minor=0,
-            currency="",
-            status=PaymentStatus.TOMBSTONE,
-            reason=reason or "refunded before any charge",
-            created_at=now,
-            updated_at=now,
-        )
-        return tombstone, False, True
-    if existing.status is PaymentStatus.CHARGED:
-        return (
-            replace(existing, status=PaymentStatus.REFUNDED, reason=reason, updated_at=now),
-            True,
-            True,
-        )
-    return existing, False, False
+def refund(existing: Payment | None, reason: str, now: datetime) -> tuple[Payment | None, bool]:
+    """(payment after, refunded now?): only a CHARGED payment is refunded; anything else
+    (no payment, declined, refunded already) is returned unchanged with False."""
+    if existing is not None and existing.status is PaymentStatus.CHARGED:
+        return replace(existing, status=PaymentStatus.REFUNDED, reason=reason, updated_at=now), True
+    return existing, False

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from framework.auth.policy import current_principal
+from framework.saga.barrier import current_key
 from gen.payment.v1 import payment_pb2 as pb
 from gen.payment.v1 import payment_pb2_grpc
 from services.payment.application import Payments
@@ -19,7 +20,6 @@ _STATUS = {
     PaymentStatus.CHARGED: pb.PAYMENT_STATUS_CHARGED,
     PaymentStatus.REFUNDED: pb.PAYMENT_STATUS_REFUNDED,
     PaymentStatus.FAILED: pb.PAYMENT_STATUS_FAILED,
-    PaymentStatus.TOMBSTONE: pb.PAYMENT_STATUS_REFUNDED,
 }
 
 
@@ -57,14 +57,19 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
                 request.user_id,
                 request.amount_minor,
                 request.currency,
-            )
+            ),
+            current_key(),
         )
         return pb.ChargePaymentResponse(payment=payment_message(payment))
 
     async def RefundPayment(
         self, request: pb.RefundPaymentRequest, context: Any
     ) -> pb.RefundPaymentResponse:
-        payment, refunded = await self.payments.refund(request.payment_id, request.reason)
+        payment, refunded = await self.payments.refund(
+            request.payment_id, request.reason, current_key()
+        )
+        if payment is None:  # nothing was ever charged under this id
+            return pb.RefundPaymentResponse(payment=pb.Payment(payment_id=request.payment_id))
         return pb.RefundPaymentResponse(payment=payment_message(payment), refunded=refunded)
 
     async def GetPayment(

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from framework.clock import Clock
 from framework.errors import FailedPreconditionError, NotFoundError
 from framework.events.dedicated_thread import DedicatedThread
 from framework.saga import BarrierCall, ProtoCodec, SagaDefinition, Step, StepContext
@@ -66,16 +67,24 @@ class Ledger(Protocol):
         """payment_id -> (order_id, amount, status)."""
         ...
 
+    async def prune_finished(self, cutoff_us: int) -> int:
+        """The barrier's pruning (rows of sagas whose newest row is older than the cutoff)."""
+        ...
+
+    async def barrier_rows(self) -> int: ...
+
     async def close(self) -> None: ...
 
 
 class SqliteLedger:
     """Accounts and payments in a SQLite file, one dedicated thread, barrier in the same tx."""
 
-    def __init__(self, path: str, decline: Decline | None = None) -> None:
+    def __init__(
+        self, path: str, decline: Decline | None = None, *, clock: Clock | None = None
+    ) -> None:
         self.path = path
         self.decline = decline or (lambda _: False)
-        self.barrier = SqliteBarrier()
+        self.barrier = SqliteBarrier(clock=clock)
         self._thread = DedicatedThread(f"ledger:{path}")
         self._db: sqlite3.Connection | None = None
 
@@ -198,6 +207,14 @@ class SqliteLedger:
         )
         return {r[0]: (r[1], int(r[2]), int(r[3])) for r in rows}
 
+    async def prune_finished(self, cutoff_us: int) -> int:
+        deleted: int = await self._transact(lambda db: self.barrier.prune_finished(db, cutoff_us))
+        return deleted
+
+    async def barrier_rows(self) -> int:
+        sql = f"SELECT COUNT(*) FROM {self.barrier.table}"
+        return int(await self._transact(lambda db: db.execute(sql).fetchone()[0]))
+
     async def close(self) -> None:
         def shut() -> None:
             if self._db is not None:
@@ -211,11 +228,13 @@ class SqliteLedger:
 class PostgresLedger:
     """The same ledger on PostgreSQL (asyncpg), in its own schema."""
 
-    def __init__(self, pool: Any, schema: str, decline: Decline | None = None) -> None:
+    def __init__(
+        self, pool: Any, schema: str, decline: Decline | None = None, *, clock: Clock | None = None
+    ) -> None:
         self.pool = pool
         self.schema = schema
         self.decline = decline or (lambda _: False)
-        self.barrier = PostgresBarrier(schema=schema)
+        self.barrier = PostgresBarrier(schema=schema, clock=clock)
 
     async def setup(self) -> None:
         s = self.schema
@@ -319,6 +338,12 @@ class PostgresLedger:
             f"SELECT payment_id, order_id, amount, status FROM {self.schema}.payment"
         )
         return {r[0]: (r[1], int(r[2]), int(r[3])) for r in rows}
+
+    async def prune_finished(self, cutoff_us: int) -> int:
+        return await self.barrier.prune_finished(self.pool, cutoff_us)
+
+    async def barrier_rows(self) -> int:
+        return int(await self.pool.fetchval(f"SELECT COUNT(*) FROM {self.barrier.qualified}"))
 
     async def close(self) -> None:
         return None

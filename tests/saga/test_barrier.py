@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from framework.clock import ManualClock
 from framework.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -23,6 +25,7 @@ from framework.errors import (
 )
 from framework.policies.validation import ValidationPolicy
 from framework.saga import BarrierCall, Op, saga_key
+from framework.saga.barrier import micros
 from framework.testing import TestServer, serve
 from gen.payment.v1 import payment_pb2 as pay
 from gen.payment.v1.payment_pb2_grpc import PaymentServiceStub
@@ -30,13 +33,15 @@ from tests.saga.participants import Ledger, PaymentServicer, SqliteLedger
 
 USER = str(uuid.uuid4())
 START = 10_000
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
     """The payment ledger on the parametrized database, with one funded account."""
+    clock = ManualClock(T0)
     if request.param == "sqlite":
-        found: Ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+        found: Ledger = SqliteLedger(str(tmp_path / "ledger.db"), clock=clock)
         await found.open_account(USER, START)
         try:
             yield found
@@ -50,7 +55,7 @@ async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     dsn = request.getfixturevalue("postgres_dsn")
     schema = f"pay_{uuid.uuid4().hex[:12]}"
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8)
-    pg = PostgresLedger(pool, schema)
+    pg = PostgresLedger(pool, schema, clock=clock)
     await pg.setup()
     await pg.open_account(USER, START)
     try:
@@ -220,3 +225,36 @@ def test_keys_parse_into_branch_and_direction() -> None:
     assert (plain.branch, plain.op) == ("a-uuid", Op.CALL)
     assert action.fingerprint == BarrierCall.of("k", request).fingerprint
     assert action.fingerprint != BarrierCall.of("k", _charge()).fingerprint
+
+
+async def test_pruning_spares_sagas_in_flight(payments: TestServer, ledger: Ledger) -> None:
+    """prune_finished deletes the rows of sagas whose newest row is past the cutoff only: an
+    in-flight saga keeps its old null compensation, so its late action is still refused."""
+    stub = payments.stub(PaymentServiceStub)
+    clock = ledger.barrier.clock  # type: ignore[attr-defined]
+    assert isinstance(clock, ManualClock)
+    action, compensation = _keys()  # a saga charged and compensated at t0: finished
+    done = _charge(100)
+    await stub.ChargePayment(done, metadata=action)
+    await stub.RefundPayment(
+        pay.RefundPaymentRequest(payment_id=done.payment_id), metadata=compensation
+    )
+    saga = str(uuid.uuid4())  # in flight: a null compensation at t0, another step at t0+50min
+    late = _charge(200)
+    undo = (("idempotency-key", saga_key(saga, "charge", Op.COMPENSATION)),)
+    await stub.RefundPayment(pay.RefundPaymentRequest(payment_id=late.payment_id), metadata=undo)
+    clock.advance(50 * 60)
+    fee = (("idempotency-key", saga_key(saga, "fee", Op.ACTION)),)
+    await stub.ChargePayment(_charge(5), metadata=fee)
+    clock.advance(20 * 60)
+    cutoff = micros(clock.now() - timedelta(hours=1))
+    assert await ledger.barrier_rows() == 5
+    assert await ledger.prune_finished(cutoff) == 2
+    assert await ledger.barrier_rows() == 3
+    with pytest.raises(FailedPreconditionError) as refused:
+        action_of_late = (("idempotency-key", saga_key(saga, "charge", Op.ACTION)),)
+        await stub.ChargePayment(late, metadata=action_of_late)
+    assert refused.value.reason == "ACTION_AFTER_COMPENSATION"
+    assert await _balance(ledger) == START - 5
+    assert await ledger.prune_finished(micros(clock.now() + timedelta(minutes=1))) == 3
+    assert await ledger.barrier_rows() == 0

@@ -155,3 +155,40 @@ async def poll(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 2
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)
+
+
+async def cut_waiting_on(
+    dsn: str, schema: str, table: str, trigger: Callable[[], Awaitable[object]]
+) -> int:
+    """Cut the connections of a transaction in the middle: hold an ACCESS EXCLUSIVE lock on
+    `schema.table`, run `trigger()` (whose transaction then waits for the lock after its
+    earlier statements), terminate exactly the backends waiting on that table
+    (`pg_locks`, so nobody else's connection), then release; how many were cut."""
+    import asyncpg
+
+    admin = await asyncpg.connect(dsn)
+    blocker = await asyncpg.connect(dsn)
+    waiting = "SELECT DISTINCT pid FROM pg_locks WHERE NOT granted AND relation = $1::regclass"
+    relation = f'"{schema}".{table}'
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(f"LOCK TABLE {relation} IN ACCESS EXCLUSIVE MODE")
+        triggered = asyncio.ensure_future(trigger())
+        try:
+            pids: list[int] = []
+            for _ in range(1000):  # bounded: ~20 s
+                pids = [r["pid"] for r in await admin.fetch(waiting, relation)]
+                if pids:
+                    break
+                await asyncio.sleep(0.02)
+            ended = 0
+            for pid in pids:
+                ended += bool(await admin.fetchval("SELECT pg_terminate_backend($1)", pid))
+            return ended
+        finally:
+            await tx.rollback()
+            await asyncio.wait([triggered])
+    finally:
+        await blocker.close()
+        await admin.close()
