@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -38,20 +38,27 @@ T = TypeVar("T")
 
 
 class Transaction(Protocol):
-    """What a unit of work may read and write; everything commits or nothing does."""
+    """What a unit of work may read and write; everything commits or nothing does.
 
-    def stocks(self, skus: Sequence[str]) -> dict[str, Stock]: ...
+    Reads lock what they return until the transaction ends (stock rows in SKU order).
+    """
 
-    def reservation(self, reservation_id: str) -> Reservation | None: ...
+    async def stocks(self, skus: Sequence[str]) -> dict[str, Stock]: ...
 
-    def save_stocks(self, stocks: Iterable[Stock]) -> None: ...
+    async def ensure_stocks(self, skus: Sequence[str], now: datetime) -> None:
+        """Create empty stock rows for SKUs that have none (so they can be locked)."""
+        ...
 
-    def save_reservation(self, reservation: Reservation) -> None: ...
+    async def reservation(self, reservation_id: str) -> Reservation | None: ...
 
-    def guard(
+    async def save_stocks(self, stocks: Iterable[Stock]) -> None: ...
+
+    async def save_reservation(self, reservation: Reservation) -> None: ...
+
+    async def guard(
         self,
         call: BarrierCall,
-        work: Callable[[], T],
+        work: Callable[[], Awaitable[T]],
         codec: ResultCodec[T],
         *,
         null_result: Callable[[], T] | None = None,
@@ -61,9 +68,9 @@ class Transaction(Protocol):
 
 
 class InventoryStore(Protocol):
-    """Runs a synchronous unit of work in one transaction, off the event loop."""
+    """Runs a unit of work in one transaction."""
 
-    async def transact(self, work: Callable[[Transaction], T]) -> T: ...
+    async def transact(self, work: Callable[[Transaction], Awaitable[T]]) -> T: ...
 
     async def ping(self) -> None: ...
 
@@ -81,16 +88,17 @@ class Inventory:
         """Receive units; a repeated `idempotency_key` returns the first call's stock."""
         now = self.clock.now()
 
-        def add(tx: Transaction) -> Stock:
-            stock = domain.add_stock(tx.stocks([sku]).get(sku), sku, quantity, now)
-            tx.save_stocks([stock])
+        async def add(tx: Transaction) -> Stock:
+            await tx.ensure_stocks([sku], now)
+            stock = domain.add_stock((await tx.stocks([sku])).get(sku), sku, quantity, now)
+            await tx.save_stocks([stock])
             return stock
 
-        def work(tx: Transaction) -> Stock:
+        async def work(tx: Transaction) -> Stock:
             if not idempotency_key:
-                return add(tx)
+                return await add(tx)
             call = BarrierCall.of(idempotency_key, _digest("AddStock", sku, quantity))
-            return tx.guard(call, lambda: add(tx), STOCK_CODEC)
+            return await tx.guard(call, lambda: add(tx), STOCK_CODEC)
 
         stock = await self.store.transact(work)
         logger.info("stock added sku=%s quantity=%s on_hand=%s", sku, quantity, stock.on_hand)
@@ -107,28 +115,30 @@ class Inventory:
         wanted = domain.merge_lines(lines)
         now = self.clock.now()
 
-        def hold(tx: Transaction) -> Reservation:
+        async def hold(tx: Transaction) -> Reservation:
+            # stock locks first: a concurrent reserve of this id then sees the winner's row
+            stocks = await tx.stocks([line.sku for line in wanted])
             outcome = domain.reserve(
-                tx.reservation(reservation_id),
-                tx.stocks([line.sku for line in wanted]),
+                await tx.reservation(reservation_id),
+                stocks,
                 reservation_id,
                 order_id,
                 wanted,
                 now,
             )
             if not outcome.replay:
-                tx.save_stocks(outcome.changed)
-                tx.save_reservation(outcome.reservation)
+                await tx.save_stocks(outcome.changed)
+                await tx.save_reservation(outcome.reservation)
             return outcome.reservation
 
-        def work(tx: Transaction) -> Reservation:
+        async def work(tx: Transaction) -> Reservation:
             if not idempotency_key:
-                return hold(tx)
+                return await hold(tx)
             flat = [f"{line.sku}={line.quantity}" for line in wanted]
             call = BarrierCall.of(
                 idempotency_key, _digest("ReserveStock", reservation_id, order_id, *flat)
             )
-            return tx.guard(call, lambda: hold(tx), RESERVATION_CODEC)
+            return await tx.guard(call, lambda: hold(tx), RESERVATION_CODEC)
 
         reservation = await self.store.transact(work)
         logger.info(
@@ -145,20 +155,23 @@ class Inventory:
         """Give back a reservation's units; False when there was nothing to give back."""
         now = self.clock.now()
 
-        def give_back(tx: Transaction) -> bool:
-            existing = tx.reservation(reservation_id)
+        async def give_back(tx: Transaction) -> bool:
+            existing = await tx.reservation(reservation_id)
             skus = [line.sku for line in existing.lines] if existing else []
-            outcome = domain.release(existing, tx.stocks(skus), reservation_id, reason, now)
-            tx.save_stocks(outcome.changed)
+            stocks = await tx.stocks(skus)
+            outcome = domain.release(existing, stocks, reservation_id, reason, now)
+            await tx.save_stocks(outcome.changed)
             if outcome.record and outcome.reservation is not None:
-                tx.save_reservation(outcome.reservation)
+                await tx.save_reservation(outcome.reservation)
             return outcome.released
 
-        def work(tx: Transaction) -> bool:
+        async def work(tx: Transaction) -> bool:
             if not idempotency_key:
-                return give_back(tx)
+                return await give_back(tx)
             call = BarrierCall.of(idempotency_key, _digest("ReleaseStock", reservation_id, reason))
-            return tx.guard(call, lambda: give_back(tx), BOOL_CODEC, null_result=lambda: False)
+            return await tx.guard(
+                call, lambda: give_back(tx), BOOL_CODEC, null_result=lambda: False
+            )
 
         released = await self.store.transact(work)
         logger.info(
@@ -171,7 +184,11 @@ class Inventory:
 
     async def get_stock(self, sku: str) -> Stock:
         """The stock of one SKU; NotFoundError when it was never stocked."""
-        stock = await self.store.transact(lambda tx: tx.stocks([sku]).get(sku))
+
+        async def read(tx: Transaction) -> Stock | None:
+            return (await tx.stocks([sku])).get(sku)
+
+        stock = await self.store.transact(read)
         if stock is None:
             raise NotFoundError(
                 f"SKU {sku} has never been stocked; add stock with AddStock first",

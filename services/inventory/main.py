@@ -5,7 +5,9 @@
 Environment: `SERVICE_HOST`, `SERVICE_PORT`, `SERVICE_GRACE_S`,
 `SERVICE_DRAIN_DELAY_S` (see `ServerConfig.from_env`), `INVENTORY_DB_PATH`
 (SQLite file, default `inventory.sqlite3`; ":memory:" for a throwaway run),
-`INVENTORY_JWT_SECRET` (HS256 secret of the dev tokens, >= 32 bytes).  Without a
+`INVENTORY_JWT_SECRET` (HS256 secret of the dev tokens, >= 32 bytes),
+`SERVICE_BARRIER_HORIZON_S` / `SERVICE_BARRIER_PRUNE_INTERVAL_S` (how long the saga
+barrier keeps a finished saga's rows; `framework.system.barrier`).  Without a
 secret the service refuses to start, unless `INVENTORY_DEV=1`: then it makes a
 random secret for this run and says so (`python -m services.demo` sets it).
 There is no secret in the source code.
@@ -18,22 +20,25 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from framework.auth.policy import AuthPolicy
 from framework.clock import Clock
 from framework.config import ServerConfig
+from framework.errors import NotFoundError
 from framework.health import Check
 from framework.policies.accesslog import AccessLogPolicy
 from framework.policies.ratelimit import RateLimitPolicy
 from framework.policies.validation import ValidationPolicy
 from framework.policy import Policy
+from framework.saga.retention import BarrierPruner, BarrierRetention
 from framework.server import Server
+from framework.system.barrier import retention_from_env
 from framework.system.runtime import RuntimeConfig, ServiceRuntime
 from services.inventory.application import Inventory
 from services.inventory.devauth import DevTokens
 from services.inventory.servicer import InventoryServicer
-from services.inventory.store import SqliteInventoryStore
+from services.inventory.store import SqlInventoryStore, SqliteInventoryStore, inventory_types
 
 __all__ = [
     "DEV_FLAG",
@@ -58,6 +63,7 @@ class InventoryConfig:
     server: ServerConfig
     jwt_secret: str
     db_path: str = "inventory.sqlite3"
+    barrier_retention: BarrierRetention = field(default_factory=BarrierRetention)
 
     def __post_init__(self) -> None:
         if not self.db_path:
@@ -88,6 +94,7 @@ class InventoryConfig:
             server=ServerConfig.from_env(SERVICE_NAME, env),
             jwt_secret=secret,
             db_path=env.get("INVENTORY_DB_PATH") or "inventory.sqlite3",
+            barrier_retention=retention_from_env(env),
         )
 
 
@@ -105,15 +112,15 @@ def inventory_policies(tokens: DevTokens, *, clock: Clock | None = None) -> list
     ]
 
 
-def store_check(store: SqliteInventoryStore) -> Check:
-    """Required health check: the SQLite store answers a query."""
-    return Check("sqlite", store.ping, interval_s=5.0, timeout_s=2.0)
+def store_check(store: SqlInventoryStore) -> Check:
+    """Required health check: the store answers a query."""
+    return Check("database", store.ping, interval_s=5.0, timeout_s=2.0)
 
 
 class _CloseStore:
     """Server hook: close the store once the server has drained."""
 
-    def __init__(self, store: SqliteInventoryStore) -> None:
+    def __init__(self, store: SqlInventoryStore) -> None:
         self.store = store
 
     async def on_stopped(self, server: Server) -> None:
@@ -126,8 +133,9 @@ class InventoryService:
 
     server: Server
     inventory: Inventory
-    store: SqliteInventoryStore
+    store: SqlInventoryStore
     tokens: DevTokens
+    pruner: BarrierPruner
 
 
 async def build(
@@ -137,19 +145,20 @@ async def build(
     extra_policies: Sequence[Policy] = (),
 ) -> InventoryService:
     """Open the store and build the server (call `server.start()` or `serve()`)."""
-    store = SqliteInventoryStore(config.db_path)
+    store = SqliteInventoryStore(config.db_path, clock=clock)
     await store.open()
     inventory = Inventory(store, clock=clock)
     tokens = DevTokens(config.jwt_secret)
+    pruner = store.barrier.pruner(config.barrier_retention)
     server = Server(
         config.server,
         policies=[*inventory_policies(tokens, clock=clock), *extra_policies],
         # framework.health.Check is frozen but HealthCheck declares settable members
         health_checks=[store_check(store)],
-        hooks=[_CloseStore(store)],
+        hooks=[pruner, _CloseStore(store)],
     )
     server.add(InventoryServicer(inventory))
-    return InventoryService(server, inventory, store, tokens)
+    return InventoryService(server, inventory, store, tokens, pruner)
 
 
 async def run(config: InventoryConfig) -> None:
@@ -169,7 +178,12 @@ def parse_seed(text: str) -> list[tuple[str, int]]:
 
 
 class _Seed:
-    """Server hook: stock `seed` once (idempotency keys make a restart add nothing)."""
+    """Server hook: stock each seeded SKU that was never stocked.
+
+    A SKU with a stock row is left alone, so a restart adds nothing even after the
+    barrier pruned the seed's key; replicas starting at once share the key, so the
+    barrier adds it once.
+    """
 
     def __init__(self, inventory: Inventory, seed: Sequence[tuple[str, int]]) -> None:
         self.inventory = inventory
@@ -177,29 +191,38 @@ class _Seed:
 
     async def on_started(self, server: Server) -> None:
         for sku, quantity in self.seed:
+            try:
+                await self.inventory.get_stock(sku)
+                continue
+            except NotFoundError:
+                pass
             await self.inventory.add_stock(sku, quantity, idempotency_key=f"seed:{sku}:{quantity}")
 
 
-async def build_in_system(config: RuntimeConfig) -> InventoryService:
+async def build_in_system(config: RuntimeConfig, *, clock: Clock | None = None) -> InventoryService:
     """Inventory as a process of a system (`python -m framework up`): the system's token
     keys, registration, fault and breaker admin; stock from `INVENTORY_SEED`.
 
-    The store stays a SQLite file (`INVENTORY_DB_PATH`) whatever the system's store.
+    The store is the system's database for the service (`SERVICE_STORE`: a SQLite file,
+    or its own PostgreSQL schema), like every other service's.
     """
     env = config.extra
     runtime = ServiceRuntime(config)
-    store = SqliteInventoryStore(env.get("INVENTORY_DB_PATH") or "inventory.sqlite3")
-    await store.open()
-    inventory = Inventory(store)
+    db = await runtime.open_database(inventory_types())
+    store = SqlInventoryStore(db, clock=clock)
+    await store.setup()
+    inventory = Inventory(store, clock=clock)
+    pruner = store.barrier.pruner(retention_from_env(env))
     server = runtime.server(
         health_checks=[store_check(store)],
-        hooks=[_Seed(inventory, parse_seed(env.get("INVENTORY_SEED", "")))],
+        hooks=[pruner, _Seed(inventory, parse_seed(env.get("INVENTORY_SEED", "")))],
         closing=[store],
     )
     server.add(InventoryServicer(inventory))
     runtime.register(server, "inventory.v1.InventoryService")
     # tokens are the system's (JWKS); this minter's random secret verifies nothing here
-    return InventoryService(server, inventory, store, DevTokens(secrets.token_urlsafe(32)))
+    tokens = DevTokens(secrets.token_urlsafe(32))
+    return InventoryService(server, inventory, store, tokens, pruner)
 
 
 async def _run_in_system(config: RuntimeConfig) -> None:
