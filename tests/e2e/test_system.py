@@ -6,10 +6,12 @@ NATS JetStream.  Ctrl-C (SIGINT) must leave no process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +41,7 @@ class System:
     process: asyncio.subprocess.Process
     log: Path
     name: str
+    store: str = ""  # the PostgreSQL DSN when the system runs on PostgreSQL
 
     def client(self) -> Any:
         return httpx.AsyncClient(base_url=self.gateway, timeout=30.0)
@@ -98,7 +101,7 @@ async def _start(tmp: Path, extra_env: dict[str, str], name: str) -> System:
         text = log.read_text(errors="replace")
         found = re.search(r"^gateway: (http://\S+)$", text, re.M)
         if found:
-            return System(found.group(1), data, process, log, name)
+            return System(found.group(1), data, process, log, name, env.get("SYSTEM_STORE", ""))
         if process.returncode is not None:
             raise AssertionError(f"up exited with {process.returncode}:\n{text[-4000:]}")
         if loop.time() > deadline:
@@ -220,6 +223,35 @@ async def test_an_order_is_confirmed_and_its_customer_notified(system: System) -
         assert len(subjects) == 2 and any("confirmed" in s for s in subjects), subjects
         orders = await client.get(f"/v1/users/{user_id}/orders", headers=_auth(token, False))
         assert [o["orderId"] for o in orders.json()["orders"]] == [order_id]
+
+
+async def _stored_stock(system: System, sku: str) -> tuple[int, int]:
+    """(reserved, saga barrier rows) as the inventory's own database holds them."""
+    if system.store:
+        import asyncpg
+
+        conn = await asyncpg.connect(system.store)
+        try:
+            schema = f'"{system.name}_inventory"'
+            reserved = await conn.fetchval(f"SELECT reserved FROM {schema}.stock WHERE sku=$1", sku)
+            rows = await conn.fetchval(f"SELECT COUNT(*) FROM {schema}.saga_barrier")
+        finally:
+            await conn.close()
+        return int(reserved), int(rows)
+    with contextlib.closing(sqlite3.connect(system.data / "inventory.sqlite3")) as db:
+        found = db.execute("SELECT reserved FROM stock WHERE sku = ?", (sku,)).fetchone()
+        count = db.execute("SELECT COUNT(*) FROM saga_barrier").fetchone()
+    return int(found[0]), int(count[0])
+
+
+async def test_the_inventory_lives_in_the_systems_store(system: System) -> None:
+    """The inventory's stock and saga barrier are in the system's store for the service
+    (its PostgreSQL schema on PostgreSQL), and agree with what the API says."""
+    async with system.client() as client:
+        _, token = await _customer(client)
+        reserved, rows = await _stored_stock(system, "GADGET-2")
+        assert reserved == await _reserved(client, token, "GADGET-2")
+        assert rows >= 1  # at least the seed's AddStock went through the barrier
 
 
 async def test_a_declined_payment_releases_the_stock_and_cancels_the_order(system: System) -> None:
