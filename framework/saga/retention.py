@@ -20,7 +20,6 @@ is logged and retried with backoff until stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -90,10 +89,15 @@ class BarrierPruner:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # stop() itself was cancelled: pass it on
 
     async def on_started(self, server: object) -> None:
         """Server hook: prune while the server runs."""
