@@ -180,8 +180,9 @@ async def test_compensation_past_its_limit_needs_attention_then_retry(tmp_path: 
 async def _index_caught_up(
     orchestrator: SagaOrchestrator, saga_id: str, status: SagaStatus
 ) -> bool:
-    """Poll (bounded) until the index lists `saga_id` with `status`."""
-    for _ in range(200):
+    """Poll (bounded, ~20 s: the index trails by a batch, longer on a loaded machine) until
+    the index lists `saga_id` with `status`."""
+    for _ in range(2000):
         listed, _ = await orchestrator.list(status=status)
         if saga_id in [s.saga_id for s in listed]:
             return True
