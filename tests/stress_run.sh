@@ -6,6 +6,8 @@
 #   tests/stress_run.sh [RUNS]          RUNS defaults to 5
 #
 # Environment:
+#   JOBS=1             runs at once (each a whole suite; more than 1 is itself load, and
+#                      makes N runs fit in less wall time on a machine already loaded)
 #   BURNERS=2          CPU burners started for the whole session (0: none, e.g. when the
 #                      machine is already loaded by something else); stress-ng is used
 #                      when installed (Debian package 'stress-ng'), else `python3 -c 'while
@@ -21,6 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${1:-5}
+JOBS=${JOBS:-1}
 BURNERS=${BURNERS:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
 PYTEST_ARGS=${PYTEST_ARGS:-}
@@ -56,22 +59,54 @@ else
   how="none"
 fi
 
-echo "stress: $RUNS run(s) of the suite, burners: $how, $(nproc) cores," \
+echo "stress: $RUNS run(s) of the suite, $JOBS at a time, burners: $how, $(nproc) cores," \
   "load average $(cut -d' ' -f1-3 /proc/loadavg), commit $(git rev-parse --short HEAD)," \
   "output in $OUT"
 
-failed_runs=0
-for run in $(seq 1 "$RUNS"); do
+run_one() {  # run number: one whole suite; writes runN.{log,xml,rc,s}
+  local run=$1 start rc
   start=$(date +%s)
   # shellcheck disable=SC2086
   REQUIRE_SERVICES=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/run$run.xml" $PYTEST_ARGS >"$OUT/run$run.log" 2>&1
   rc=$?
-  seconds=$(($(date +%s) - start))
-  summary=$(tail -n 1 "$OUT/run$run.log")
-  if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; failed_runs=$((failed_runs + 1)); fi
-  echo "stress: run $run/$RUNS $verdict in ${seconds}s (exit $rc, load $(cut -d' ' -f1 /proc/loadavg)): $summary"
+  echo $(($(date +%s) - start)) >"$OUT/run$run.s"
+  echo "$rc" >"$OUT/run$run.rc"  # last: its presence says the run is over
+}
+
+report_one() {  # run number
+  local run=$1 rc seconds verdict
+  rc=$(cat "$OUT/run$run.rc")
+  seconds=$(cat "$OUT/run$run.s")
+  if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fi
+  echo "stress: run $run/$RUNS $verdict in ${seconds}s (exit $rc, load $(cut -d' ' -f1 /proc/loadavg)): $(tail -n 1 "$OUT/run$run.log")"
   grep -E '^(FAILED|ERROR) ' "$OUT/run$run.log" | sed 's/^/stress:   /'
+}
+
+running=()
+declare -A pid_of
+for run in $(seq 1 "$RUNS"); do
+  while [ "${#running[@]}" -ge "$JOBS" ]; do
+    pids=()
+    for r in "${running[@]}"; do pids+=("${pid_of[$r]}"); done
+    wait -n "${pids[@]}"  # a run ended (not a burner)
+    still=()
+    for r in "${running[@]}"; do
+      if [ -f "$OUT/run$r.rc" ]; then report_one "$r"; else still+=("$r"); fi
+    done
+    running=("${still[@]}")
+  done
+  run_one "$run" &
+  pid_of[$run]=$!
+  running+=("$run")
+done
+for r in "${running[@]}"; do
+  wait "${pid_of[$r]}"
+  report_one "$r"
+done
+failed_runs=0
+for run in $(seq 1 "$RUNS"); do
+  [ "$(cat "$OUT/run$run.rc")" -eq 0 ] || failed_runs=$((failed_runs + 1))
 done
 
 stop_burners

@@ -197,11 +197,15 @@ async def test_export_resumes_after_the_receiver_restarts(
             second = Receiver()
             server = _receiver_server(second, port)
             server.start()
-            for _ in range(30):  # the exporter's channel reconnects after its backoff
+            # The exporter's channel reconnects after its backoff (grpc's: 1 s, x1.6, up to
+            # 120 s): bounded in time, not in tries, since a refused export can fail at once.
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + 120.0
+            while not second.spans() and loop.time() < give_up_at:
                 await stub.Echo(echo_pb2.EchoRequest(text="after"))
                 await asyncio.to_thread(telemetry.flush)
-                if second.spans():
-                    break
+                if not second.spans():
+                    await asyncio.sleep(0.2)
     finally:
         await asyncio.to_thread(telemetry.shutdown)
         server.stop(0)
