@@ -210,19 +210,29 @@ async def test_an_order_is_confirmed_and_its_customer_notified(system: System) -
         order = confirmed.json()["order"]
         assert order["status"] == "ORDER_STATUS_CONFIRMED" and order["totalMinor"] == "3998"
         assert await _reserved(client, token, "GADGET-2") == before + 2
-        listed: list[Any] = []
-        for _ in range(120):
-            page = await client.get(
-                f"/v1/users/{user_id}/notifications", headers=_auth(token, False)
-            )
-            listed = page.json().get("notifications", [])
-            if len(listed) >= 2:
-                break
-            await asyncio.sleep(0.25)
+        # notifications and the order list are read models fed by events: eventually there
+        listed = await _eventually(
+            client, f"/v1/users/{user_id}/notifications", token, "notifications", 2
+        )
         subjects = sorted(n["subject"] for n in listed)
         assert len(subjects) == 2 and any("confirmed" in s for s in subjects), subjects
-        orders = await client.get(f"/v1/users/{user_id}/orders", headers=_auth(token, False))
-        assert [o["orderId"] for o in orders.json()["orders"]] == [order_id]
+        orders = await _eventually(client, f"/v1/users/{user_id}/orders", token, "orders", 1)
+        assert [o["orderId"] for o in orders] == [order_id]
+
+
+async def _eventually(
+    client: Any, path: str, token: str, field: str, count: int, timeout_s: float = 120.0
+) -> list[Any]:
+    """GET `path` until its `field` lists `count` items (bounded in time)."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + timeout_s
+    while True:
+        page = await client.get(path, headers=_auth(token, False))
+        assert page.status_code == 200, page.text
+        listed: list[Any] = page.json().get(field, [])
+        if len(listed) >= count or loop.time() > give_up_at:
+            return listed
+        await asyncio.sleep(0.25)
 
 
 async def _stored_stock(system: System, sku: str) -> tuple[int, int]:
@@ -288,16 +298,26 @@ async def test_http_errors_are_the_standard_ones(system: System) -> None:
         )
         assert bad.status_code == 400 and bad.json().get("message")
         assert (await client.get("/v1/no-such-thing")).status_code == 404
-        statuses = []
-        for i in range(15):  # UpdateProfile: 5/s, burst 10 per caller (the contract)
+        # UpdateProfile: 5/s, burst 10 per caller (the contract). A loaded machine may
+        # answer each call in more than 200 ms, and then none is refused: what holds on any
+        # machine is the bucket's bound, and a 429 carries Retry-After.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        admitted, limited = 0, []
+        for i in range(30):
             reply = await client.patch(
                 f"/v1/users/{ada}", json={"displayName": f"Ada {i}"}, headers=_auth(ada_token)
             )
-            statuses.append(reply.status_code)
             if reply.status_code == 429:
-                assert float(reply.headers["Retry-After"]) > 0
+                limited.append(reply)
                 break
-        assert 429 in statuses, statuses
+            assert reply.status_code == 200, reply.text
+            admitted += 1
+        elapsed = loop.time() - started
+        assert admitted <= 10 + 5 * elapsed
+        assert all(float(r.headers["Retry-After"]) > 0 for r in limited)
+        if elapsed < (30 - 10) / 5:  # faster than the limit: it must have refused one
+            assert limited, (admitted, elapsed)
 
 
 async def test_killing_a_payment_replica_fails_no_order(system: System) -> None:

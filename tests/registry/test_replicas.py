@@ -91,7 +91,10 @@ async def test_replica_without_notifications_still_sees_changes_by_polling(
         await PostgresStore(postgres_dsn, schema=schema).drop()
 
 
-PROBE = ProbeConfig(interval_s=0.05, timeout_s=1.0, unhealthy_after=2, healthy_after=2)
+# A probe timeout far above a loaded machine's stalls: two 1 s timeouts in a row of a
+# healthy instance marked it NOT_SERVING, a flap blamed on the replicas. An unreachable
+# address still fails at once (connection refused, no wait for ready).
+PROBE = ProbeConfig(interval_s=0.05, timeout_s=30.0, unhealthy_after=2, healthy_after=2)
 
 
 async def _health(node: RegistryNode) -> tuple[int, list[Health]]:
