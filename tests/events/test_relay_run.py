@@ -45,7 +45,7 @@ async def _append(store: Any, stream: str, deposits: int) -> None:
 
 
 async def _until(predicate: Any) -> None:
-    for _ in range(500):  # bounded: at most ~10 s
+    for _ in range(3000):  # bounded: at most ~60 s
         if await predicate():
             return
         await asyncio.sleep(0.02)

@@ -23,7 +23,7 @@ from gen.echo.v1 import echo_pb2, echo_pb2_grpc
 from tests.framework.recording import RecordingPolicy
 
 
-async def _until(condition: Callable[[], bool], attempts: int = 1000) -> None:
+async def _until(condition: Callable[[], bool], attempts: int = 6000) -> None:
     """Poll (bounded) for what the server does after the client has its answer."""
     for _ in range(attempts):
         if condition():

@@ -30,7 +30,7 @@ from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 ECHO = Method.resolve("/echo.v1.EchoService/Echo")
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def _until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:

@@ -21,7 +21,7 @@ from gen.echo.v1.echo_pb2 import EchoRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def _until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:

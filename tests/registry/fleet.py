@@ -155,7 +155,7 @@ async def start_echo(
     return EchoInstance(server, servicer, agent, version)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
     """Poll `predicate` every few ms; fail the test when it stays false for `timeout_s`."""
     import asyncio
 
@@ -167,7 +167,7 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
         await asyncio.sleep(0.01)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 60.0) -> None:
     """Like `wait_until`, for a check that has to await."""
     import asyncio
 

@@ -54,7 +54,7 @@ async def test_bootstrap_addresses_serve_until_the_registry_answers(tmp_path: Pa
         assert early.calls == 5
         node = await start_registry(SqliteStore(tmp_path / "r.sqlite"), port=port)
         late = await start_echo(node.address)
-        await wait_until(lambda: list(channel.endpoints) == [late.address], timeout_s=10)
+        await wait_until(lambda: list(channel.endpoints) == [late.address], timeout_s=60)
         assert channel.discovery.source == "registry"
         await stub.Echo(EchoRequest(text="x"), timeout=5)
         assert late.calls == 1
@@ -93,7 +93,7 @@ async def test_a_client_starts_from_its_cached_view_while_the_registry_is_down(
         assert sum(i.calls for i in fleet) == 10
         node = await start_registry(SqliteStore(tmp_path / "r.sqlite"), port=port)
         newcomer = await start_echo(node.address)
-        await wait_until(lambda: len(second.endpoints) == 3, timeout_s=10)
+        await wait_until(lambda: len(second.endpoints) == 3, timeout_s=60)
         assert second.discovery.source == "registry"
     finally:
         await second.close()

@@ -130,7 +130,7 @@ async def test_replicas_that_disagree_about_an_instance_do_not_make_it_flap(
         assert b.registry.prober.rounds == 0  # a follower never probes
 
         await a.stop()
-        await wait_until(lambda: b.registry.leading, timeout_s=10)
+        await wait_until(lambda: b.registry.leading, timeout_s=60)
         await wait_until(lambda: b.registry.prober.rounds >= 20)
         assert await _health(b) == (revision + 1, [Health.NOT_SERVING])
     finally:
@@ -166,10 +166,10 @@ async def test_a_leader_that_loses_its_database_session_hands_over(postgres_dsn:
         await wait_until(  # a new term: B took the lead, or A took it again
             lambda: b.registry.terms == 1 or a.registry.terms == 2, timeout_s=10
         )
-        await wait_until(lambda: a.registry.leading != b.registry.leading, timeout_s=10)
+        await wait_until(lambda: a.registry.leading != b.registry.leading, timeout_s=60)
         await instance.server.health.drain()  # grpc.health.v1 now answers NOT_SERVING
         leader = a if a.registry.leading else b
-        await eventually(lambda: _is(leader, [Health.NOT_SERVING]), timeout_s=10)
+        await eventually(lambda: _is(leader, [Health.NOT_SERVING]), timeout_s=60)
     finally:
         await admin.close()
         await instance.stop(0)
@@ -210,7 +210,7 @@ async def test_leases_follow_the_database_clock_not_a_skewed_replica_clock(
             view = await a.registry.discover(ECHO, include_unhealthy=True)
             return [i.address for i in view.instances] == ["127.0.0.1:7001"]
 
-        await eventually(short_lease_swept, timeout_s=10)  # the skewed leader swept it
+        await eventually(short_lease_swept, timeout_s=60)  # the skewed leader swept it
         seen = await RegistryServiceStub(channel).Discover(pb.DiscoverRequest(service=ECHO))
         [kept] = seen.instances
         assert kept.address == "127.0.0.1:7001" and 0 < kept.lease_remaining_s <= 30

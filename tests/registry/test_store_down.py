@@ -86,6 +86,6 @@ async def test_store_down_is_unavailable_and_recovers(relay: Cuttable, postgres_
                 return False
             return True
 
-        await eventually(served, timeout_s=10.0)
+        await eventually(served, timeout_s=60.0)
         await channel.close()
     await PostgresStore(postgres_dsn, schema=schema).drop()

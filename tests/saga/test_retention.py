@@ -33,7 +33,7 @@ class Rows:
         return deleted
 
 
-async def _until(check: object, tries: int = 500) -> None:
+async def _until(check: object, tries: int = 6000) -> None:
     for _ in range(tries):
         if callable(check) and check():
             return

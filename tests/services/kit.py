@@ -142,7 +142,7 @@ async def start_registry(directory: Path) -> tuple[Any, Any]:
     return server, registry
 
 
-async def poll(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 20.0) -> T:
+async def poll(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 60.0) -> T:
     """`check()` until it returns something other than None (bounded; no fixed sleeps)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
