@@ -32,15 +32,19 @@ class Orders:
         retry_delay_s: float = 0.5,
         unit_price_minor: int = 12_50,
         seed: int = 18,
+        setup_timeout_s: float = 120.0,
     ) -> None:
         if customers < 1 or not 0 <= declined_percent <= 100 or retries < 0:
             raise ValueError("need customers >= 1, declined_percent in 0..100, retries >= 0")
+        if setup_timeout_s <= 0:
+            raise ValueError("need setup_timeout_s > 0")
         self.customers = customers
         self.declined_percent = declined_percent
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.unit_price_minor = unit_price_minor
         self.rng = random.Random(seed)
+        self.setup_timeout_s = setup_timeout_s
         self.sku = ""
         self.accounts: list[tuple[str, str]] = []  # (user id, token)
 
@@ -72,16 +76,23 @@ class Orders:
     async def _must(
         self, ctx: LoadContext, method: str, path: str, body: Any, headers: dict[str, str]
     ) -> Any:
-        """A set-up request; retried while the system settles, ScenarioError if it fails."""
-        last = ""
-        for _ in range(20):
+        """A set-up request; retried while the system settles (backing off, for at most
+        `setup_timeout_s`: on a loaded machine the user service's password hashing made
+        its health checks and breakers fail for a while), ScenarioError if it fails."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.setup_timeout_s
+        delay = 0.5
+        while True:
             reply = await ctx.request("setup", method, path, json=body, headers=headers)
             if reply is not None and reply.status_code == 200:
                 return reply.json()
             last = "no answer" if reply is None else f"{reply.status_code} {reply.text[:200]}"
             if reply is not None and 400 <= reply.status_code < 500 and reply.status_code != 429:
                 break
-            await asyncio.sleep(0.5)
+            if loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 4.0)
         raise ScenarioError(f"set-up {method} {path} failed: {last}")
 
     async def _call(
