@@ -12,6 +12,8 @@
 #                      machine is already loaded by something else); stress-ng is used
 #                      when installed (Debian package 'stress-ng'), else `python3 -c 'while
 #                      True: pass'` processes
+#   RUN_TIMEOUT_S=7200 a run still going after this is interrupted (SIGINT, then SIGKILL a
+#                      minute later) and counted as failed: a hang shows as TIMEOUT
 #   PYTHON=.venv/bin/python    the interpreter that runs pytest
 #   PYTEST_ARGS=...    extra pytest arguments (e.g. a directory, `-x`)
 #   OUT=.stress/<timestamp>    where each run's log and JUnit XML are kept
@@ -24,6 +26,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${1:-5}
 JOBS=${JOBS:-1}
+RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-7200}
 BURNERS=${BURNERS:-2}
 PYTHON=${PYTHON:-.venv/bin/python}
 PYTEST_ARGS=${PYTEST_ARGS:-}
@@ -67,7 +70,8 @@ run_one() {  # run number: one whole suite; writes runN.{log,xml,rc,s}
   local run=$1 start rc
   start=$(date +%s)
   # shellcheck disable=SC2086
-  REQUIRE_SERVICES=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
+  REQUIRE_SERVICES=1 timeout -s INT --kill-after=60 "$RUN_TIMEOUT_S" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider \
     --junitxml="$OUT/run$run.xml" $PYTEST_ARGS >"$OUT/run$run.log" 2>&1
   rc=$?
   echo $(($(date +%s) - start)) >"$OUT/run$run.s"
@@ -78,7 +82,9 @@ report_one() {  # run number
   local run=$1 rc seconds verdict
   rc=$(cat "$OUT/run$run.rc")
   seconds=$(cat "$OUT/run$run.s")
-  if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fi
+  if [ "$rc" -eq 0 ]; then verdict=PASS
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT (${RUN_TIMEOUT_S}s)"
+  else verdict=FAIL; fi
   echo "stress: run $run/$RUNS $verdict in ${seconds}s (exit $rc, load $(cut -d' ' -f1 /proc/loadavg)): $(tail -n 1 "$OUT/run$run.log")"
   grep -E '^(FAILED|ERROR) ' "$OUT/run$run.log" | sed 's/^/stress:   /'
 }
