@@ -294,7 +294,7 @@ async def test_projection_runner_rides_out_connections_cut_mid_query(place: Plac
         assert not task.done()
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, 60)
     async with writer.transaction() as tx:
         rows = dict(await tx.fetch(f"SELECT id, total FROM {projection.table}"))
     assert cuts == 3

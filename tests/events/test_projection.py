@@ -100,7 +100,7 @@ async def test_live_projection_equals_rebuild_from_zero(backend: Backend, store:
             break
         await asyncio.sleep(0.01)
     stop.set()
-    await asyncio.wait_for(live, 5)
+    await asyncio.wait_for(live, 60)
     live_rows = await projection.rows(store)
     assert live_rows["acc-0"] == 0 + 1 + 2 + 3 - 1 + 100
     assert await runner.rebuild() > 0
@@ -206,7 +206,7 @@ async def test_live_steps_still_apply_event_by_event(backend: Backend, store: An
             break
         await asyncio.sleep(0.01)
     stop.set()
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 60)
     assert batched.pages == [4]
     assert batched.singles == 1
     assert await batched.rows(store) == {"acc-0": 0 + 1 - 1 + 100}

@@ -145,7 +145,7 @@ async def test_global_positions_strictly_increase_without_skips(backend: Backend
     tail_task = asyncio.create_task(tail())
     await asyncio.gather(*(writer(w, s) for w, s in enumerate(stores)))
     done.set()
-    await asyncio.wait_for(tail_task, 10)
+    await asyncio.wait_for(tail_task, 60)
     everything = [e.position for e in await stores[0].read_all(0, 10_000)]
     assert len(everything) == 4 * 10 * 5
     assert everything == sorted(set(everything))

@@ -38,7 +38,7 @@ async def test_cancel_runs_the_exits_once() -> None:
     servicer = EchoServicer(release=release)
     async with serve(servicer, client_policies=[slots, RecordingPolicy("c", log)]) as t:
         call = t.stub(echo_pb2_grpc.EchoServiceStub).Echo(echo_pb2.EchoRequest(text="x"))
-        await asyncio.wait_for(servicer.started.wait(), 5)
+        await asyncio.wait_for(servicer.started.wait(), 60)
         assert slots.in_flight == 1
         call.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -66,7 +66,7 @@ async def test_exits_of_calls_cut_at_the_end_of_grace_run_before_policies_close(
             echo_pb2.EchoRequest(), timeout=30
         )
         assert (await stream.read()).text == "first"
-        await asyncio.wait_for(servicer.streaming.wait(), 10)
+        await asyncio.wait_for(servicer.streaming.wait(), 60)
         assert server.in_flight == 1
         await server.stop()
         in_flight = server.in_flight
@@ -90,7 +90,7 @@ async def test_a_long_lived_stream_ends_itself_cleanly_on_the_drain_signal() -> 
     async with grpc.aio.insecure_channel(server.address) as channel:
         chat = echo_pb2_grpc.EchoServiceStub(channel).Chat(timeout=30)
         assert (await chat.read()).text == "first"
-        await asyncio.wait_for(servicer.streaming.wait(), 10)
+        await asyncio.wait_for(servicer.streaming.wait(), 60)
         assert not server.draining.is_set()
         stopping = asyncio.ensure_future(server.stop())
         assert (await chat.read()).text == "bye"

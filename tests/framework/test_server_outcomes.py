@@ -159,7 +159,7 @@ async def test_a_stream_cancelled_after_its_first_response_is_recorded_cancelled
             servicer.streaming.clear()
             held = stub.EchoStream(echo_pb2.EchoRequest(), timeout=30)
             assert (await held.read()).text == "first"
-            await asyncio.wait_for(servicer.streaming.wait(), 10)
+            await asyncio.wait_for(servicer.streaming.wait(), 60)
             held.cancel()
             await _until(lambda n=round_: len(log) == 2 + 2 * n)
         await _until(lambda: t.server.in_flight == 0)

@@ -74,7 +74,7 @@ async def harness(
             ingress_policies=ingress_policies,
             client_policies=client_policies,
         )
-        async with running(gateway) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with running(gateway) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
             yield Harness(url, client, gateway, backend, library, echo)
 
 

@@ -71,8 +71,8 @@ async def test_caller_leaving_cancels_the_backend_stream(gw: Harness) -> None:
         lines = reply.aiter_lines()
         first = json.loads(await anext(lines))
         assert first["result"]["book"]["name"] == "shelves/s4/books/b0"
-        await asyncio.wait_for(gw.library.watch_started.wait(), 10)
-    await asyncio.wait_for(gw.library.watch_cancelled.wait(), 10)
+        await asyncio.wait_for(gw.library.watch_started.wait(), 60)
+    await asyncio.wait_for(gw.library.watch_cancelled.wait(), 60)
     assert gw.library.watch_cancelled.is_set()
 
 
@@ -82,7 +82,7 @@ async def test_stream_follows_new_messages(gw: Harness) -> None:
     async with gw.client.stream("GET", "/v1/shelves/s5/books:watch", params={"count": 2}) as reply:
         lines = reply.aiter_lines()
         await anext(lines)
-        await asyncio.wait_for(gw.library.watch_started.wait(), 10)
+        await asyncio.wait_for(gw.library.watch_started.wait(), 60)
         from tests.gateway.conftest import bearer
 
         created = await gw.client.post(

@@ -45,7 +45,7 @@ async def test_watch_on_one_replica_sees_changes_made_through_the_other(
         lease = await stub_a.Register(
             pb.RegisterRequest(service="orders", address="127.0.0.1:7001")
         )
-        seen = await asyncio.wait_for(stream.read(), 5)
+        seen = await asyncio.wait_for(stream.read(), 60)
         assert [i.address for i in seen.instances] == ["127.0.0.1:7001"]
         await stub_a.SetWeights(pb.SetWeightsRequest(service="orders", version_weights={"v1": 1}))
         assert dict((await asyncio.wait_for(stream.read(), 5)).version_weights) == {"v1": 1}

@@ -143,16 +143,16 @@ async def test_watch_sends_snapshot_then_each_change_and_resumes(
     """Watch: the current view first, then a view per change; resuming skips what was seen."""
     await stub.Register(_register("127.0.0.1:7001"))
     stream = stub.Watch(pb.WatchRequest(service="orders"))
-    first = await asyncio.wait_for(stream.read(), 5)
+    first = await asyncio.wait_for(stream.read(), 60)
     assert [i.address for i in first.instances] == ["127.0.0.1:7001"]
     await stub.Register(_register("127.0.0.1:7002"))
-    second = await asyncio.wait_for(stream.read(), 5)
+    second = await asyncio.wait_for(stream.read(), 60)
     assert [i.address for i in second.instances] == ["127.0.0.1:7001", "127.0.0.1:7002"]
     assert second.revision > first.revision
     stream.cancel()
     resumed = stub.Watch(pb.WatchRequest(service="orders", after_revision=second.revision))
     await stub.SetWeights(pb.SetWeightsRequest(service="orders", version_weights={"v1": 1}))
-    third = await asyncio.wait_for(resumed.read(), 5)
+    third = await asyncio.wait_for(resumed.read(), 60)
     assert third.revision > second.revision and dict(third.version_weights) == {"v1": 1}
     resumed.cancel()
 

@@ -27,7 +27,7 @@ async def node(store: RegistryStore) -> AsyncIterator[RegistryNode]:
 
 
 async def _read(stream: Any) -> pb.ServiceView:
-    message = await asyncio.wait_for(stream.read(), 10)
+    message = await asyncio.wait_for(stream.read(), 60)
     assert isinstance(message, pb.ServiceView)
     return message
 

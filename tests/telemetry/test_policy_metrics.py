@@ -95,7 +95,7 @@ async def test_rate_limit_and_bulkhead_rejections_counted_by_reason(telemetry: T
             return response
 
         held = asyncio.create_task(hold())
-        await asyncio.wait_for(gate.started.wait(), timeout=10)
+        await asyncio.wait_for(gate.started.wait(), timeout=60)
         with pytest.raises(BulkheadFullError):
             await stub.Echo(request)
         release.set()
