@@ -23,8 +23,9 @@ Returned call objects are awaitable (unary responses) or async iterable
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
 from typing import Any
 
 import grpc
@@ -38,6 +39,7 @@ from framework.policy import (
     BoundChain,
     Call,
     Chain,
+    Enter,
     Exit,
     Policy,
     Side,
@@ -57,26 +59,25 @@ def connect(
 ) -> Channel:
     """A channel to `target` ("host:port") whose calls run `policies` (first = outermost).
 
-    The deadline step is pinned innermost. Policies may contribute channel options
-    through `channel_options()` (e.g. a retry service config).
+    Each call's absolute deadline is fixed when the call is created, before any
+    policy runs (the caller's timeout, else the method's `timeout_s`, else the
+    config's default, lowered to the inbound call's remaining time), so policies
+    see `call.time_remaining()` and time spent in async enters counts against it;
+    it becomes the RPC's timeout when the RPC starts.  Policies may contribute
+    channel options through `channel_options()` (e.g. a retry service config).
     """
     expect(target, str, "connect(target)", 'a "host:port" string, e.g. "127.0.0.1:50051"')
     if config is not None:
         expect(config, ClientConfig, "connect(config=...)", "a ClientConfig(...)")
     config = config or ClientConfig()
-    chain = Chain(
-        [
-            *as_policies(policies, "connect(policies=...)"),
-            DeadlinePolicy(config.default_timeout_s, propagate=config.propagate_deadline),
-        ],
-        Side.CLIENT,
-    )
+    chain = Chain(as_policies(policies, "connect(policies=...)"), Side.CLIENT)
+    deadline = DeadlinePolicy(config.default_timeout_s, propagate=config.propagate_deadline)
     options = _channel_options(chain.policies, config)
     if credentials is None:
         raw = grpc.aio.insecure_channel(target, options=options)
     else:
         raw = grpc.aio.secure_channel(target, credentials, options=options)
-    return Channel(raw, chain, target)
+    return Channel(raw, chain, target, deadline)
 
 
 def _channel_options(policies: Sequence[Policy], config: ClientConfig) -> list[tuple[str, Any]]:
@@ -99,13 +100,26 @@ def _channel_options(policies: Sequence[Policy], config: ClientConfig) -> list[t
 class Channel:
     """A grpc.aio channel whose calls run the client policy chain."""
 
-    def __init__(self, raw: grpc.aio.Channel, chain: Chain, target: str) -> None:
+    def __init__(
+        self,
+        raw: grpc.aio.Channel,
+        chain: Chain,
+        target: str,
+        deadline: DeadlinePolicy | None = None,
+    ) -> None:
         self.raw = raw
         self.chain = chain
         self.target = target
+        self.deadline = deadline or DeadlinePolicy(ClientConfig().default_timeout_s)
+        self._deadlines: dict[str, Enter] = {}
 
-    def _bound(self, method: str | bytes, arity: Arity) -> BoundChain:
-        return self.chain.for_method(method, arity)
+    def _bound(self, method: str, arity: Arity) -> tuple[BoundChain, Enter]:
+        bound = self.chain.for_method(method, arity)
+        deadline = self._deadlines.get(method)
+        if deadline is None:
+            deadline = self.deadline.bind(bound.method) or _no_deadline
+            self._deadlines[method] = deadline
+        return bound, deadline
 
     def unary_unary(
         self,
@@ -117,7 +131,7 @@ class Channel:
         raw = self.raw.unary_unary(
             method, request_serializer, response_deserializer, _registered_method
         )
-        return _UnaryUnary(raw, self._bound(method, Arity.UNARY_UNARY), self.target)
+        return _UnaryUnary(raw, *self._bound(method, Arity.UNARY_UNARY), self.target)
 
     def unary_stream(
         self,
@@ -129,7 +143,7 @@ class Channel:
         raw = self.raw.unary_stream(
             method, request_serializer, response_deserializer, _registered_method
         )
-        return _UnaryStream(raw, self._bound(method, Arity.UNARY_STREAM), self.target)
+        return _UnaryStream(raw, *self._bound(method, Arity.UNARY_STREAM), self.target)
 
     def stream_unary(
         self,
@@ -141,7 +155,7 @@ class Channel:
         raw = self.raw.stream_unary(
             method, request_serializer, response_deserializer, _registered_method
         )
-        return _StreamUnary(raw, self._bound(method, Arity.STREAM_UNARY), self.target)
+        return _StreamUnary(raw, *self._bound(method, Arity.STREAM_UNARY), self.target)
 
     def stream_stream(
         self,
@@ -153,7 +167,7 @@ class Channel:
         raw = self.raw.stream_stream(
             method, request_serializer, response_deserializer, _registered_method
         )
-        return _StreamStream(raw, self._bound(method, Arity.STREAM_STREAM), self.target)
+        return _StreamStream(raw, *self._bound(method, Arity.STREAM_STREAM), self.target)
 
     async def close(self, grace: float | None = None) -> None:
         await self.raw.close(grace)
@@ -174,6 +188,10 @@ class Channel:
         await self.close()
 
 
+def _no_deadline(call: Call) -> None:
+    return None
+
+
 def _observed(error: BaseException) -> BaseException:
     if isinstance(error, grpc.aio.AioRpcError):
         return from_rpc_error(error)
@@ -182,47 +200,265 @@ def _observed(error: BaseException) -> BaseException:
     return error
 
 
+_PENDING = object()
+
+
+def _now(awaitable: Coroutine[Any, Any, Any]) -> Any:
+    """The result of a grpc.aio accessor of a finished call, or `_PENDING` if it must wait.
+
+    On a call whose status has arrived, `code()`, `details()` and the metadata
+    accessors complete without suspending; reading them here, in the call's done
+    callback, ends the exits at the moment the RPC ends, with no task per call.
+    """
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value
+    awaitable.close()
+    return _PENDING
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a start's failure as seen: the awaiters (if any) receive it, not the log."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _Ending:
+    """The exits of one started call, run once: what the RPC's done callback holds.
+
+    Kept apart from the call object the caller holds, so that object can be
+    dropped (and, for a response stream, cancel the RPC as grpc.aio does) while
+    the RPC's end still runs the exits.
+    """
+
+    __slots__ = ("exits", "finished", "outcome")
+
+    def __init__(self, exits: Sequence[Exit]) -> None:
+        self.exits = exits
+        self.finished = False
+        self.outcome: FrameworkError | None = None  # the typed error the RPC ended with
+
+    def end(self, error: BaseException | None) -> None:
+        if not self.finished:
+            self.finished = True
+            run_exits(self.exits, error)
+
+    def __call__(self, raw: Any) -> None:
+        """grpc.aio's done callback: the RPC has its status."""
+        if self.finished:
+            return
+        if raw.cancelled():
+            self.end(CallCancelledError("the caller cancelled the call"))
+            return
+        code = _now(raw.code())
+        if code is _PENDING:  # not seen with grpcio 1.6x-1.8x; read it on the loop
+            asyncio.get_running_loop().create_task(self._settle(raw))
+            return
+        if code is grpc.StatusCode.OK:
+            self.end(None)
+            return
+        failure = grpc.aio.AioRpcError(
+            code,
+            _now(raw.initial_metadata()),
+            _now(raw.trailing_metadata()),
+            _now(raw.details()),
+            _now(raw.debug_error_string()),
+        )
+        self.outcome = from_rpc_error(failure)
+        self.end(self.outcome)
+
+    async def _settle(self, raw: Any) -> None:
+        code = await raw.code()
+        if code is grpc.StatusCode.OK:
+            self.end(None)
+            return
+        failure = grpc.aio.AioRpcError(
+            code,
+            await raw.initial_metadata(),
+            await raw.trailing_metadata(),
+            await raw.details(),
+            await raw.debug_error_string(),
+        )
+        self.outcome = from_rpc_error(failure)
+        self.end(self.outcome)
+
+
+_NOTHING_TO_END = _Ending(())
+_NOTHING_TO_END.finished = True
+
+
 class _ResponseCall:
-    """Shared by the two call shapes: the raw grpc.aio call, its exits, run once."""
+    """Shared by the two call shapes: the raw grpc.aio call and its exits, ended once.
 
-    __slots__ = ("_begin", "_exits", "_finished", "_raw")
+    The exits are tied to the RPC itself (a done callback on the grpc.aio call),
+    so they run exactly once however the call ends: awaited, iterated, read
+    through `code()`/`details()`, cancelled, never looked at, or dropped.  With an
+    async enter in the chain the call starts in one task, created with the call
+    (an RPC starts when it is created, as in grpc.aio); every awaiter shares it,
+    and `cancel()` before the RPC is sent cancels that task: the RPC is never sent
+    and the enters that ran are exited.
+    """
 
-    def __init__(self, raw: Any, exits: list[Exit] | None, begin: Any = None) -> None:
+    __slots__ = ("_call", "_ending", "_raw", "_rejection", "_starting")
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self._raw: Any = None
+        self._ending = _NOTHING_TO_END
+        self._rejection: BaseException | None = None
+        self._starting: asyncio.Task[Any] | None = None
+
+    # ----- how the call starts
+    def _attach(self, raw: Any, exits: Sequence[Exit]) -> None:
         self._raw = raw
-        self._exits = exits
-        self._begin = begin  # function -> awaitable of (raw, exits): async chain or rejection
-        self._finished = False
+        if exits:
+            self._ending = ending = _Ending(exits)
+            raw.add_done_callback(ending)
+
+    def _reject(self, error: BaseException) -> None:
+        self._rejection = error
+
+    def _start_later(self, enters: Sequence[Any], start: Callable[[], Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._begin(enters, start))
+        task.add_done_callback(_retrieve)
+        self._starting = task
+
+    async def _begin(self, enters: Sequence[Any], start: Callable[[], Any]) -> Any:
+        exits: list[Exit] = []
+        try:
+            for enter in enters:
+                result = enter(self._call)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    exits.append(result)
+            raw = start()
+        except BaseException as error:
+            run_exits(exits, _observed(error))
+            raise
+        self._attach(raw, exits)
+        return raw
 
     async def _started(self) -> Any:
-        if self._raw is None:
-            self._raw, self._exits = await self._begin()
-        return self._raw
+        raw = self._raw
+        if raw is not None:
+            return raw
+        if self._starting is not None:
+            return await self._starting
+        assert self._rejection is not None
+        raise self._rejection
 
+    # ----- how it ends
     def _end(self, error: BaseException | None) -> None:
-        if not self._finished:
-            self._finished = True
-            run_exits(self._exits or [], error)
+        self._ending.end(error)
 
     def _failed(self, error: BaseException) -> BaseException:
-        """Run the exits for `error`; return what to raise (typed for grpc failures)."""
+        """Run the exits for `error` (if the RPC's end did not); return what to raise."""
         if isinstance(error, grpc.aio.AioRpcError) and not isinstance(error, FrameworkError):
-            typed = from_rpc_error(error)
+            typed = self._ending.outcome or from_rpc_error(error)
             self._end(typed)
-            typed.__cause__ = error
             return typed
         self._end(_observed(error))
         return error
 
+    # ----- grpc.aio's call API
     def cancel(self) -> bool:
-        """Cancel the RPC; the exits see CallCancelledError (a bulkhead slot is freed)."""
-        self._end(CallCancelledError("the caller cancelled the call"))
-        return bool(self._raw.cancel()) if self._raw is not None else False
+        """Cancel the RPC (or its start); the exits see CallCancelledError, once."""
+        if self._raw is not None:
+            return bool(self._raw.cancel())
+        starting = self._starting
+        if starting is not None and not starting.done():
+            return starting.cancel()
+        return False
+
+    def cancelled(self) -> bool:
+        if self._raw is not None:
+            return bool(self._raw.cancelled())
+        return self._starting is not None and self._starting.cancelled()
+
+    def done(self) -> bool:
+        if self._raw is not None:
+            return bool(self._raw.done())
+        return self._starting is None or self._starting.done()
+
+    def time_remaining(self) -> float | None:
+        if self._raw is not None:
+            remaining: float | None = self._raw.time_remaining()
+            return remaining
+        return self._call.time_remaining()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """`callback(call)` once the call is done (at once if it already is)."""
+        if self._raw is not None:
+            self._raw.add_done_callback(lambda _raw: callback(self))
+        elif self._starting is not None and not self._starting.done():
+            self._starting.add_done_callback(lambda _task: self.add_done_callback(callback))
+        else:
+            callback(self)
+
+    async def _raw_or_failure(self) -> Any:
+        """The started grpc.aio call, or the framework error that kept it from starting."""
+        try:
+            return await self._started()
+        except FrameworkError as error:
+            return error
+        except asyncio.CancelledError:
+            if self._starting is not None and self._starting.cancelled():
+                return CallCancelledError("the caller cancelled the call before it started")
+            raise
+
+    async def code(self) -> grpc.StatusCode:
+        found = await self._raw_or_failure()
+        if isinstance(found, FrameworkError):
+            return found.code()
+        code: grpc.StatusCode = await found.code()
+        return code
+
+    async def details(self) -> str | None:
+        found = await self._raw_or_failure()
+        if isinstance(found, FrameworkError):
+            return found.details()
+        details: str | None = await found.details()
+        return details
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        found = await self._raw_or_failure()
+        if isinstance(found, FrameworkError):
+            return found.initial_metadata()
+        metadata: grpc.aio.Metadata = await found.initial_metadata()
+        return metadata
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        found = await self._raw_or_failure()
+        if isinstance(found, FrameworkError):
+            return found.trailing_metadata()
+        metadata: grpc.aio.Metadata = await found.trailing_metadata()
+        return metadata
+
+    async def debug_error_string(self) -> str:
+        found = await self._raw_or_failure()
+        if isinstance(found, FrameworkError):
+            return found.debug_error_string()
+        debug: str = await found.debug_error_string()
+        return debug
+
+    async def wait_for_connection(self) -> None:
+        await (await self._started()).wait_for_connection()
 
     async def write(self, request: Any) -> None:
-        await (await self._started()).write(request)
+        raw = await self._started()
+        try:
+            await raw.write(request)
+        except grpc.aio.AioRpcError as error:  # the call ended: raise it typed, as reads do
+            raise self._failed(error) from error
 
     async def done_writing(self) -> None:
-        await (await self._started()).done_writing()
+        raw = await self._started()
+        try:
+            await raw.done_writing()
+        except grpc.aio.AioRpcError as error:
+            raise self._failed(error) from error
 
     def __getattr__(self, name: str) -> Any:
         if self._raw is None:
@@ -255,6 +491,12 @@ class _StreamResponseCall(_ResponseCall):
     """What a streamed-response call returns: iterate it with `async for`, or `read()`."""
 
     __slots__ = ()
+
+    def __del__(self) -> None:
+        # as grpc.aio does for a response stream nobody holds any more: cancel it
+        raw = self._raw
+        if raw is not None and not raw.done():
+            raw.cancel()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
@@ -290,13 +532,14 @@ class _StreamResponseCall(_ResponseCall):
 class _Multicallable:
     """One method of one arity: runs the bound chain, then the raw grpc.aio multicallable."""
 
-    __slots__ = ("_bound", "_raw", "_target")
+    __slots__ = ("_bound", "_deadline", "_raw", "_target")
     _shape: type[_ResponseCall] = _UnaryResponseCall
     _unary_request = True
 
-    def __init__(self, raw: Any, bound: BoundChain, target: str) -> None:
+    def __init__(self, raw: Any, bound: BoundChain, deadline: Enter, target: str) -> None:
         self._raw = raw
         self._bound = bound
+        self._deadline = deadline
         self._target = target
 
     def __call__(
@@ -318,42 +561,37 @@ class _Multicallable:
             timeout=timeout,
             target=self._target,
         )
-        bound, raw, shape = self._bound, self._raw, self._shape
+        bound, raw = self._bound, self._raw
+        result = self._shape(call)
 
         def start() -> Any:
+            # the deadline was fixed when the call was created: time spent in the
+            # enters (a waiting bulkhead, a token refresh) counts against it
             return raw(
                 request,
-                timeout=call.timeout,
+                timeout=call.time_remaining(),
                 metadata=call.outbound_metadata(),
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
 
-        def started(exits: list[Exit]) -> Any:
-            try:
-                return start()
-            except BaseException as error:  # e.g. the channel is closed: exits still run
-                run_exits(exits, _observed(error))
-                raise
-
-        if bound.is_async:
-
-            async def begin() -> tuple[Any, list[Exit]]:
-                exits = await bound.aenter(call)
-                return started(exits), exits
-
-            return shape(None, None, begin)
         try:
+            self._deadline(call)  # the absolute deadline, before any policy runs
+            if bound.is_async:
+                result._start_later(bound.enters, start)
+                return result
             exits = bound.enter(call)
         except Exception as error:  # noqa: BLE001 - re-raised when the call is awaited, as in grpc
-            rejection = error
-
-            async def rejected() -> tuple[Any, list[Exit]]:
-                raise rejection
-
-            return shape(None, None, rejected)
-        return shape(started(exits), exits)
+            result._reject(error)
+            return result
+        try:
+            rpc = start()
+        except BaseException as error:  # e.g. the channel is closed: exits still run
+            run_exits(exits, _observed(error))
+            raise
+        result._attach(rpc, exits)
+        return result
 
 
 class _UnaryUnary(_Multicallable):

@@ -3,8 +3,8 @@
 
 Resilience: `ratelimit` (token buckets in memory), `ratelimit_redis` (shared in Redis),
 `breaker`, `bulkhead`, `shedding` (adaptive concurrency limit), `throttle` (client
-adaptive throttling), `retry` (compiled to gRPC service config), `deadline` (pinned
-innermost on clients), `faults` (fault injection and its admin servicer).
+adaptive throttling), `retry` (compiled to gRPC service config), `deadline` (applied
+first on clients, when a call is created), `faults` (fault injection and its admin servicer).
 Contracts: `validation` (protovalidate), `idempotency`.
 Edges: `error_mapping` (pinned outermost on servers), `accesslog`.
 

@@ -1,9 +1,13 @@
 """Deadlines that carry across hops.
 
-`DeadlinePolicy` is pinned innermost on every client chain: a call made while
-handling an inbound RPC never outlives the caller's deadline (its timeout is
-lowered to the inbound call's remaining time), and a call that sets no timeout
-gets its method's `timeout_s` option, or the client's default.
+`DeadlinePolicy` is pinned on every client channel and applied when a call is
+created, before any other policy runs (as Go's context fixes a deadline): a
+call made while handling an inbound RPC never outlives the caller's deadline
+(its timeout is lowered to the inbound call's remaining time), and a call that
+sets no timeout gets its method's `timeout_s` option, or the client's default.
+Every policy then sees `call.time_remaining()`, time spent in async enters
+counts against it, and the client turns what is left into the RPC's timeout
+when the RPC starts.
 """
 
 from __future__ import annotations
