@@ -47,7 +47,7 @@ from framework.policy import (
     run_exits,
 )
 
-__all__ = ["Channel", "ClientConfig", "connect"]
+__all__ = ["Channel", "ClientConfig", "connect", "merge_service_configs"]
 
 
 def connect(
@@ -81,20 +81,71 @@ def connect(
 
 
 def _channel_options(policies: Sequence[Policy], config: ClientConfig) -> list[tuple[str, Any]]:
-    options: dict[str, Any] = dict(config.grpc_options)
-    service_config: dict[str, Any] = {}
+    """The channel's options: the config's, then the policies'; service configs deep-merged.
+
+    The user's `grpc.service_config` (in `ClientConfig.grpc_options`) is the base;
+    each policy's is merged into it in chain order: objects merge key by key,
+    `methodConfig` entries are kept side by side (an entry for a method both name
+    is merged into one, as gRPC refuses a method named twice), and any other value
+    a later contribution sets replaces the earlier one.
+    """
+    options: dict[str, Any] = {}
+    service_config: dict[str, Any] | None = None
+    contributions: list[tuple[str, Any]] = list(config.grpc_options)
     for policy in policies:
         contribute = getattr(policy, "channel_options", None)
-        if contribute is None:
-            continue
-        for key, value in contribute():
-            if key == "grpc.service_config":
-                service_config.update(json.loads(value) if isinstance(value, str) else value)
-            else:
-                options[key] = value
-    if service_config:
+        if contribute is not None:
+            contributions.extend(contribute())
+    for key, value in contributions:
+        if key == "grpc.service_config":
+            extra = json.loads(value) if isinstance(value, str | bytes) else dict(value)
+            service_config = merge_service_configs(service_config or {}, extra)
+        else:
+            options[key] = value
+    if service_config is not None:
         options["grpc.service_config"] = json.dumps(service_config, sort_keys=True)
     return list(options.items())
+
+
+def merge_service_configs(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` deep-merged into `base` (neither is changed); see `_channel_options`."""
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        if key == "methodConfig" and isinstance(old, list) and isinstance(value, list):
+            merged[key] = _merge_method_configs(old, value)
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = merge_service_configs(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _name_key(name: dict[str, Any]) -> tuple[str, str]:
+    return (str(name.get("service", "")), str(name.get("method", "")))
+
+
+def _merge_method_configs(
+    base: list[dict[str, Any]], extra: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    entries = [dict(entry, name=list(entry.get("name", []))) for entry in base]
+    for entry in extra:
+        fields = {k: v for k, v in entry.items() if k != "name"}
+        unmatched: list[dict[str, Any]] = []
+        for name in entry.get("name", []):
+            key = _name_key(name)
+            found = next((e for e in entries if key in map(_name_key, e["name"])), None)
+            if found is None:
+                unmatched.append(name)
+                continue
+            if len(found["name"]) == 1:
+                entries[entries.index(found)] = merge_service_configs(found, fields)
+            else:  # split the method out of the shared entry, then merge
+                found["name"] = [n for n in found["name"] if _name_key(n) != key]
+                entries.append(merge_service_configs(dict(found, name=[name]), fields))
+        if unmatched:
+            entries.append(dict(fields, name=unmatched))
+    return entries
 
 
 class Channel:
