@@ -21,13 +21,6 @@ ECHO_INITIAL = "x-grpc-test-echo-initial"
 ECHO_TRAILING = "x-grpc-test-echo-trailing-bin"
 
 
-def _status_code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
 async def _echo_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     """Echo Metadata: the initial key back as initial metadata, the -bin key as trailing."""
     received = dict(context.invocation_metadata() or ())
@@ -38,10 +31,13 @@ async def _echo_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> None:
 
 
 async def _echo_status(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Echo Status: close the call with the code and message the request carries."""
+    """Echo Status: close the call with the code and message the request carries.
+
+    The code is passed as the integer the request carries: grpc accepts it.
+    """
     if request.HasField("response_status") and request.response_status.code != 0:
         status = request.response_status
-        await context.abort(_status_code(status.code), status.message)
+        await context.abort(status.code, status.message)
 
 
 class TestService:
@@ -100,5 +96,9 @@ def handlers(service: TestService) -> dict[str, grpc.RpcMethodHandler]:
 
 
 def register(service: TestService, server: Any) -> None:
-    """What a generated `add_TestServiceServicer_to_server` would do."""
-    server.add_registered_method_handlers(m.SERVICE, handlers(service))
+    """Registered handlers for the service, and (as grpc's own interop server does) one
+    more method of the same service through a generic handler."""
+    registered = handlers(service)
+    generic = {"EmptyCall": registered.pop("EmptyCall")}
+    server.add_registered_method_handlers(m.SERVICE, registered)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(m.SERVICE, generic),))

@@ -37,7 +37,7 @@ from framework.policy import BOTH_SIDES, Call, Exit, Method, Policy
 from framework.server import Server
 from framework.telemetry.sdk import Telemetry, TelemetryConfig
 from tests.interop import messages as m
-from tests.interop.servicer import ECHO_INITIAL, ECHO_TRAILING, TestService, handlers, register
+from tests.interop.servicer import ECHO_INITIAL, ECHO_TRAILING, TestService, register
 
 # ------------------------------------------------------------------ what a case returns
 
@@ -141,7 +141,11 @@ async def cancel_after_first_response(stub: m.TestServiceStub) -> list[Outcome]:
 
 
 async def timeout_on_sleeping_server(stub: m.TestServiceStub) -> list[Outcome]:
-    call = stub.FullDuplexCall(timeout=0.001)
+    # The description's timeout is 1 ms; with that, the write itself races the deadline
+    # and grpc.aio (plain or not) may end the call INTERNAL "Internal error from Core"
+    # (its write failing in the core first).  The server never answers this call (it
+    # waits for more requests), so a longer timeout tests the same thing, reliably.
+    call = stub.FullDuplexCall(timeout=0.5)
     try:
         await call.write(m.StreamingOutputCallRequest(payload=m.zeros(27182)))
         await call.read()
@@ -243,10 +247,18 @@ SAME = "same as the client"
 class Spec:
     run: Case
     # what the server's policies record: the client's codes (SAME), none (no handler
-    # ran), or None: not asserted (see the reason)
-    server: str | None = SAME
-    why: str = ""
+    # runs), or the client's codes or none (the call may end before the handler runs)
+    server: str = SAME
 
+
+# the RPC may end before the server's handler runs (nothing recorded), else as the client
+CANCELLED_IF_STARTED = "cancelled, if the handler ran"
+# A bidi stream cut by the client (cancel, deadline) while its handler waits for the next
+# request: grpc.aio ends the handler's request iterator as if the client had half-closed,
+# and the cancellation arrives as a separate event; when it arrives after the handler has
+# returned, the server records the handler's own OK (docs/grpc-compatibility.md, "What the
+# server cannot know").  The server's record is then the client's status, or that OK.
+CUT_WHILE_READING = "the client's status, or OK if grpc reported the cut as end of stream"
 
 CASES = [
     Spec(empty_unary),
@@ -255,17 +267,9 @@ CASES = [
     Spec(server_streaming),
     Spec(ping_pong),
     Spec(empty_stream),
-    Spec(cancel_after_begin, None, "the cancel may reach the server before its handler runs"),
-    Spec(
-        cancel_after_first_response,
-        None,
-        "the server's recorded status of a cancelled stream is #22 item 5 (server side)",
-    ),
-    Spec(
-        timeout_on_sleeping_server,
-        None,
-        "the server's recorded status of a call past its deadline is #22 item 5 (server side)",
-    ),
+    Spec(cancel_after_begin, CANCELLED_IF_STARTED),
+    Spec(cancel_after_first_response, CUT_WHILE_READING),
+    Spec(timeout_on_sleeping_server, CUT_WHILE_READING),
     Spec(custom_metadata),
     Spec(status_code_and_message),
     Spec(special_status_message),
@@ -346,7 +350,7 @@ class Setup:
 @contextlib.asynccontextmanager
 async def plain_grpc() -> AsyncIterator[Setup]:
     server = grpc.aio.server()
-    server.add_registered_method_handlers(m.SERVICE, handlers(TestService()))
+    register(TestService(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -429,15 +433,21 @@ async def test_interop_case(spec: Spec) -> None:
         codes = [outcome.code for outcome in expected]
         for policy in framework.client:
             assert framework.codes("client", policy.name) == codes, policy.name
-        if spec.server is not None:
-            server_codes = codes if spec.server == SAME else []
+        server_codes = [] if spec.server == "none" else codes
+        if spec.server == SAME:
             await _until(
                 lambda: all(
-                    len(framework.codes("server", p.name)) >= len(server_codes)
-                    for p in framework.server
+                    len(framework.codes("server", p.name)) >= len(codes) for p in framework.server
                 ),
                 "the server's exits ran",
             )
-            for policy in framework.server:
-                assert framework.codes("server", policy.name) == server_codes, policy.name
+        else:  # the handler may not have run: wait until the server has no call in flight
+            await _until(lambda: framework.in_flight() == 0, "every bulkhead is empty")
+        for policy in framework.server:
+            recorded = framework.codes("server", policy.name)
+            if spec.server in (CANCELLED_IF_STARTED, CUT_WHILE_READING) and not recorded:
+                continue  # the call ended before the server's handler ran
+            if spec.server == CUT_WHILE_READING and recorded == [OK]:
+                continue
+            assert recorded == server_codes, policy.name
         await _until(lambda: framework.in_flight() == 0, "every bulkhead is empty")
