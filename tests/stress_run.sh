@@ -33,6 +33,18 @@ PYTEST_ARGS=${PYTEST_ARGS:-}
 OUT=${OUT:-.stress/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
+stop_runs() {  # runs still going when this script exits (Ctrl-C, kill): their groups
+  local file pid
+  for file in "$OUT"/run*.pid; do
+    [ -f "$file" ] || continue
+    [ -f "${file%.pid}.rc" ] && continue
+    pid=$(cat "$file")
+    kill -TERM -- "-$pid" 2>/dev/null  # timeout leads its own process group
+    sleep 2
+    kill -KILL -- "-$pid" 2>/dev/null
+  done
+}
+
 burner_pids=()
 stop_burners() {
   for pid in "${burner_pids[@]}"; do
@@ -43,7 +55,7 @@ stop_burners() {
   done
   burner_pids=()
 }
-trap stop_burners EXIT
+trap 'stop_runs; stop_burners' EXIT
 trap 'exit 130' INT TERM
 
 if [ "$BURNERS" -gt 0 ]; then
@@ -72,7 +84,9 @@ run_one() {  # run number: one whole suite; writes runN.{log,xml,rc,s}
   # shellcheck disable=SC2086
   REQUIRE_SERVICES=1 timeout -s INT --kill-after=60 "$RUN_TIMEOUT_S" \
     "$PYTHON" -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUT/run$run.xml" $PYTEST_ARGS >"$OUT/run$run.log" 2>&1
+    --junitxml="$OUT/run$run.xml" $PYTEST_ARGS >"$OUT/run$run.log" 2>&1 &
+  echo $! >"$OUT/run$run.pid"
+  wait $!
   rc=$?
   echo $(($(date +%s) - start)) >"$OUT/run$run.s"
   echo "$rc" >"$OUT/run$run.rc"  # last: its presence says the run is over
