@@ -29,7 +29,7 @@ def _cli(
         env={**environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a Python start-up on a loaded machine can take a minute
         check=False,
     )
 

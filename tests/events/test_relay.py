@@ -88,7 +88,7 @@ def _run_child(mode: str, backend: Backend, url: str, bus: JetStreamBus) -> int:
     args = [mode, backend.name, where, backend.schema or "-", url]
     args += [config.stream, config.subject_prefix]
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, timeout=60, check=False
+        [sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, timeout=300, check=False
     )
     return done.returncode
 

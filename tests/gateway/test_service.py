@@ -135,7 +135,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         env={"PATH": "/usr/bin:/bin", **(env or {})},
         check=False,
     )
@@ -173,7 +173,7 @@ def test_import_framework_loads_no_http_stack() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=True,
     )
     assert result.stdout.strip() == "[]"
