@@ -105,6 +105,10 @@ class OrdersMatchSagas:
 
 
 def _inventory_db(view: SystemView) -> Database:
+    """The inventory's own database: the system's (its PostgreSQL schema on PostgreSQL,
+    since 4f360da), else the SQLite file its process was given (a standalone inventory)."""
+    if "inventory" in view.databases:
+        return view.database("inventory")
     for process in view.processes():
         path = process.env.get("INVENTORY_DB_PATH")
         if path:

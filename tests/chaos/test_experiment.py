@@ -243,3 +243,20 @@ def test_a_request_in_flight_when_the_fault_begins_is_the_faults() -> None:
     assert checks["error rate, steady state before faults"].observed == "0.0% of 5"
     assert (result.faults[0].requests, result.faults[0].errors) == (16, 1)
     assert result.faults[0].recovery_s == pytest.approx(0.4)  # the failed one ended at 3.4 s
+
+
+def test_stock_balances_reads_the_inventory_from_the_systems_database() -> None:
+    """On PostgreSQL the inventory keeps its rows in its schema (not the SQLite file its
+    environment still names): the invariant reads there (a make chaos run on PostgreSQL
+    reported every confirmed order without a reservation)."""
+    from framework.chaos.system import Database, ProcessView, SystemView
+    from services.chaos.invariants import _inventory_db
+
+    schema = Database(dsn="postgresql://postgres@127.0.0.1:5432/test", schema="c_inventory")
+    stale = {"INVENTORY_DB_PATH": "/tmp/unused/inventory.sqlite3"}
+    view = SystemView(
+        {"inventory": schema}, processes=[ProcessView("inventory-1", 1, "running", 0, stale)]
+    )
+    assert _inventory_db(view) == schema
+    standalone = SystemView({}, processes=[ProcessView("inventory-1", 1, "running", 0, stale)])
+    assert _inventory_db(standalone) == Database(sqlite_path="/tmp/unused/inventory.sqlite3")
