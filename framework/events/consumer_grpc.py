@@ -100,6 +100,22 @@ async def _final_status(call: Any) -> FrameworkError | None:
     return None
 
 
+_OPEN_ATTEMPTS = 3
+_CORE_INTERNAL = "Internal error from Core"
+
+
+def _lost_to_core(error: BaseException) -> bool:
+    """The send failed inside grpc.aio, which then reports its own INTERNAL status instead
+    of the one the server ended the stream with (a refusal racing the first write)."""
+    if isinstance(error, FrameworkError):
+        return code_of(error) is grpc.StatusCode.INTERNAL and _CORE_INTERNAL in str(error)
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code() is grpc.StatusCode.INTERNAL and _CORE_INTERNAL in (
+            error.details() or ""
+        )
+    return False
+
+
 _TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -143,14 +159,21 @@ class RemoteSubscription(SubscriptionBase):
 
     @staticmethod
     async def _open_call(channel: Any, start: SubscribeRequest.Start) -> Any:
-        call = EventStoreServiceStub(channel).Subscribe()
-        try:
-            await call.write(SubscribeRequest(start=start))
-        except (grpc.RpcError, FrameworkError, asyncio.InvalidStateError) as error:
-            refusal = await _final_status(call)
-            call.cancel()
-            raise (refusal or _typed(error, "open")) from error
-        return call
+        attempt = 1
+        while True:
+            call = EventStoreServiceStub(channel).Subscribe()
+            try:
+                await call.write(SubscribeRequest(start=start))
+            except (grpc.RpcError, FrameworkError, asyncio.InvalidStateError) as error:
+                refusal = await _final_status(call)
+                call.cancel()
+                if refusal is None and _lost_to_core(error) and attempt < _OPEN_ATTEMPTS:
+                    # grpc.aio replaced the server's status with its own: ask again (nothing
+                    # was read, so opening again is safe); a refusal then arrives typed.
+                    attempt += 1
+                    continue
+                raise (refusal or _typed(error, "open")) from error
+            return call
 
     async def _reopen(self) -> None:
         """Open a new stream to the same group (the old one ended)."""
