@@ -2,7 +2,7 @@
 
     model = load_system(Path("protos"), code=Path("services"), traces=Path("traces.json"))
     report = analyze(model)            # findings ranked, coupling per service
-    print(to_text(report))
+    text = to_text(report)             # the table the CLI writes
 
 `python -m framework analyze [protos] [--code services] [--traces FILE]` is the same from
 the command line (see `framework/analysis/README.md`).
