@@ -193,6 +193,11 @@ class Server:
         """Calls being served whose exits have not run yet."""
         return self._serving.in_flight
 
+    @property
+    def calls_started(self) -> int:
+        """Calls started since the server started (a drain hook can watch traffic stop)."""
+        return self._serving.started
+
     def _check_authentication(self, registered: dict[str, dict[str, Any]]) -> None:
         """Refuse methods whose contract requires a verified caller that no policy checks.
 

@@ -58,16 +58,18 @@ class Serving:
     `outcome` maps outcomes, `executor` runs sync handlers (set when the server
     starts), `draining` is set when the server starts draining (handlers of
     long-lived streams can end themselves; see `framework.server.drain_signal`),
-    and `in_flight` counts calls whose exits have not run yet.
+    `in_flight` counts calls whose exits have not run yet, and `started` every call
+    ever started (a drain hook sees from it whether clients still send calls).
     """
 
-    __slots__ = ("_idle", "draining", "executor", "in_flight", "outcome")
+    __slots__ = ("_idle", "draining", "executor", "in_flight", "outcome", "started")
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self.executor: Executor | None = None
         self.draining = asyncio.Event()
         self.in_flight = 0
+        self.started = 0
         self._idle: asyncio.Event | None = None
 
     def _finished(self) -> None:
@@ -222,6 +224,7 @@ def _begin(
         call = Call(method, Side.SERVER, context=context, raw_request=request, decode=decode)
     call.drain = serving.draining
     serving.in_flight += 1
+    serving.started += 1
     return call, set_current_call(call)
 
 

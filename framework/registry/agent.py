@@ -14,11 +14,12 @@
   is back goes out within about `retry_max_s` (a restarted registry has given
   every lease a full TTL, so none is lost);
 * `on_draining` (the server already answers health NOT_SERVING and still
-  accepts calls): stops renewing, deregisters, then holds the drain for
-  `deregister_wait_s` so that watching clients see the instance leave before
-  the server stops accepting calls. With the default `ServerConfig` a rolling
-  restart then fails no call, even a call that is not retried (it holds even with
-  `drain_delay_s=0`).
+  accepts calls): stops renewing, deregisters, then holds the drain until no
+  call has started for `deregister_wait_s` (at most `deregister_wait_max_s`), so
+  that watching clients have seen the instance leave, however long the change
+  took to reach them, before the server stops accepting calls. With the default
+  `ServerConfig` a rolling restart then fails no call, even a call that is not
+  retried (it holds even with `drain_delay_s=0`).
 """
 
 from __future__ import annotations
@@ -64,10 +65,14 @@ class AgentConfig:
     # jitter) while the lease may still be alive; later at the renewal period.
     retry_min_s: float = 0.05
     retry_max_s: float = 1.0
-    # After deregistering at drain, wait this long (wall time) before the server stops
-    # accepting calls: the registry pushes the change to every watcher, and clients
-    # stop picking this instance once they have it. 0 = no wait.
+    # After deregistering at drain, hold the drain until no call has started for this
+    # long (wall time), at most deregister_wait_max_s, before the server stops accepting
+    # calls: the registry pushes the change to every watcher and clients stop picking
+    # this instance once they have it; calls still arriving say some have not yet (a
+    # loaded registry or client). 0 = no wait. A client that does not watch the
+    # registry keeps the drain held for deregister_wait_max_s.
     deregister_wait_s: float = 0.25
+    deregister_wait_max_s: float = 5.0
 
     def __post_init__(self) -> None:
         check_weight(self.weight)
@@ -77,8 +82,12 @@ class AgentConfig:
             raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
         if self.call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
-        if self.deregister_wait_s < 0:
-            raise ValueError(f"deregister_wait_s must be >= 0, got {self.deregister_wait_s}")
+        if not 0 <= self.deregister_wait_s <= self.deregister_wait_max_s:
+            raise ValueError(
+                "need 0 <= deregister_wait_s <= deregister_wait_max_s, got "
+                f"deregister_wait_s={self.deregister_wait_s} "
+                f"deregister_wait_max_s={self.deregister_wait_max_s}"
+            )
         if not 0 < self.retry_min_s <= self.retry_max_s:
             raise ValueError(
                 "need 0 < retry_min_s <= retry_max_s, got "
@@ -139,9 +148,35 @@ class RegistrationAgent:
 
     async def on_draining(self, server: Any) -> None:
         if await self.stop() and self.config.deregister_wait_s > 0:
-            # Real time, not `self.clock`: this covers the change reaching other
-            # processes (a ManualClock would never let the drain proceed).
-            await asyncio.sleep(self.config.deregister_wait_s)
+            await self._until_traffic_moved(server)
+
+    async def _until_traffic_moved(self, server: Any) -> None:
+        """Hold until no call has started on `server` for deregister_wait_s (bounded).
+
+        Real time, not `self.clock`: this covers the change reaching other processes
+        (a ManualClock would never let the drain proceed).  A server that does not
+        count its calls (a worker supervisor) is held for deregister_wait_s.
+        """
+        quiet, loop = self.config.deregister_wait_s, asyncio.get_running_loop()
+        counted = getattr(server, "calls_started", None)
+        if not isinstance(counted, int):
+            await asyncio.sleep(quiet)
+            return
+        give_up = loop.time() + self.config.deregister_wait_max_s
+        step = max(quiet / 5, 0.01)
+        seen, quiet_since = counted, loop.time()
+        while (now := loop.time()) - quiet_since < quiet:
+            if now >= give_up:
+                logger.warning(
+                    "%s: calls still arrive %.1f s after deregistering; draining anyway "
+                    "(a client that does not watch the registry?)",
+                    self.service,
+                    self.config.deregister_wait_max_s,
+                )
+                return
+            await asyncio.sleep(step)
+            if server.calls_started != seen:
+                seen, quiet_since = server.calls_started, loop.time()
 
     async def on_stopped(self, server: Any) -> None:
         await self.stop()

@@ -130,6 +130,7 @@ async def start_echo(
     grace_s: float = 2.0,
     drain_delay_s: float = 0.0,
     deregister_wait_s: float | None = None,
+    deregister_wait_max_s: float | None = None,
 ) -> EchoInstance:
     """An echo server; with a registry address it registers itself (agent hook; the
     agent's deregister_wait_s is AgentConfig's default unless given)."""
@@ -147,6 +148,8 @@ async def start_echo(
     agent = None
     if registry_address is not None:
         config = AgentConfig(version=version, ttl_s=ttl_s, weight=weight)
+        if deregister_wait_max_s is not None:
+            config = replace(config, deregister_wait_max_s=deregister_wait_max_s)
         if deregister_wait_s is not None:
             config = replace(config, deregister_wait_s=deregister_wait_s)
         agent = RegistrationAgent(registry_address, ECHO, config)

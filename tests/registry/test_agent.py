@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from framework.client import connect
 from framework.clock import ManualClock
 from framework.config import ServerConfig
+from framework.errors import FrameworkError
 from framework.registry.agent import AgentConfig, RegistrationAgent
 from framework.registry.channel import balanced_channel
 from framework.registry.health_probe import ProbeConfig
@@ -151,7 +153,57 @@ async def _gone(node: RegistryNode, address: str) -> bool:
     return address not in await _instances(node)
 
 
-def test_agent_config_rejects_a_negative_deregister_wait() -> None:
-    """A negative deregister_wait_s is refused with a message naming the field."""
+async def test_the_drain_is_held_while_calls_still_arrive_after_deregistering(
+    node: RegistryNode,
+) -> None:
+    """A client that has not moved away (here one that never watches the registry) keeps
+    sending calls after the deregistration: every one is served, the drain waits, and
+    once the calls stop for deregister_wait_s the stop completes."""
+    instance = await start_echo(node.address, deregister_wait_s=2.0, deregister_wait_max_s=120)
+    channel = connect(instance.address)
+    stub = EchoServiceStub(channel)
+    try:
+        stopping = asyncio.create_task(instance.stop())
+        await eventually(lambda: _gone(node, instance.address))
+        for index in range(30):  # each call starts well within the 2 s quiet window
+            reply = await stub.Echo(EchoRequest(text=f"late-{index}"), timeout=30)
+            assert reply.text == f"late-{index}"
+        assert not stopping.done()
+        await asyncio.wait_for(stopping, timeout=60)  # the calls stopped: the drain goes on
+    finally:
+        await channel.close()
+        await instance.stop(0)
+
+
+async def test_the_drain_hold_is_bounded_by_deregister_wait_max(
+    node: RegistryNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that never stops calling holds the drain for deregister_wait_max_s at most,
+    and the agent says why the drain went on."""
+    instance = await start_echo(node.address, deregister_wait_s=0.5, deregister_wait_max_s=1.0)
+    channel = connect(instance.address)
+    stub = EchoServiceStub(channel)
+    stopping = asyncio.create_task(instance.stop())
+
+    async def keep_calling() -> None:
+        while not stopping.done():
+            with contextlib.suppress(FrameworkError):  # refused once the drain went on
+                await stub.Echo(EchoRequest(text="x"), timeout=5)
+
+    caller = asyncio.create_task(keep_calling())
+    try:
+        await asyncio.wait_for(stopping, timeout=60)
+        assert "calls still arrive" in caplog.text
+    finally:
+        await caller
+        await channel.close()
+        await instance.stop(0)
+
+
+def test_agent_config_rejects_a_bad_deregister_wait() -> None:
+    """A negative deregister_wait_s, or one above deregister_wait_max_s, is refused with a
+    message naming the fields."""
     with pytest.raises(ValueError, match="deregister_wait_s"):
         AgentConfig(deregister_wait_s=-1)
+    with pytest.raises(ValueError, match="deregister_wait_max_s"):
+        AgentConfig(deregister_wait_s=6, deregister_wait_max_s=5)
