@@ -539,9 +539,13 @@ class _UnaryResponseCall(_ResponseCall):
 
 
 class _StreamResponseCall(_ResponseCall):
-    """What a streamed-response call returns: iterate it with `async for`, or `read()`."""
+    """What a streamed-response call returns: iterate it with `async for`, or `read()`.
 
-    __slots__ = ()
+    Concurrent `read()`s take turns: grpc.aio allows one receive at a time on a call
+    (a second one sent meanwhile hung until the deadline).
+    """
+
+    __slots__ = ("_reading",)
 
     def __del__(self) -> None:
         # as grpc.aio does for a response stream nobody holds any more: cancel it
@@ -551,6 +555,13 @@ class _StreamResponseCall(_ResponseCall):
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
+
+    def _reading_lock(self) -> asyncio.Lock:
+        try:
+            return self._reading
+        except AttributeError:
+            self._reading = asyncio.Lock()
+            return self._reading
 
     async def _responses(self) -> AsyncIterator[Any]:
         raw = await self._started()
@@ -568,8 +579,10 @@ class _StreamResponseCall(_ResponseCall):
 
     async def read(self) -> Any:
         raw = await self._started()
+        reading = self._reading_lock()
         try:
-            response = await raw.read()
+            async with reading:
+                response = await raw.read()
         except BaseException as error:
             raised = self._failed(error)
             if raised is error:
