@@ -546,6 +546,7 @@ class _StreamResponseCall(_ResponseCall):
     """
 
     __slots__ = ("_reading",)
+    _reading: asyncio.Lock
 
     def __del__(self) -> None:
         # as grpc.aio does for a response stream nobody holds any more: cancel it
