@@ -502,19 +502,58 @@ class _ResponseCall:
         try:
             await raw.write(request)
         except grpc.aio.AioRpcError as error:  # the call ended: raise it typed, as reads do
-            raise self._failed(error) from error
+            raise self._failed(await _peer_status(raw, error)) from error
+        except asyncio.InvalidStateError as error:  # it had ended before this write
+            if not raw.done() or await raw.code() is grpc.StatusCode.OK:
+                raise
+            ended = await _peer_status(raw, await _status_error(raw))
+            raise self._failed(ended) from error
 
     async def done_writing(self) -> None:
         raw = await self._started()
         try:
             await raw.done_writing()
         except grpc.aio.AioRpcError as error:
-            raise self._failed(error) from error
+            raise self._failed(await _peer_status(raw, error)) from error
 
     def __getattr__(self, name: str) -> Any:
         if self._raw is None:
             raise AttributeError(f"{name} is available once the call has started (await it)")
         return getattr(self._raw, name)
+
+
+_CORE_INTERNAL = "Internal error from Core"
+_PEER_STATUS_WAIT_S = 1.0
+
+
+async def _status_error(raw: Any) -> grpc.aio.AioRpcError:
+    """The ended call's status as the error grpc.aio raises for it."""
+    return grpc.aio.AioRpcError(
+        await raw.code(),
+        await raw.initial_metadata(),
+        await raw.trailing_metadata(),
+        await raw.details(),
+        await raw.debug_error_string(),
+    )
+
+
+async def _peer_status(raw: Any, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The server's status behind grpc.aio's own INTERNAL for a send that failed.
+
+    A write racing the server's end of the call (a refusal before the handler reads)
+    fails in the core; grpc.aio then reports INTERNAL "Internal error from Core" and the
+    server's status lands on the call a moment later.  Wait for it (bounded); any other
+    error is returned as it is.
+    """
+    if error.code() is not grpc.StatusCode.INTERNAL or error.details() != _CORE_INTERNAL:
+        return error
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + _PEER_STATUS_WAIT_S
+    while loop.time() < give_up:
+        if await raw.details() != _CORE_INTERNAL:
+            return await _status_error(raw)
+        await asyncio.sleep(0.002)
+    return error
 
 
 class _UnaryResponseCall(_ResponseCall):

@@ -149,3 +149,30 @@ async def test_a_client_rejection_surfaces_when_the_call_is_awaited() -> None:
         future = asyncio.ensure_future(call)
         with pytest.raises(errors.BulkheadFullError):
             await future
+
+
+class RefuseStreams(BasePolicy):
+    """A server policy that refuses every client-streaming call before the handler reads."""
+
+    def enter(self, call: Call) -> Exit | None:
+        if call.method.name == "Collect":
+            raise errors.PermissionDeniedError("streams are not allowed here")
+        return None
+
+
+async def test_a_refusal_racing_the_writes_always_arrives_typed() -> None:
+    """The server refuses a client stream at once while the client writes: whatever the
+    write meets (still open, already ended, or grpc.aio's own INTERNAL for a send that
+    failed in the core), the caller sees the server's PERMISSION_DENIED, never INTERNAL
+    or a bare InvalidStateError."""
+    async with serve(EchoServicer(), policies=[RefuseStreams()]) as t:
+        stub = t.stub(echo_pb2_grpc.EchoServiceStub)
+        for attempt in range(60):
+            call = stub.Collect()
+            with pytest.raises(errors.PermissionDeniedError, match="not allowed") as raised:
+                for index in range(200):
+                    await call.write(echo_pb2.EchoRequest(text=f"{attempt}-{index}"))
+                await call.done_writing()
+                await call
+            assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert await call.code() is grpc.StatusCode.PERMISSION_DENIED
