@@ -8,8 +8,10 @@ order (first listed = outermost); an enter rejects the call by raising a
 Exits run in reverse order, always, and never swallow the error.
 
 Enters are synchronous and free of I/O.  A policy that must await (a waiting
-bulkhead, injected delay) returns an `async def` enter; chains that contain one
-are run on the async path.  Both adapters (`server_adapter`, `client`) are asyncio
+bulkhead, injected delay) returns an `async def` enter, or, when it waits only
+sometimes, a sync enter marked with `may_await(...)` that returns an awaitable
+only when it must wait (no coroutine per call otherwise); chains that contain
+either kind are run on the async path.  Both adapters (`server_adapter`, `client`) are asyncio
 and run either kind; `Chain(..., allow_async=False)` is for an adapter that cannot
 await: it refuses an async enter when the chain is bound, not on the first call.
 
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 Exit = Callable[[BaseException | None], None]
 Enter = Callable[["Call"], Exit | None]
 AsyncEnter = Callable[["Call"], Awaitable[Exit | None]]
+# A sync enter that returns an awaitable (resolving to the exit) only when it must wait
+MaybeAsyncEnter = Callable[["Call"], "Exit | Awaitable[Exit | None] | None"]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
@@ -365,7 +369,7 @@ class BoundChain:
     raising a framework error, which ends the call with that status.
     """
 
-    __slots__ = ("enters", "is_async", "message_checks", "method")
+    __slots__ = ("_steps", "enters", "is_async", "message_checks", "method")
 
     def __init__(
         self,
@@ -375,7 +379,9 @@ class BoundChain:
     ) -> None:
         self.method = method
         self.enters = tuple(enters)
-        self.is_async = any(_is_async(e) for e in self.enters)
+        # (enter, whether it may return an awaitable): only those are checked per call
+        self._steps = tuple((e, _is_async(e)) for e in self.enters)
+        self.is_async = any(awaits for _, awaits in self._steps)
         self.message_checks = tuple(message_checks)
 
     def enter(self, call: Call, outcome: Outcome | None = None) -> list[Exit]:
@@ -395,21 +401,37 @@ class BoundChain:
     async def aenter(self, call: Call, outcome: Outcome | None = None) -> list[Exit]:
         exits: list[Exit] = []
         try:
-            for enter in self.enters:
+            for enter, awaits in self._steps:
                 result = enter(call)
-                if inspect.isawaitable(result):
+                if awaits and result is not None and inspect.isawaitable(result):
                     result = await result
                 if result is not None:
-                    exits.append(result)
+                    exits.append(result)  # type: ignore[arg-type]
         except BaseException as error:
             run_exits(exits, error if outcome is None else outcome(call, error))
             raise
         return exits
 
 
+_MAY_AWAIT = "_framework_may_await"
+
+
+def may_await(enter: MaybeAsyncEnter) -> AsyncEnter:
+    """Mark a sync enter that returns an awaitable (resolving to its exit or None) only
+    when it must wait, e.g. fault injection with a delay rule active.  Its chain runs on
+    the async path and a sync adapter refuses it, as for an `async def` enter, but a
+    call that does not wait costs no coroutine."""
+    setattr(enter, _MAY_AWAIT, True)
+    return enter  # type: ignore[return-value]
+
+
 def _is_async(enter: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(enter) or inspect.iscoroutinefunction(
-        getattr(enter, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    return (
+        getattr(enter, _MAY_AWAIT, False) is True
+        or inspect.iscoroutinefunction(enter)
+        or inspect.iscoroutinefunction(
+            getattr(enter, "__call__", None)  # noqa: B004 - callable objects with async __call__
+        )
     )
 
 

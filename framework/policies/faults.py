@@ -12,16 +12,18 @@ contract (so a server refuses to add it without an authentication policy).
 The admin service and health checks are never faulted, so an experiment can
 always be switched off.
 
-The enter is `async` (a delay must await), so a chain with this policy runs on
-the grpc.aio path.  Which rules apply to a method is recomputed only when the
-rules change (a version counter), never matched per call.
+A delay must await, so a chain with this policy runs on the grpc.aio path; the
+enter itself is sync (`framework.policy.may_await`) and returns a coroutine only
+for a call it delays, so while no rule is active a call costs no coroutine.
+Which rules apply to a method is recomputed only when the rules change (a version
+counter), never matched per call.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -30,7 +32,7 @@ import grpc.aio
 from framework.clock import Clock, SystemClock
 from framework.config import expect
 from framework.errors import FrameworkError, InvalidArgumentError, error_class
-from framework.policy import AsyncEnter, Call, Exit, Method, Side
+from framework.policy import AsyncEnter, Call, Method, Side, may_await
 from gen.framework.v1 import faults_pb2, faults_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -173,31 +175,43 @@ class FaultInjectionPolicy:
         if any(method.matches(p) for p in NEVER_FAULTED):
             return None
         cached: list[object] = [-1, ()]  # [version, rules for this method]
-        clock, draw = self._clock, self._random
 
-        async def enter(call: Call) -> Exit | None:
+        def enter(call: Call) -> Awaitable[None] | None:
             if not self._rules:
                 return None
             if cached[0] != self._version:
                 cached[:] = [self._version, tuple(r for r in self.rules if r.applies_to(method))]
             rules: tuple[FaultRule, ...] = cached[1]  # type: ignore[assignment]
-            for rule in rules:
-                if rule.header:
-                    value = call.header(rule.header)
-                    if value is None or (rule.header_value and value != rule.header_value):
-                        continue
-                if rule.percent < 100.0 and draw() * 100.0 >= rule.percent:
-                    continue
-                if rule.delay_s:
-                    remaining = call.time_remaining()  # never hold a call past its deadline
-                    await clock.sleep(
-                        rule.delay_s if remaining is None else min(rule.delay_s, remaining)
-                    )
-                if rule.abort_code is not None:
-                    raise rule.error()
-            return None
+            return self._apply(call, rules, 0)
 
-        return enter
+        return may_await(enter)
+
+    def _apply(self, call: Call, rules: Sequence[FaultRule], start: int) -> Awaitable[None] | None:
+        """Apply `rules[start:]` in order: abort here, or hand over to a coroutine at the
+        first rule that delays the call (the rest are applied after the delay)."""
+        for index in range(start, len(rules)):
+            rule = rules[index]
+            if rule.header:
+                value = call.header(rule.header)
+                if value is None or (rule.header_value and value != rule.header_value):
+                    continue
+            if rule.percent < 100.0 and self._random() * 100.0 >= rule.percent:
+                continue
+            if rule.delay_s:
+                return self._delay(call, rules, index)
+            if rule.abort_code is not None:
+                raise rule.error()
+        return None
+
+    async def _delay(self, call: Call, rules: Sequence[FaultRule], index: int) -> None:
+        rule = rules[index]
+        remaining = call.time_remaining()  # never hold a call past its deadline
+        await self._clock.sleep(rule.delay_s if remaining is None else min(rule.delay_s, remaining))
+        if rule.abort_code is not None:
+            raise rule.error()
+        rest = self._apply(call, rules, index + 1)
+        if rest is not None:
+            await rest
 
 
 class FaultInjectionServicer(faults_pb2_grpc.FaultInjectionServiceServicer):
