@@ -49,10 +49,10 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 import grpc
-from opentelemetry import trace as trace_api
 
 from framework.errors import code_of
 from framework.policy import Call, Exit, Method, Side
+from framework.telemetry.tracecontext import SPAN_KEY, current_context
 
 logger = logging.getLogger(__name__)
 
@@ -316,28 +316,35 @@ class _LineEnter:
         self.middle = {side: f'{constant},"side":"{side.value}"' for side in Side}
 
     def __call__(self, call: Call) -> Exit:
-        policy, started, side = self.policy, call.started, call.side
+        policy, started, writer = self.policy, call.started, self.writer
+        stamps = policy._stamps
+        middle, name = self.middle[call.side], self.names[call.side]
 
         def exit_(error: BaseException | None) -> None:
             duration_ms = (time.perf_counter() - started) * 1000.0
-            if policy.sample_ratio < 1.0 and not policy._keep(error, duration_ms):
+            sampled = policy.sample_ratio < 1.0
+            if sampled and not policy._keep(error, duration_ms):
                 return
-            code, reason = _outcome(error)
-            level = "WARNING" if code in _SERVER_FAULTS else self.level
-            extra = ""
-            if reason is not None and reason != code:
-                extra = f',"reason":{json.dumps(reason)}'
-            elif error is None and policy.sample_ratio < 1.0:
-                extra = f',"sample_ratio":{policy.sample_ratio}'
-            span = trace_api.get_current_span().get_span_context()
-            if span.is_valid:
-                extra += f',"trace_id":"{span.trace_id:032x}","span_id":"{span.span_id:016x}"'
-            self.writer.write(
-                f'{{"ts":"{policy._stamps.format(time.time())}","level":"{level}",'
-                f"{self.middle[side]},"
+            if error is None:
+                code, level, extra = "OK", self.level, ""
+                if sampled:
+                    extra = f',"sample_ratio":{policy.sample_ratio}'
+            else:
+                code, reason = _outcome(error)
+                level = "WARNING" if code in _SERVER_FAULTS else self.level
+                extra = f',"reason":{json.dumps(reason)}' if reason not in (None, code) else ""
+            span = current_context().get(SPAN_KEY)  # the call's span: tracing is outer
+            if span is not None:
+                context = span.get_span_context()  # type: ignore[attr-defined]
+                if context.is_valid:
+                    extra += (
+                        f',"trace_id":"{context.trace_id:032x}","span_id":"{context.span_id:016x}"'
+                    )
+            writer.write(
+                f'{{"ts":"{stamps.format(time.time())}","level":"{level}",{middle},'
                 f'"code":"{code}","duration_ms":{duration_ms:.3f},'
                 f'"peer":{policy._peer_json(call.peer)}{extra},'
-                f'"message":"{self.names[side]} {code} {duration_ms:.2f}ms"}}\n',
+                f'"message":"{name} {code} {duration_ms:.2f}ms"}}\n',
                 error is not None,
             )
 
