@@ -232,10 +232,18 @@ class Call:
             self._inbound = self._read_inbound()
         return self._inbound.get(key)
 
+    def inbound(self) -> dict[str, str | bytes]:
+        """Server: the inbound metadata as a dict, read once (the last value of a repeated
+        key, as `header` answers); do not modify it. Several reads cost one call."""
+        inbound = self._inbound
+        if inbound is None:
+            inbound = self._inbound = self._read_inbound()
+        return inbound
+
     def _read_inbound(self) -> dict[str, str | bytes]:
         if self.context is None:
             return {}
-        return {k: v for k, v in (self.context.invocation_metadata() or ())}
+        return dict(self.context.invocation_metadata() or ())  # (key, value) pairs
 
     @property
     def metadata(self) -> Metadata:

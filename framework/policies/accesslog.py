@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 _SERVER_FAULTS = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED"})
 DEFAULT_QUIET = ("grpc.health.v1.*", "grpc.reflection.*")
 LOGGER_NAME = "framework.access"
+_SIDES = (Side.SERVER, Side.CLIENT)
 
 
 class AccessLogWriter:
@@ -305,7 +306,8 @@ class _LineEnter:
         self.policy = policy
         self.writer = writer
         self.level = logging.getLevelName(policy.level)
-        self.names = {side: f"{side.value} {method.full_name}" for side in Side}
+        # per side, not in dicts keyed by Side: an Enum's hash is a Python-level call
+        self.names = tuple(f"{side.value} {method.full_name}" for side in _SIDES)
         fields = {
             "logger": LOGGER_NAME,
             "rpc": method.full_name,
@@ -313,12 +315,13 @@ class _LineEnter:
             "method": method.name,
         }
         constant = json.dumps(fields, ensure_ascii=False)[1:-1]
-        self.middle = {side: f'{constant},"side":"{side.value}"' for side in Side}
+        self.middle = tuple(f'{constant},"side":"{side.value}"' for side in _SIDES)
 
     def __call__(self, call: Call) -> Exit:
         policy, started, writer = self.policy, call.started, self.writer
         stamps = policy._stamps
-        middle, name = self.middle[call.side], self.names[call.side]
+        index = 0 if call.side is Side.SERVER else 1
+        middle, name = self.middle[index], self.names[index]
 
         def exit_(error: BaseException | None) -> None:
             duration_ms = (time.perf_counter() - started) * 1000.0

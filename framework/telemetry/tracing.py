@@ -284,16 +284,17 @@ class _Enter:
         policy = self.policy
         if policy._w3c and self.factory.follows_parent:
             # The common case inline: a well-formed version-00 traceparent, no baggage.
-            traceparent = call.header("traceparent")
+            headers = call.inbound()
+            traceparent = headers.get("traceparent")
             if (
                 type(traceparent) is str
                 and len(traceparent) == 55
-                and call.header("baggage") is None
+                and "baggage" not in headers
                 and _TRACEPARENT_00.fullmatch(traceparent) is not None
                 and traceparent[3:35] != _ZERO_TRACE
                 and traceparent[36:52] != _ZERO_SPAN
             ):
-                tracestate = call.header("tracestate")
+                tracestate = headers.get("tracestate")
                 if tracestate is None or type(tracestate) is str:
                     if traceparent[-1] in _NOT_SAMPLED_DIGITS:  # the caller did not sample
                         token = attach(context_with(RemoteSpan(traceparent, tracestate)))
@@ -308,7 +309,7 @@ class _Enter:
                     base = self.server_base  # inline _server_attrs(): the common case
                     attrs = base[1] if base[0] is policy._server_attrs else self._server_attrs()
                     span = self.factory.start_child(self.name, SpanKind.SERVER, parent, attrs, True)
-                    if call.header(_RETRY_HEADER) is not None:
+                    if _RETRY_HEADER in headers:
                         return self._recording(span, call, None)
                     token = attach(context_with(span))
 
