@@ -44,7 +44,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -90,7 +90,8 @@ class AccessLogWriter:
         self.max_pending = max_pending
         self.dropped = 0  # lines refused since the last report
         self.written = 0
-        self._pending: deque[str] = deque()
+        # lines, or (render, args) whose line the writer thread builds (see `write_later`)
+        self._pending: deque[str | tuple[Callable[..., str], tuple[Any, ...]]] = deque()
         self._wake = threading.Event()
         self._io = threading.Lock()  # one batch written at a time
         self._start = threading.Lock()
@@ -106,6 +107,22 @@ class AccessLogWriter:
             self.dropped += 1
             return
         pending.append(line)
+        if self._thread is None:
+            self._start_thread()
+        if (urgent or len(pending) >= self.max_batch) and not self._wake.is_set():
+            self._wake.set()
+
+    def write_later(
+        self, render: Callable[..., str], args: tuple[Any, ...], urgent: bool = False
+    ) -> None:
+        """Queue the line `render(*args)`, built when the batch is written, off the
+        caller's path (a batch of lines is formatted in one go, with a warm cache);
+        `render` must be cheap, pure and safe to run in the writer thread."""
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            self.dropped += 1
+            return
+        pending.append((render, args))
         if self._thread is None:
             self._start_thread()
         if (urgent or len(pending) >= self.max_batch) and not self._wake.is_set():
@@ -160,7 +177,8 @@ class AccessLogWriter:
             while pending:
                 lines = []
                 for _ in range(min(len(pending), 4 * self.max_batch)):
-                    lines.append(pending.popleft())
+                    item = pending.popleft()
+                    lines.append(item if isinstance(item, str) else item[0](*item[1]))
                 self._emit("".join(lines), len(lines))
             dropped = self.dropped
             if dropped and self._emit(_dropped_line(dropped), 0):
@@ -318,12 +336,12 @@ class _LineEnter:
         self.middle = tuple(f'{constant},"side":"{side.value}"' for side in _SIDES)
 
     def __call__(self, call: Call) -> Exit:
-        policy, started, writer = self.policy, call.started, self.writer
-        stamps = policy._stamps
+        policy, started, later = self.policy, call.started, self.writer.write_later
         index = 0 if call.side is Side.SERVER else 1
         middle, name = self.middle[index], self.names[index]
 
         def exit_(error: BaseException | None) -> None:
+            # only what must be read now is read here; the writer thread builds the line
             duration_ms = (time.perf_counter() - started) * 1000.0
             sampled = policy.sample_ratio < 1.0
             if sampled and not policy._keep(error, duration_ms):
@@ -336,22 +354,44 @@ class _LineEnter:
                 code, reason = _outcome(error)
                 level = "WARNING" if code in _SERVER_FAULTS else self.level
                 extra = f',"reason":{json.dumps(reason)}' if reason not in (None, code) else ""
+            trace_id = span_id = 0
             span = current_context().get(SPAN_KEY)  # the call's span: tracing is outer
             if span is not None:
                 context = span.get_span_context()  # type: ignore[attr-defined]
                 if context.is_valid:
-                    extra += (
-                        f',"trace_id":"{context.trace_id:032x}","span_id":"{context.span_id:016x}"'
-                    )
-            writer.write(
-                f'{{"ts":"{stamps.format(time.time())}","level":"{level}",{middle},'
-                f'"code":"{code}","duration_ms":{duration_ms:.3f},'
-                f'"peer":{policy._peer_json(call.peer)}{extra},'
-                f'"message":"{name} {code} {duration_ms:.2f}ms"}}\n',
+                    trace_id, span_id = context.trace_id, context.span_id
+            later(
+                _line,
+                (policy, time.time(), level, middle, code, duration_ms, call.peer, extra,
+                 trace_id, span_id, name),
                 error is not None,
-            )
+            )  # fmt: skip
 
         return exit_
+
+
+def _line(
+    policy: AccessLogPolicy,
+    now: float,
+    level: str,
+    middle: str,
+    code: str,
+    duration_ms: float,
+    peer: str,
+    extra: str,
+    trace_id: int,
+    span_id: int,
+    name: str,
+) -> str:
+    """One record's JSON line (run by the writer thread, which alone uses the caches)."""
+    if trace_id:
+        extra += f',"trace_id":"{trace_id:032x}","span_id":"{span_id:016x}"'
+    return (
+        f'{{"ts":"{policy._stamps.format(now)}","level":"{level}",{middle},'
+        f'"code":"{code}","duration_ms":{duration_ms:.3f},'
+        f'"peer":{policy._peer_json(peer)}{extra},'
+        f'"message":"{name} {code} {duration_ms:.2f}ms"}}\n'
+    )
 
 
 class _LoggingEnter:
