@@ -8,6 +8,7 @@ participant's own state (balances, payment rows) after the calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -202,11 +203,15 @@ async def test_action_and_compensation_racing_leave_the_balance_whole(
 async def test_call_dropped_half_way_then_retried_applies_once(
     payments: TestServer, ledger: Ledger
 ) -> None:
-    """A charge whose caller gave up (deadline) and retried with the same key debits once."""
+    """A charge whose caller gave up (deadline) and retried with the same key debits once.
+
+    The first call's 0.1 ms deadline passes before its answer can arrive, whether or not
+    the server applied it (on a loaded machine grpc once delivered the answer first: then
+    the retry is a plain repeat, which must debit once too)."""
     stub = payments.stub(PaymentServiceStub)
     action, _ = _keys()
     request = _charge(70)
-    with pytest.raises(DeadlineExceededError):
+    with contextlib.suppress(DeadlineExceededError):
         await stub.ChargePayment(request, metadata=action, timeout=0.0001)
     reply = await stub.ChargePayment(request, metadata=action)
     assert reply.payment.amount_minor == 70
