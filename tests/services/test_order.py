@@ -289,14 +289,17 @@ async def test_the_read_model_is_rebuilt_from_the_events(shop: Shop) -> None:
         )
 
     async def three() -> list[pb.Order] | None:
-        page = await orders.ListOrders(pb.ListOrdersRequest(user_id=user_id))
+        # a longer deadline than the contract's 2 s: a loaded machine is not what this checks
+        page = await orders.ListOrders(pb.ListOrdersRequest(user_id=user_id), timeout=30)
         done = [o for o in page.orders if o.total_minor == 1_00]
         return list(page.orders) if len(done) == 3 else None
 
     live = await poll(three)
     applied = await shop.order.runner.rebuild()
     assert applied >= 6
-    rebuilt = list((await orders.ListOrders(pb.ListOrdersRequest(user_id=user_id))).orders)
+    rebuilt = list(
+        (await orders.ListOrders(pb.ListOrdersRequest(user_id=user_id), timeout=30)).orders
+    )
     assert rebuilt == live
     page = await orders.ListOrders(pb.ListOrdersRequest(user_id=user_id, page_size=2))
     rest = await orders.ListOrders(
