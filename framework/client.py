@@ -351,7 +351,7 @@ class _ResponseCall:
     and the enters that ran are exited.
     """
 
-    __slots__ = ("_call", "_ending", "_raw", "_rejection", "_starting")
+    __slots__ = ("_call", "_ending", "_first", "_raw", "_rejection", "_starting")
 
     def __init__(self, call: Call) -> None:
         self._call = call
@@ -359,6 +359,7 @@ class _ResponseCall:
         self._ending = _NOTHING_TO_END
         self._rejection: BaseException | None = None
         self._starting: asyncio.Task[Any] | None = None
+        self._first: _FirstStatus | None = None  # noted from the first write on
 
     # ----- how the call starts
     def _attach(self, raw: Any, exits: Sequence[Exit]) -> None:
@@ -459,62 +460,84 @@ class _ResponseCall:
                 return CallCancelledError("the caller cancelled the call before it started")
             raise
 
-    async def code(self) -> grpc.StatusCode:
+    async def _status_source(self) -> Any:
+        """What to read the status from: the framework error that kept the call from
+        starting, the server's status a failed write hid (see `_peer_status`), or the
+        grpc.aio call itself."""
         found = await self._raw_or_failure()
-        if isinstance(found, FrameworkError):
+        if isinstance(found, FrameworkError) or self._first is None:
+            return found
+        if found.done() and await found.details() == _CORE_INTERNAL:
+            first = self._first.error
+            if first is not None and first.details() != _CORE_INTERNAL:
+                return first
+        return found
+
+    async def code(self) -> grpc.StatusCode:
+        found = await self._status_source()
+        if isinstance(found, grpc.RpcError):
             return found.code()
         code: grpc.StatusCode = await found.code()
         return code
 
     async def details(self) -> str | None:
-        found = await self._raw_or_failure()
-        if isinstance(found, FrameworkError):
-            return found.details()
+        found = await self._status_source()
+        if isinstance(found, grpc.RpcError):
+            return found.details()  # type: ignore[no-any-return]
         details: str | None = await found.details()
         return details
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
-        found = await self._raw_or_failure()
-        if isinstance(found, FrameworkError):
+        found = await self._status_source()
+        if isinstance(found, grpc.RpcError):
             return found.initial_metadata()
         metadata: grpc.aio.Metadata = await found.initial_metadata()
         return metadata
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
-        found = await self._raw_or_failure()
-        if isinstance(found, FrameworkError):
+        found = await self._status_source()
+        if isinstance(found, grpc.RpcError):
             return found.trailing_metadata()
         metadata: grpc.aio.Metadata = await found.trailing_metadata()
         return metadata
 
     async def debug_error_string(self) -> str:
-        found = await self._raw_or_failure()
-        if isinstance(found, FrameworkError):
-            return found.debug_error_string()
+        found = await self._status_source()
+        if isinstance(found, grpc.RpcError):
+            return found.debug_error_string()  # type: ignore[no-any-return]
         debug: str = await found.debug_error_string()
         return debug
 
     async def wait_for_connection(self) -> None:
         await (await self._started()).wait_for_connection()
 
+    def _noting(self, raw: Any) -> _FirstStatus:
+        first = self._first
+        if first is None:  # before the first write: a failed send may overwrite the status
+            first = self._first = _FirstStatus()
+            raw.add_done_callback(first)
+        return first
+
     async def write(self, request: Any) -> None:
         raw = await self._started()
+        first = self._noting(raw)
         try:
             await raw.write(request)
         except grpc.aio.AioRpcError as error:  # the call ended: raise it typed, as reads do
-            raise self._failed(await _peer_status(raw, error)) from error
+            raise self._failed(await _peer_status(raw, error, first)) from error
         except asyncio.InvalidStateError as error:  # it had ended before this write
             if not raw.done() or await raw.code() is grpc.StatusCode.OK:
                 raise
-            ended = await _peer_status(raw, await _status_error(raw))
+            ended = await _peer_status(raw, await _status_error(raw), first)
             raise self._failed(ended) from error
 
     async def done_writing(self) -> None:
         raw = await self._started()
+        first = self._noting(raw)
         try:
             await raw.done_writing()
         except grpc.aio.AioRpcError as error:
-            raise self._failed(await _peer_status(raw, error)) from error
+            raise self._failed(await _peer_status(raw, error, first)) from error
 
     def __getattr__(self, name: str) -> Any:
         if self._raw is None:
@@ -537,16 +560,44 @@ async def _status_error(raw: Any) -> grpc.aio.AioRpcError:
     )
 
 
-async def _peer_status(raw: Any, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+class _FirstStatus:
+    """A call's done callback that keeps the status the call first ended with."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: grpc.aio.AioRpcError | None = None
+
+    def __call__(self, raw: Any) -> None:
+        if self.error is not None or raw.cancelled():
+            return
+        code = _now(raw.code())
+        if code is _PENDING or code is grpc.StatusCode.OK:
+            return
+        self.error = grpc.aio.AioRpcError(
+            code,
+            _now(raw.initial_metadata()),
+            _now(raw.trailing_metadata()),
+            _now(raw.details()),
+            _now(raw.debug_error_string()),
+        )
+
+
+async def _peer_status(
+    raw: Any, error: grpc.aio.AioRpcError, first: _FirstStatus
+) -> grpc.aio.AioRpcError:
     """The server's status behind grpc.aio's own INTERNAL for a send that failed.
 
     A write racing the server's end of the call (a refusal before the handler reads)
-    fails in the core; grpc.aio then reports INTERNAL "Internal error from Core" and the
-    server's status lands on the call a moment later.  Wait for it (bounded); any other
-    error is returned as it is.
+    fails in the core, and grpc.aio then sets the call's status to its own INTERNAL
+    "Internal error from Core".  The server's status either came first (grpc.aio
+    overwrote it: `first`, the call's done callback, kept it) or lands a moment later
+    (wait for it, bounded).  Any other error is returned as it is.
     """
     if error.code() is not grpc.StatusCode.INTERNAL or error.details() != _CORE_INTERNAL:
         return error
+    if first.error is not None and first.error.details() != _CORE_INTERNAL:
+        return first.error
     loop = asyncio.get_running_loop()
     give_up = loop.time() + _PEER_STATUS_WAIT_S
     while loop.time() < give_up:
