@@ -4,6 +4,7 @@ nothing applied twice, every unit of stock and every cent accounted for."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -142,7 +143,9 @@ async def test_sigkill_at_random_points_loses_and_doubles_nothing(tmp_path: Path
                 try:  # a random moment (the append-count kill may come first), then kill -9
                     await asyncio.wait_for(process.wait(), rng.uniform(0.05, 0.8))
                 except TimeoutError:
-                    process.send_signal(signal.SIGKILL)
+                    # it may have killed itself (the append count) as the wait ran out
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal.SIGKILL)
                 await process.wait()
                 await starting
         async with _orchestrator(world, tmp_path, KILLS) as (process, target):
