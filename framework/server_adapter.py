@@ -475,6 +475,15 @@ def _stream_response(bound: BoundChain, inner: _Handler, serving: Serving, decod
                     if result is not None:
                         async for item in _as_async(result, None):
                             yield item
+            except GeneratorExit:
+                # Closed unfinished: grpc.aio stopped iterating (the call was cancelled or
+                # the server stopped while this stream waited at a yield) and the generator
+                # is finalized later, maybe after grpc freed the call: its context must not
+                # be touched (peer() on a freed call crashed the process). The exits see a
+                # cancellation; nothing can be sent.
+                call.context = None
+                run_exits(exits, outcome(call, asyncio.CancelledError()))
+                raise
             except BaseException as error:
                 run_exits(exits, outcome(call, error))
                 await _send(call)

@@ -4,7 +4,10 @@ signal that lets a long-lived stream end itself cleanly."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,6 +17,8 @@ from framework.config import ServerConfig
 from framework.server import Server, drain_signal
 from gen.echo.v1 import echo_pb2, echo_pb2_grpc
 from tests.framework.recording import RecordingPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ClosingRecorder(RecordingPolicy):
@@ -107,3 +112,22 @@ def test_the_default_drain_delay_lets_load_balancers_see_not_serving() -> None:
     """The default ServerConfig waits a little between NOT_SERVING and refusing calls."""
     assert 0 < ServerConfig().drain_delay_s <= 1
     assert ServerConfig.from_env("x", {"SERVICE_DRAIN_DELAY_S": "0"}).drain_delay_s == 0
+
+
+async def test_a_stream_finalized_after_its_server_stopped_does_not_crash_the_process() -> None:
+    """A response stream cancelled while its handler waits at a yield is finalized later,
+    after the server stopped: its exits run once with CANCELLED and the process lives.
+    Before, the access log's exit read the peer from the freed call: SIGSEGV."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.framework.stream_finalized_app",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 300)
+    assert process.returncode == 0, err.decode(errors="replace")[-3000:]
+    log = json.loads(out)  # each stream's exits once (finalization order may interleave)
+    assert sorted(log) == ["enter:r"] * 20 + ["exit:r:CANCELLED"] * 20
+    assert err.decode().count('"code":"CANCELLED"') == 20  # the access log saw each one
