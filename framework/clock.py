@@ -57,6 +57,11 @@ class ManualClock:
         self._sleepers.append((self._mono + seconds, future))
         await future
 
+    @property
+    def sleeping(self) -> int:
+        """How many `sleep` calls are waiting (a test advances once a task is asleep)."""
+        return sum(1 for _, future in self._sleepers if not future.done())
+
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose time has come."""
         if seconds < 0:
