@@ -181,6 +181,8 @@ async def _open_loop(stub: Any, rate_per_s: float) -> _Run:
 
 
 async def _capacity(stub: Any, seconds: float) -> float:
+    """Closed-loop calls/s, counting only successes (the shedding server may refuse some)."""
+    from framework.errors import OverloadedError
     from gen.echo.v1.echo_pb2 import EchoRequest
 
     request = EchoRequest(text="x")
@@ -190,7 +192,11 @@ async def _capacity(stub: Any, seconds: float) -> float:
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < end:
-            await stub.Echo(request, timeout=5)
+            try:
+                await stub.Echo(request, timeout=5)
+            except OverloadedError:  # the shedding server refused: not capacity; back off
+                await asyncio.sleep(QUERY_S)
+                continue
             done += 1
 
     began = time.perf_counter()
