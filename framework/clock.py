@@ -58,7 +58,7 @@ class ManualClock:
         await future
 
     @property
-    def sleeping(self) -> int:
+    def sleepers(self) -> int:
         """How many `sleep` calls are waiting (a test advances once a task is asleep)."""
         return sum(1 for _, future in self._sleepers if not future.done())
 

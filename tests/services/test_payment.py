@@ -405,7 +405,7 @@ async def test_the_service_prunes_periodically(keys: Keys, backend: Backend) -> 
         assert await barrier.count() == 1
 
         async def pruner_asleep() -> bool | None:  # its first round is over (a slow one
-            return True if clock.sleeping else None  # would otherwise sleep past the advance)
+            return True if clock.sleepers else None  # would otherwise sleep past the advance)
 
         await poll(pruner_asleep)
         clock.advance(3600 + 600)  # past the horizon, and the next round is due
