@@ -410,11 +410,11 @@ async def test_the_service_prunes_periodically(keys: Keys, backend: Backend) -> 
         await poll(pruner_asleep)
         clock.advance(3600 + 600)  # past the horizon, and the next round is due
 
-        async def pruned() -> bool | None:
-            return True if await barrier.count() == 0 else None
+        async def pruned() -> bool | None:  # the round is over: its count is recorded last
+            return True if service.pruner.pruned == 1 else None
 
         assert await poll(pruned)
-        assert service.pruner.pruned == 1
+        assert await barrier.count() == 0
     finally:
         await service.server.stop(0)
 
