@@ -26,6 +26,10 @@ RETRY_AFTER_KEY = "retry-after"
 # gRPC's server pushback (gRFC A6): the client's C-core retry waits this long.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 DEFAULT_DOMAIN = "framework"
+# ErrorInfo metadata a server adds to a dependency's UNAVAILABLE, DEADLINE_EXCEEDED or
+# RESOURCE_EXHAUSTED that it passes on to its caller: the server itself answered, so a
+# balancing client does not count the failure against that instance (registry.outlier)
+FROM_DEPENDENCY_KEY = "from_dependency"
 
 Metadata = Sequence[tuple[str, str | bytes]]
 _NO_METADATA = grpc.aio.Metadata()
@@ -395,6 +399,18 @@ def from_status(
     if cls is UnknownError:
         error.override_code(code)  # keep the code a foreign peer sent
     return error
+
+
+def from_dependency(error: BaseException | None) -> bool:
+    """True for a failure the answering server passed on from one of its dependencies
+    (marked by its error mapping with `FROM_DEPENDENCY_KEY`): that server is reachable."""
+    if isinstance(error, grpc.aio.AioRpcError) and not isinstance(error, FrameworkError):
+        error = from_rpc_error(error)
+    return (
+        isinstance(error, FrameworkError)
+        and error.remote
+        and error.metadata.get(FROM_DEPENDENCY_KEY) == "true"
+    )
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> FrameworkError:

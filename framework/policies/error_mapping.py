@@ -18,6 +18,8 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from framework.errors import (
+    DETAILS_KEY,
+    FROM_DEPENDENCY_KEY,
     INTERNAL_MESSAGE,
     CallCancelledError,
     DeadlineExceededError,
@@ -44,6 +46,20 @@ _NOT_OURS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+# A dependency's failures that say "unreachable, slow or overloaded": passed on with
+# FROM_DEPENDENCY_KEY set, so balancing callers do not eject this (answering) instance.
+_DEPENDENCY_FAILURES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+DEPENDENCY_FAILED = {
+    grpc.StatusCode.UNAVAILABLE: "a dependency of this service is unreachable; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "a dependency of this service did not answer in time",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "a dependency of this service is overloaded; retry later",
+}
 DEPENDENCY_MESSAGE = "a dependency of this service failed; the server logged the details"
 
 
@@ -93,7 +109,27 @@ class ErrorMappingPolicy(BasePolicy):
     def _map(self, call: Call, error: BaseException) -> FrameworkError:
         name = call.method.full_name
         if isinstance(error, FrameworkError):
-            if not (error.remote and error.code() in _NOT_OURS):
+            if not error.remote:
+                return error
+            code = error.code()
+            if code in _DEPENDENCY_FAILURES:
+                if not any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ()):
+                    # made by grpc on this side (no server sent it): its text names the
+                    # dependency's addresses, which the caller must not learn
+                    logger.warning(
+                        "%s: a dependency call failed %s: %s",
+                        name,
+                        code.name,
+                        error.message,
+                        extra={"method": name, "code": code.name},
+                    )
+                    passed = error_class(code.name, code)(DEPENDENCY_FAILED.get(code, ""))
+                    passed.override_code(code)
+                    passed.__cause__ = error
+                    error = passed
+                error.metadata[FROM_DEPENDENCY_KEY] = "true"
+                return error
+            if code not in _NOT_OURS:
                 return error
             # a dependency refused *this service's* call: the caller's request is not
             # at fault and must not learn the dependency's auth or internals

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
-from framework.errors import FrameworkError, code_of
+from framework.errors import FrameworkError, UnavailableError, code_of, from_dependency
 from framework.policy import Method, current_call
 from framework.registry.balancer import Endpoint, Pool
 from framework.registry.budget import RetryTokens
@@ -80,6 +80,19 @@ class Multicallable:
                 timeout = remaining if timeout is None else min(timeout, remaining)
         return None if timeout is None else time.monotonic() + timeout
 
+    async def _next(
+        self, tried: list[Endpoint], deadline: float | None, last: BaseException | None
+    ) -> Endpoint:
+        """The instance for the next attempt.  When every instance was tried, the caller
+        gets the last attempt's own failure (its code, reason and details: what went
+        wrong), not the balancer's NO_INSTANCE."""
+        try:
+            return await self._owner.pick(tried, deadline)
+        except UnavailableError:
+            if last is None:
+                raise
+            raise last from None
+
     def _succeeded(self, endpoint: Endpoint) -> None:
         owner = self._owner
         owner.pool.observe(endpoint, grpc.StatusCode.OK)
@@ -97,7 +110,8 @@ class Multicallable:
         """Record the failure; whether to retry elsewhere (code, attempts, time, budget)."""
         code = code_of(error)
         owner = self._owner
-        owner.pool.observe(endpoint, code)
+        # a failure the instance passed on from its own dependency: the instance answered
+        owner.pool.observe(endpoint, grpc.StatusCode.OK if from_dependency(error) else code)
         tried.append(endpoint)
         if code not in _RETRY_ON:
             return False
@@ -123,11 +137,11 @@ class UnaryUnary(Multicallable):
         return self._invoke(request, timeout, kwargs)
 
     async def _invoke(self, request: Any, timeout: float | None, kwargs: dict[str, Any]) -> Any:
-        owner = self._owner
         deadline = self._deadline(timeout)
         tried: list[Endpoint] = []
+        last: BaseException | None = None
         while True:
-            endpoint = await owner.pick(tried, deadline)
+            endpoint = await self._next(tried, deadline, last)
             endpoint.outstanding += 1
             try:
                 response = await self._target(endpoint)(
@@ -135,6 +149,7 @@ class UnaryUnary(Multicallable):
                 )
             except (grpc.aio.AioRpcError, FrameworkError) as error:
                 if self._failed(error, endpoint, tried, deadline):
+                    last = error
                     continue
                 raise
             finally:
@@ -155,11 +170,11 @@ class UnaryStream(Multicallable):
     async def _invoke(
         self, request: Any, timeout: float | None, kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
-        owner = self._owner
         deadline = self._deadline(timeout)
         tried: list[Endpoint] = []
+        last: BaseException | None = None
         while True:
-            endpoint = await owner.pick(tried, deadline)
+            endpoint = await self._next(tried, deadline, last)
             received = False
             endpoint.outstanding += 1
             try:
@@ -170,6 +185,7 @@ class UnaryStream(Multicallable):
             except (grpc.aio.AioRpcError, FrameworkError) as error:
                 # record the failure always; retry only if nothing was streamed yet
                 if self._failed(error, endpoint, tried, deadline) and not received:
+                    last = error
                     continue
                 raise
             finally:

@@ -4,7 +4,9 @@ Every call's outcome is recorded on its instance (`Endpoint`).  Failures are
 the codes that say "this instance is in trouble": UNAVAILABLE,
 DEADLINE_EXCEEDED (a slow instance is as bad as a dead one) and
 RESOURCE_EXHAUSTED; any other outcome, application errors included, shows the
-instance answering.  An instance is ejected (gets no traffic):
+instance answering, and so does one of those codes that the instance passed on from
+its own dependency (`framework.errors.from_dependency`: the balanced calls record it
+as a success).  An instance is ejected (gets no traffic):
 
 * at once after `consecutive_failures` failures in a row;
 * at the end of an `interval_s`, when its success rate is below the mean of the

@@ -131,10 +131,12 @@ async def start_echo(
     drain_delay_s: float = 0.0,
     deregister_wait_s: float | None = None,
     deregister_wait_max_s: float | None = None,
+    servicer: EchoServicer | None = None,
 ) -> EchoInstance:
-    """An echo server; with a registry address it registers itself (agent hook; the
-    agent's deregister_wait_s is AgentConfig's default unless given)."""
-    servicer = EchoServicer()
+    """An echo server (`servicer`, a plain EchoServicer by default); with a registry
+    address it registers itself (agent hook; the agent's deregister_wait_s is
+    AgentConfig's default unless given)."""
+    servicer = servicer or EchoServicer()
     server = Server(
         ServerConfig(
             name=f"echo-{version}",

@@ -7,19 +7,24 @@ import random
 from asyncio.subprocess import Process
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from framework.client import connect
 from framework.clock import ManualClock
-from framework.errors import FrameworkError, UnavailableError
+from framework.errors import FROM_DEPENDENCY_KEY, FrameworkError, UnavailableError
+from framework.policies.error_mapping import DEPENDENCY_FAILED
 from framework.registry.balancer import LeastOutstanding, RoundRobin, WeightedRandom
 from framework.registry.channel import BalancedChannel, BalancerConfig, balanced_channel
 from framework.registry.discovery import DiscoveryConfig
 from framework.registry.health_probe import ProbeConfig
 from framework.registry.outlier import OutlierConfig
 from framework.registry.sqlite import SqliteStore
-from gen.echo.v1.echo_pb2 import EchoRequest, FailRequest
+from framework.testing.echo import EchoServicer
+from gen.echo.v1.echo_pb2 import EchoRequest, EchoResponse, FailRequest
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
@@ -244,6 +249,49 @@ async def test_outlier_is_ejected_after_consecutive_failures(tmp_path: Path) -> 
         await channel.close()
         await registry_channel.close()
         await good.stop(0)
+        await node.stop()
+
+
+class _Forwarding(EchoServicer):
+    """Echo that first calls its own dependency through `channel`."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__()
+        self.dependency = EchoServiceStub(channel)
+
+    async def Echo(self, request: EchoRequest, context: Any) -> EchoResponse:
+        self._count("Echo")
+        return await self.dependency.Echo(request, timeout=5)  # type: ignore[no-any-return]
+
+
+async def test_a_dependency_failure_passed_on_does_not_eject_the_instance(
+    tmp_path: Path,
+) -> None:
+    """Both instances answer UNAVAILABLE because their own dependency is down (nothing
+    listens on its port): the caller gets the failure, marked as passed on and without
+    grpc's text (which names the dependency's address), and neither
+    instance is ejected, since each answered. Before, two failures in a row ejected one
+    (the most `max_ejection_percent` allows), halving the fleet for a fault not its own.
+    An instance's own failure still ejects it (test_outlier_is_ejected_...)."""
+    node = await start_registry(SqliteStore(tmp_path / "r.sqlite"))  # no health probing
+    dependency = connect("127.0.0.1:1")  # the dependency is down
+    fronts = [await start_echo(node.address, servicer=_Forwarding(dependency)) for _ in range(2)]
+    config = BalancerConfig(outlier=OutlierConfig(consecutive_failures=2, ejection_s=60))
+    channel = await _client(node, 2, config=config, balancer=RoundRobin())
+    try:
+        stub = EchoServiceStub(channel)
+        for _ in range(10):
+            with pytest.raises(UnavailableError) as caught:
+                await stub.Echo(EchoRequest(text="x"), timeout=5)
+            assert caught.value.metadata.get(FROM_DEPENDENCY_KEY) == "true", caught.value
+            # grpc's own text names the dependency's address: not passed to the caller
+            assert caught.value.message == DEPENDENCY_FAILED[grpc.StatusCode.UNAVAILABLE]
+        assert [e.outlier.ejected for e in channel.endpoints.values()] == [False, False]
+        assert all(front.calls >= 5 for front in fronts), [f.calls for f in fronts]
+    finally:
+        await channel.close()
+        await dependency.close()
+        await asyncio.gather(*(front.stop(0) for front in fronts))
         await node.stop()
 
 
