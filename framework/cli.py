@@ -237,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from framework.telemetry.logs import PlainFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] in (["services"], ["health"], ["breakers"], ["faults"]) or args_list[:2] == [
         "events",

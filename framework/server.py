@@ -128,6 +128,7 @@ class Server:
         self._slot = WorkerSlot.take()
         if self._slot is not None:
             self.config = replace(self.config, port=self._slot.port, reuse_port=True)
+            self._slot.name_process()  # log records (and access-log lines) name the worker
         self._mapping = ErrorMappingPolicy()
         self.chain = Chain(
             [self._mapping, *as_policies(policies, "Server(policies=...)")], Side.SERVER

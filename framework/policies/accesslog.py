@@ -25,7 +25,8 @@ before; only the per-call access record takes the short path.
 Both sinks write the same fields: `ts` (UTC, ISO 8601), `level`, `logger`,
 `side`, `rpc`, `service`, `method`, `code`, `duration_ms`, `peer`, `reason` (the
 typed error's reason, on failures), `trace_id` / `span_id` (when a span is
-current: put the tracing policy before this one) and `message`.
+current: put the tracing policy before this one) and `message`; in a worker process
+(`--workers N`) also `process` ("worker-1").
 
 `sample_ratio` < 1 keeps that fraction of the successful calls; errors and calls
 slower than `slow_ms` are always written, and kept OK records then carry
@@ -306,6 +307,13 @@ class AccessLogPolicy:
         return quoted
 
 
+def _process_name() -> str | None:
+    """This process's name when it has one (a worker: "worker-1"), as logging reads it."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    name = multiprocessing.current_process().name if multiprocessing is not None else None
+    return None if name in (None, "MainProcess") else str(name)
+
+
 def _outcome(error: BaseException | None) -> tuple[str, str | None]:
     """(status code name, typed reason or None) of a call's outcome."""
     if error is None:
@@ -326,8 +334,11 @@ class _LineEnter:
         self.level = logging.getLevelName(policy.level)
         # per side, not in dicts keyed by Side: an Enum's hash is a Python-level call
         self.names = tuple(f"{side.value} {method.full_name}" for side in _SIDES)
-        fields = {
-            "logger": LOGGER_NAME,
+        fields = {"logger": LOGGER_NAME}
+        process = _process_name()
+        if process is not None:
+            fields["process"] = process
+        fields |= {
             "rpc": method.full_name,
             "service": method.service,
             "method": method.name,

@@ -8,7 +8,8 @@ handler under `continue_trace`, or any span of your own) gets `trace_id` and
 `span_id`, so a log line can be found from a trace and the other way round.
 The ids are taken when the record is made (`TraceContextFilter`, installed on
 the handler), so a handler that formats later or in another thread still gets
-them.  Fields passed through `extra` (service, method, code, duration_ms, peer,
+them.  A worker process's lines (`python -m framework serve --workers N`) carry
+`process` (`worker-1`).  Fields passed through `extra` (service, method, code, duration_ms, peer,
 or any other) become top-level keys; values JSON cannot hold are written with
 `str()`.
 """
@@ -59,6 +60,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             **self.static,
         }
+        if record.processName not in (None, "MainProcess"):
+            entry["process"] = record.processName  # a worker process: "worker-1"
         if getattr(record, "trace_id", None) is None:
             TraceContextFilter().filter(record)  # formatted where it was made: same context
         for key, value in record.__dict__.items():
@@ -71,6 +74,16 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class PlainFormatter(logging.Formatter):
+    """The CLI's plain lines; in a named process (a worker: `worker-1`) they start with
+    `[worker-1] `, so the lines of several workers on one stderr can be told apart."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        name = record.processName
+        return line if name in (None, "MainProcess") else f"[{name}] {line}"
 
 
 def configure_logging(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -59,6 +60,17 @@ class WorkerSlot:
                 f"{ENV_INDEX}/{ENV_PORT}/{ENV_FD} are set by the worker supervisor; got "
                 f"{index!r}/{port!r}/{fd!r}"
             ) from error
+
+    @property
+    def process_name(self) -> str:
+        return f"worker-{self.index}"
+
+    def name_process(self) -> None:
+        """Name this process `worker-<index>`: multiprocessing's process name, which every
+        `logging.LogRecord` carries as `processName`, so the log lines of N workers on one
+        stderr say which worker wrote them (`JsonFormatter` and the access log write it as
+        `process`, the CLI's plain lines start with `[worker-<index>]`)."""
+        multiprocessing.current_process().name = self.process_name
 
     def adopt(self, hooks: Iterable[object]) -> list[object]:
         """The hooks this worker runs: `hook.for_worker(slot)` where defined (None: none)."""

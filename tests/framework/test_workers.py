@@ -244,6 +244,23 @@ async def test_sigterm_drains_every_worker_without_failing_in_flight_calls() -> 
             assert _gone(pid)
 
 
+async def test_log_lines_say_which_worker_wrote_them() -> None:
+    """Two workers write to one stderr: each worker's plain log lines start with
+    `[worker-<index>]` and its access-log lines carry `"process":"worker-<index>"`; the
+    supervisor's own lines have no prefix."""
+    async with supervised(2, {"WORKERS_APP_ACCESS_LOG": "1"}) as server:
+        await pids_seen(server.address, 2)
+        for index in (0, 1):
+            # (the access log's constant fields are json.dumps'ed: ", " and ": ")
+            await server.wait_for(
+                rf'"process": ?"worker-{index}", ?"rpc": ?"/echo.v1.EchoService/Echo"'
+            )
+    workers = [line for line in server.lines if line.startswith("[worker-")]
+    assert {line[:10] for line in workers} == {"[worker-0]", "[worker-1]"}, server.lines[-40:]
+    assert server.count(r"^\[worker-[01]\] INFO framework.server: workers-app stopped$") == 2
+    assert server.count(r"^INFO framework.workers.supervisor: .*stopped \(2 workers\)") == 1
+
+
 async def test_metrics_of_every_worker_in_one_scrape() -> None:
     """The supervisor's /metrics has each worker's RPC series (label worker) and the count."""
     command = [sys.executable, "-m", "tests.framework.workers_app", "2"]  # Server(workers=2)

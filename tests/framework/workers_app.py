@@ -6,7 +6,8 @@
 Echo answers `<pid>:<text>` (so a caller sees which worker served it), after spinning
 `WORKERS_APP_SPIN_MS` of CPU; EchoStream adds the pid to each message. Settings from the
 environment: `SERVICE_*` (ServerConfig.from_env, insecure_dev), `WORKERS_APP_METRICS_PORT`
-(a metrics endpoint when set; 0 picks a port, logged), `WORKERS_APP_REGISTRY` (register
+(a metrics endpoint when set; 0 picks a port, logged), `WORKERS_APP_ACCESS_LOG=1` (the
+access log on stderr), `WORKERS_APP_REGISTRY` (register
 as `echo.v1.EchoService` with the registry at that address; `WORKERS_APP_DEREGISTER_WAIT_S`).
 """
 
@@ -68,6 +69,10 @@ def build_server() -> Server:
         policies = telemetry.policies()
         assert telemetry.metric_reader is not None
         hooks.append(MetricsEndpoint(telemetry.metric_reader, port=int(metrics_port)))
+    if env.get("WORKERS_APP_ACCESS_LOG") == "1":
+        from framework.policies.accesslog import AccessLogPolicy
+
+        policies.append(AccessLogPolicy())  # JSON lines on stderr
     registry = env.get("WORKERS_APP_REGISTRY")
     if registry:
         from framework.registry.agent import AgentConfig, RegistrationAgent

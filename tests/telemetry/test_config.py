@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from framework.policy import Method
-from framework.telemetry.logs import JsonFormatter, configure_logging
+from framework.telemetry.logs import JsonFormatter, PlainFormatter, configure_logging
 from framework.telemetry.sdk import Telemetry, TelemetryConfig, build_sampler
 
 
@@ -91,3 +92,28 @@ def test_json_formatter_writes_extras_and_exceptions() -> None:
     assert first["ts"].endswith("+00:00")
     assert second["level"] == "ERROR" and "ValueError: bad" in second["exception"]
     assert isinstance(handler.formatter, JsonFormatter)
+
+
+def test_log_lines_of_a_named_process_say_its_name() -> None:
+    """In a worker process (named `worker-<index>` by its server), JSON lines carry
+    `process` and plain lines start with `[worker-<index>]`; the main process adds nothing."""
+    record_args = ("tests.telemetry.plain", logging.INFO, __file__, 1, "hello", None, None)
+    stream = io.StringIO()
+    logger = logging.getLogger("tests.telemetry.process")
+    handler = configure_logging(stream=stream, logger=logger)
+    plain = PlainFormatter("%(levelname)s %(name)s: %(message)s")
+    process = multiprocessing.current_process()
+    name = process.name
+    try:
+        logger.info("main")
+        main_plain = plain.format(logging.LogRecord(*record_args))
+        process.name = "worker-3"
+        logger.info("worker")
+        worker_plain = plain.format(logging.LogRecord(*record_args))
+    finally:
+        process.name = name
+        logger.removeHandler(handler)
+    main, worker = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "process" not in main and worker["process"] == "worker-3"
+    assert main_plain == "INFO tests.telemetry.plain: hello"
+    assert worker_plain == "[worker-3] INFO tests.telemetry.plain: hello"
