@@ -24,7 +24,7 @@ from framework.registry.health_probe import ProbeConfig
 from framework.registry.outlier import OutlierConfig
 from framework.registry.sqlite import SqliteStore
 from framework.testing.echo import EchoServicer
-from gen.echo.v1.echo_pb2 import EchoRequest, EchoResponse, FailRequest
+from gen.echo.v1.echo_pb2 import EchoRequest, EchoResponse, FailRequest, FailResponse
 from gen.echo.v1.echo_pb2_grpc import EchoServiceStub
 from gen.registry.v1 import registry_pb2 as pb
 from gen.registry.v1.registry_pb2_grpc import RegistryServiceStub
@@ -263,6 +263,10 @@ class _Forwarding(EchoServicer):
         self._count("Echo")
         return await self.dependency.Echo(request, timeout=5)  # type: ignore[no-any-return]
 
+    async def Fail(self, request: FailRequest, context: Any) -> FailResponse:
+        self._count("Fail")
+        return await self.dependency.Fail(request, timeout=5)  # type: ignore[no-any-return]
+
 
 async def test_a_dependency_failure_passed_on_does_not_eject_the_instance(
     tmp_path: Path,
@@ -292,6 +296,34 @@ async def test_a_dependency_failure_passed_on_does_not_eject_the_instance(
         await channel.close()
         await dependency.close()
         await asyncio.gather(*(front.stop(0) for front in fronts))
+        await node.stop()
+
+
+async def test_a_dependency_refusal_passed_on_keeps_its_message(tmp_path: Path) -> None:
+    """A dependency that answers UNAVAILABLE itself (a framework error with its own
+    message): the caller gets that message and reason, marked as passed on, and the
+    instance that passed it on stays in the pool."""
+    node = await start_registry(SqliteStore(tmp_path / "r.sqlite"))
+    dependency = await start_echo(None)  # a real server whose Fail raises what it is told
+    dependency_channel = connect(dependency.address)
+    front = await start_echo(node.address, servicer=_Forwarding(dependency_channel))
+    config = BalancerConfig(outlier=OutlierConfig(consecutive_failures=2, ejection_s=60))
+    channel = await _client(node, 1, config=config)
+    try:
+        stub = EchoServiceStub(channel)
+        for _ in range(4):
+            with pytest.raises(UnavailableError) as caught:
+                await stub.Fail(
+                    FailRequest(error="UnavailableError", message="the ledger is down; retry")
+                )
+            assert caught.value.message == "the ledger is down; retry"
+            assert caught.value.metadata.get(FROM_DEPENDENCY_KEY) == "true"
+        assert not channel.endpoints[front.address].outlier.ejected
+        assert dependency.servicer.calls["Fail"] == 4
+    finally:
+        await channel.close()
+        await dependency_channel.close()
+        await asyncio.gather(front.stop(0), dependency.stop(0))
         await node.stop()
 
 
