@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -55,11 +57,16 @@ _DEPENDENCY_FAILURES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
-DEPENDENCY_FAILED = {
-    grpc.StatusCode.UNAVAILABLE: "a dependency of this service is unreachable; retry later",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "a dependency of this service did not answer in time",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "a dependency of this service is overloaded; retry later",
-}
+# What the caller reads instead of grpc's own text (which names addresses) for those.
+DEPENDENCY_FAILED: Mapping[grpc.StatusCode, str] = MappingProxyType(
+    {
+        grpc.StatusCode.UNAVAILABLE: "a dependency of this service is unreachable; retry later",
+        grpc.StatusCode.DEADLINE_EXCEEDED: "a dependency of this service did not answer in time",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: (
+            "a dependency of this service is overloaded; retry later"
+        ),
+    }
+)
 DEPENDENCY_MESSAGE = "a dependency of this service failed; the server logged the details"
 
 
