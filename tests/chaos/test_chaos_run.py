@@ -4,12 +4,12 @@ whose sagas refund makes the run exit 1 naming the invariant `payment-balances`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import run_module
 
 pytest.importorskip("framework.gateway", reason="the gateway is not in this checkout")
 pytest.importorskip("matplotlib", reason="the chaos report draws with matplotlib")
@@ -52,9 +52,7 @@ async def test_a_double_refund_bug_fails_the_run_naming_the_invariant(tmp_path: 
         'method = "*/SendNotification"\nabort = "FAILED_PRECONDITION"\nduration_s = 5.0\n'
     )
     report = tmp_path / "report"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    code, out, _ = await run_module(
         "framework",
         "chaos",
         "run",
@@ -69,13 +67,11 @@ async def test_a_double_refund_bug_fails_the_run_naming_the_invariant(tmp_path: 
         str(report),
         "--service-env",
         "payment:PAYMENT_BUG_REFUND_TWICE=1",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        timeout_s=600,
+        merge_stderr=True,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), 600)
     text = out.decode(errors="replace")
-    assert process.returncode == 1, text[-4000:]
+    assert code == 1, text[-4000:]
     assert "FAILED b-refunds (sqlite): invariant payment-balances" in text, text[-4000:]
     document = json.loads((report / "report.json").read_text())
     results = {e["name"]: e for e in document["experiments"]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from framework.config import ServerConfig
 from framework.server import Server, drain_signal
 from gen.echo.v1 import echo_pb2, echo_pb2_grpc
 from tests.framework.recording import RecordingPolicy
+from tests.processes import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,16 +118,8 @@ async def test_a_stream_finalized_after_its_server_stopped_does_not_crash_the_pr
     """A response stream cancelled while its handler waits at a yield is finalized later,
     after the server stopped: its exits run once with CANCELLED and the process lives.
     Before, the access log's exit read the peer from the freed call: SIGSEGV."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.framework.stream_finalized_app",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 300)
-    assert process.returncode == 0, err.decode(errors="replace")[-3000:]
+    code, out, err = await run_module("tests.framework.stream_finalized_app", timeout_s=300)
+    assert code == 0, err.decode(errors="replace")[-3000:]
     log = json.loads(out)  # each stream's exits once (finalization order may interleave)
     assert sorted(log) == ["enter:r"] * 20 + ["exit:r:CANCELLED"] * 20
     assert err.decode().count('"code":"CANCELLED"') == 20  # the access log saw each one
